@@ -1,0 +1,1 @@
+"""mp4totext: self-hosted transcription backend."""

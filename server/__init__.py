@@ -1,0 +1,1 @@
+"""gRPC server: thin servicers over the database, object store and job queue."""

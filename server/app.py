@@ -1,0 +1,237 @@
+"""gRPC server assembly: services, auth + logging interceptor, health, reflection, shutdown."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Any, Callable
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mp4totext import runtime
+from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2, transcription_pb2_grpc
+from server.auth import Authenticator
+from server.services import ApiError, MediaService, TranscriptionService, current_tenant
+from storage.db import database
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    media_pb2.DESCRIPTOR.services_by_name["MediaService"].full_name,
+    transcription_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name,
+)
+PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+class ApiInterceptor(grpc.ServerInterceptor):
+    """Authenticates, binds log context, maps ApiError to status codes, logs one line per RPC."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+    def _authenticate(self, context: grpc.ServicerContext, method: str) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
+        md = dict(context.invocation_metadata())
+        try:
+            tenant = self.auth.tenant_for(md.get("authorization"))
+        except Exception as exc:
+            log.warning("auth_backend_error", error=str(exc))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "authentication backend unavailable; retry shortly")
+        if tenant is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or invalid API key: send metadata 'authorization: Bearer <key>' "
+                          "(create keys with `mp4totext create-key`)")
+        current_tenant.set(tenant)
+        structlog.contextvars.bind_contextvars(tenant_id=tenant)
+
+    @staticmethod
+    def _fail(context: grpc.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, ApiError):
+            context.abort(exc.code, exc.message)
+        log.exception("rpc_internal_error")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged")
+
+    def _unary(self, behavior: Callable, method: str) -> Callable:
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.monotonic()
+            code = "OK"
+            try:
+                self._authenticate(context, method)
+                return behavior(request, context)
+            except ApiError as exc:
+                code = exc.code.name
+                self._fail(context, exc)
+            except Exception as exc:
+                code = _code_of(context, exc)
+                if code != "INTERNAL":
+                    raise
+                self._fail(context, exc)
+            finally:
+                log.info("rpc", code=code, duration_ms=round((time.monotonic() - started) * 1000, 2))
+
+        return wrapper
+
+    def _stream(self, behavior: Callable, method: str) -> Callable:
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.monotonic()
+            code = "OK"
+            sent = 0
+            try:
+                self._authenticate(context, method)
+                for item in behavior(request, context):
+                    sent += 1
+                    yield item
+            except ApiError as exc:
+                code = exc.code.name
+                self._fail(context, exc)
+            except GeneratorExit:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = _code_of(context, exc)
+                if code != "INTERNAL":
+                    raise
+                self._fail(context, exc)
+            finally:
+                log.info("rpc", code=code, messages=sent, duration_ms=round((time.monotonic() - started) * 1000, 2))
+
+        return wrapper
+
+
+def _code_of(context: grpc.ServicerContext, exc: BaseException) -> str:
+    """context.abort raises a bare Exception after setting the code: keep that code."""
+    code = context.code() if hasattr(context, "code") else None
+    return code.name if code is not None else "INTERNAL"
+
+
+class HealthMonitor:
+    """Reflects whether DB, broker and storage are usable in grpc.health.v1, every few seconds."""
+
+    def __init__(self, servicer: health.HealthServicer, interval_s: float = 5.0) -> None:
+        self.servicer = servicer
+        self.interval_s = interval_s
+        self.stopping = threading.Event()
+        self.problems: list[str] = []
+
+    def check(self) -> list[str]:
+        rt = runtime.get()
+        problems = []
+        try:
+            with database.connection_context():
+                database.execute_sql("SELECT 1")
+        except Exception as exc:
+            problems.append(f"database: {exc}")
+        try:
+            rt.store.ping()
+        except Exception as exc:
+            problems.append(f"storage: {exc}")
+        connected = getattr(rt.bus, "connected", None)
+        if connected is not None and not connected.wait(timeout=2.0):
+            problems.append("broker: not connected to RabbitMQ")
+        return problems
+
+    def update(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.problems = self.check()
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if self.problems else health_pb2.HealthCheckResponse.SERVING
+        for name in ("", *SERVICE_NAMES):
+            self.servicer.set(name, status)
+        if self.problems:
+            log.warning("health_not_serving", problems=self.problems)
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval_s):
+            try:
+                self.update()
+            except Exception as exc:  # never let the monitor die
+                log.warning("health_check_error", error=str(exc))
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        self.servicer.enter_graceful_shutdown()
+
+
+class Server:
+    def __init__(self, settings: Any | None = None) -> None:
+        rt = runtime.get()
+        self.settings = settings or rt.settings
+        s = self.settings
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=s.grpc_max_workers, thread_name_prefix="rpc"),
+            interceptors=[ApiInterceptor(Authenticator())],
+            maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", 2 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.keepalive_time_ms", 30000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaService(), self.grpc_server)
+        transcription_pb2_grpc.add_TranscriptionServiceServicer_to_server(TranscriptionService(), self.grpc_server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        self.port = self.grpc_server.add_insecure_port(s.grpc_listen)
+        if self.port == 0:
+            raise SystemExit(f"cannot listen on {s.grpc_listen} (address in use?); set MP4T_GRPC_LISTEN")
+        self.monitor = HealthMonitor(self.health)
+        self._stopped = threading.Event()
+
+    def start(self) -> "Server":
+        runtime.get().bus.start()
+        self.monitor.update()
+        threading.Thread(target=self.monitor.run, name="health", daemon=True).start()
+        self.grpc_server.start()
+        log.info("server_started", listen=self.settings.grpc_listen, port=self.port,
+                 health_problems=self.monitor.problems)
+        return self
+
+    def stop(self) -> None:
+        """Graceful: NOT_SERVING first (the proxy drains us), then stop with a grace period."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("server_draining", drain_s=self.settings.grpc_drain_s, grace_s=self.settings.grpc_grace_s)
+        self.monitor.shutdown()
+        if self.settings.grpc_drain_s:
+            time.sleep(self.settings.grpc_drain_s)
+        self.grpc_server.stop(self.settings.grpc_grace_s).wait()
+        runtime.get().bus.close()
+        log.info("server_stopped")
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        threading.Thread(target=stop, name="shutdown").start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

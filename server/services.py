@@ -1,0 +1,380 @@
+"""Thin gRPC servicers: validate, read/write rows, enqueue work. No media processing here."""
+from __future__ import annotations
+
+import base64
+import contextvars
+import datetime as dt
+import json
+import re
+import time
+from typing import Any, Iterator
+
+import grpc
+import peewee as pw
+import structlog
+
+from mp4totext import runtime
+from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
+from server import convert
+from server.upload import UploadReader, UploadRejected
+from storage.db import JobState, Media, MediaState, Stage, Transcription, database, new_id
+from storage.objects import StorageError
+from workers import jobs
+from workers.broker import PRIORITY_MAP
+
+log = structlog.get_logger(__name__)
+
+current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("current_tenant")
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+
+
+class ApiError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(msg: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def parse_name(name: str, collection: str, field: str = "name") -> str:
+    prefix = collection + "/"
+    if not name:
+        raise invalid(f"{field} is required, e.g. {prefix}<id>")
+    if not name.startswith(prefix) or not _ID.match(name[len(prefix):]):
+        raise invalid(f"{field}={name!r} is not a valid resource name; expected {prefix}<32 hex characters>")
+    return name[len(prefix):]
+
+
+def not_found(name: str) -> ApiError:
+    return ApiError(grpc.StatusCode.NOT_FOUND, f"{name} not found")
+
+
+def get_media(name: str, field: str = "name") -> Media:
+    media_id = parse_name(name, "media", field)
+    with database.connection_context():
+        m = Media.get_or_none(Media.id == media_id, Media.tenant == current_tenant.get())
+    if m is None:
+        raise not_found(f"media/{media_id}")
+    return m
+
+
+def get_job(name: str) -> Transcription:
+    job_id = parse_name(name, "transcriptions")
+    with database.connection_context():
+        j = Transcription.get_or_none(Transcription.id == job_id, Transcription.tenant == current_tenant.get())
+    if j is None:
+        raise not_found(f"transcriptions/{job_id}")
+    return j
+
+
+# ---------------------------------------------------------------- paging
+
+
+def page_size(n: int) -> int:
+    if n < 0:
+        raise invalid("page_size must not be negative")
+    return min(n or DEFAULT_PAGE, MAX_PAGE)
+
+
+def encode_token(row: Any, filters: dict[str, Any]) -> str:
+    payload = {"t": row.create_time.isoformat(), "id": row.id, "f": filters}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def apply_token(query: pw.ModelSelect, model: Any, token: str, filters: dict[str, Any]) -> pw.ModelSelect:
+    if not token:
+        return query
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        t, last_id = dt.datetime.fromisoformat(data["t"]), data["id"]
+    except Exception:
+        raise invalid("page_token is not valid; pass next_page_token from a previous response") from None
+    if data.get("f") != filters:
+        raise invalid("page_token was issued for different filters; restart the listing without it")
+    return query.where((model.create_time < t) | ((model.create_time == t) & (model.id < last_id)))
+
+
+def paged(query: pw.ModelSelect, model: Any, size: int, token: str, filters: dict[str, Any]) -> tuple[list, str]:
+    q = apply_token(query, model, token, filters).order_by(model.create_time.desc(), model.id.desc())
+    with database.connection_context():
+        rows = list(q.limit(size + 1))
+    nxt = encode_token(rows[size - 1], filters) if len(rows) > size else ""
+    return rows[:size], nxt
+
+
+# ---------------------------------------------------------------- media
+
+
+def _enqueue(actor: str, obj_id: str, priority: int) -> None:
+    from workers.actors import enqueue
+
+    try:
+        enqueue(actor, obj_id, priority)
+    except Exception as exc:
+        raise ApiError(grpc.StatusCode.UNAVAILABLE, f"the job queue is unavailable ({exc}); retry shortly") from exc
+
+
+class MediaService(media_pb2_grpc.MediaServiceServicer):
+    def UploadMedia(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext):
+        rt = runtime.get()
+        tenant = current_tenant.get()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "metadata":
+            raise invalid("the first UploadMediaRequest must carry metadata (filename, size_bytes, sha256)")
+        md = first.metadata
+        if not md.filename or len(md.filename) > 1024:
+            raise invalid("metadata.filename is required (at most 1024 characters)")
+        if md.size_bytes < 0:
+            raise invalid("metadata.size_bytes must not be negative")
+        if md.size_bytes > rt.settings.max_upload_bytes:
+            raise invalid(f"metadata.size_bytes={md.size_bytes} is over the upload limit of "
+                          f"{rt.settings.max_upload_bytes} bytes")
+        sha = md.sha256.lower()
+        if sha and not _SHA.match(sha):
+            raise invalid("metadata.sha256 must be 64 hex characters")
+        if len(md.request_id) > 128:
+            raise invalid("metadata.request_id must be at most 128 characters")
+        if md.request_id:
+            with database.connection_context():
+                existing = Media.get_or_none(Media.tenant == tenant, Media.request_id == md.request_id)
+            if existing is not None:
+                return media_pb2.UploadMediaResponse(media=convert.media_to_proto(existing),
+                                                     committed_size=existing.size_bytes)
+        media_id = new_id()
+        key = f"media/{tenant}/{media_id}/original"
+        reader = UploadReader(request_iterator, rt.settings.max_upload_bytes, md.size_bytes, sha)
+        started = time.monotonic()
+        try:
+            size = rt.store.put_stream(key, reader, md.content_type or "application/octet-stream")
+        except UploadRejected as exc:
+            raise invalid(str(exc)) from None
+        except grpc.RpcError:
+            log.info("upload_aborted_by_client", received=reader.received)
+            raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client") from None
+        except Exception as exc:
+            if isinstance(exc.__context__, UploadRejected):
+                raise invalid(str(exc.__context__)) from None
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, f"object storage failed ({exc}); retry the upload") from exc
+        elapsed = time.monotonic() - started
+        try:
+            with database.connection_context():
+                media = Media.create(id=media_id, tenant=tenant, request_id=md.request_id or None,
+                                     filename=md.filename, content_type=md.content_type, size_bytes=size,
+                                     sha256=reader.sha256, object_key=key)
+        except pw.IntegrityError:  # the same request_id won a race
+            rt.store.delete(key)
+            with database.connection_context():
+                media = Media.get(Media.tenant == tenant, Media.request_id == md.request_id)
+            return media_pb2.UploadMediaResponse(media=convert.media_to_proto(media), committed_size=media.size_bytes)
+        except Exception:
+            rt.store.delete(key)
+            raise
+        try:
+            _enqueue("prepare_media", media_id, PRIORITY_MAP[0])
+        except ApiError:
+            with database.connection_context():
+                media.delete_instance()
+            rt.store.delete(key)
+            raise
+        log.info("upload_stored", media_id=media_id, size_bytes=size, seconds=round(elapsed, 3),
+                 mib_per_s=round(size / 1048576 / max(elapsed, 1e-6), 1))
+        return media_pb2.UploadMediaResponse(media=convert.media_to_proto(media), committed_size=size)
+
+    def GetMedia(self, request: media_pb2.GetMediaRequest, context: grpc.ServicerContext):
+        return convert.media_to_proto(get_media(request.name))
+
+    def ListMedia(self, request: media_pb2.ListMediaRequest, context: grpc.ServicerContext):
+        q = Media.select().where(Media.tenant == current_tenant.get())
+        filters: dict[str, Any] = {}
+        if request.state:
+            state = media_pb2.MediaState.Name(request.state).removeprefix("MEDIA_STATE_")
+            q = q.where(Media.state == state)
+            filters["state"] = state
+        rows, nxt = paged(q, Media, page_size(request.page_size), request.page_token, filters)
+        return media_pb2.ListMediaResponse(media=[convert.media_to_proto(m) for m in rows], next_page_token=nxt)
+
+    def DeleteMedia(self, request: media_pb2.DeleteMediaRequest, context: grpc.ServicerContext):
+        media = get_media(request.name)
+        with database.connection_context():
+            children = list(Transcription.select().where(Transcription.media == media.id))
+        if children and not request.force:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"media/{media.id} has {len(children)} transcription(s); delete them first or set "
+                           "force=true to delete them with it")
+        for job in children:
+            delete_transcription(job)
+        store = runtime.get().store
+        for key in (media.object_key, media.audio_key):
+            if key:
+                store.delete(key)
+        with database.connection_context():
+            Media.delete().where(Media.id == media.id).execute()
+        return media_pb2.DeleteMediaResponse(deleted_transcriptions=len(children))
+
+
+# ---------------------------------------------------------------- transcriptions
+
+
+def _language(code: str) -> str | None:
+    """BCP-47 -> Whisper language (primary subtag), None for auto. Raises on unknown codes."""
+    code = code.strip()
+    if not code or code.lower() == "auto":
+        return None
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    primary = code.replace("_", "-").split("-")[0].lower()
+    if primary not in _LANGUAGE_CODES:
+        raise invalid(f"config.language_code={code!r} is not a language Whisper knows; use a BCP-47 code "
+                      "such as 'en' or 'tr-TR', or 'auto'")
+    return primary
+
+
+def validate_config(cfg: tpb.TranscriptionConfig) -> tuple[dict[str, Any], int]:
+    language = _language(cfg.language_code)
+    model = runtime.get().settings.model_label
+    if language not in (None, "en") and model.endswith(".en"):
+        raise invalid(f"config.language_code={cfg.language_code!r}: the server's model {model} only recognises "
+                      "English; use 'en' or ask the operator for a multilingual model")
+    if not 0 <= cfg.beam_size <= 10:
+        raise invalid(f"config.beam_size={cfg.beam_size} is out of range; use 1..10 (0 = default)")
+    if cfg.priority not in PRIORITY_MAP:
+        raise invalid(f"config.priority={cfg.priority} is not a known Priority")
+    out = {
+        "language_code": cfg.language_code,
+        "language": language,
+        "beam_size": cfg.beam_size or None,
+        "vad": cfg.enable_vad if cfg.HasField("enable_vad") else True,
+        "word_timestamps": cfg.enable_word_time_offsets if cfg.HasField("enable_word_time_offsets") else True,
+    }
+    return out, PRIORITY_MAP[cfg.priority]
+
+
+def delete_transcription(job: Transcription) -> None:
+    # Deleting the row is what stops a running worker: its next progress report finds no claim.
+    with database.connection_context():
+        Transcription.delete().where(Transcription.id == job.id).execute()
+    jobs.publish_deleted(job)
+
+
+class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
+    def CreateTranscription(self, request: tpb.CreateTranscriptionRequest, context: grpc.ServicerContext):
+        tenant = current_tenant.get()
+        if len(request.request_id) > 128:
+            raise invalid("request_id must be at most 128 characters")
+        media = get_media(request.media, field="media")
+        if request.request_id:
+            existing = self._by_request_id(tenant, request.request_id)
+            if existing is not None:
+                return self._idempotent_hit(existing, media)
+        cfg, priority = validate_config(request.config)
+        if media.state == MediaState.FAILED:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"media/{media.id} cannot be transcribed: {media.error_message}")
+        try:
+            with database.connection_context():
+                job = Transcription.create(tenant=tenant, media=media.id, request_id=request.request_id or None,
+                                           config=cfg, priority=priority, duration_s=media.duration_s)
+        except pw.IntegrityError:
+            existing = self._by_request_id(tenant, request.request_id)
+            if existing is None:
+                raise
+            return self._idempotent_hit(existing, media)
+        # The media may have become READY while we inserted: exactly one of us and
+        # prepare_media wins the PREPARING_MEDIA -> WAITING transition and enqueues.
+        moved = jobs.to_waiting(job.id)
+        if moved is not None:
+            try:
+                _enqueue("transcribe", job.id, priority)
+            except ApiError:
+                with database.connection_context():
+                    job.delete_instance()
+                raise
+            job = moved
+        log.info("transcription_created", job_id=job.id, media_id=media.id, priority=priority)
+        return convert.transcription_to_proto(job)
+
+    @staticmethod
+    def _by_request_id(tenant: str, request_id: str) -> Transcription | None:
+        with database.connection_context():
+            return Transcription.get_or_none(Transcription.tenant == tenant, Transcription.request_id == request_id)
+
+    @staticmethod
+    def _idempotent_hit(job: Transcription, media: Media) -> tpb.Transcription:
+        if job.media_id != media.id:
+            raise invalid(f"request_id was already used for transcriptions/{job.id} of media/{job.media_id}; "
+                          "use a new request_id for a different media")
+        if job.state == JobState.QUEUED and job.stage == Stage.WAITING:
+            # A retry after a lost response may also follow a lost enqueue: a duplicate is harmless.
+            _enqueue("transcribe", job.id, job.priority)
+        return convert.transcription_to_proto(job)
+
+    def GetTranscription(self, request: tpb.GetTranscriptionRequest, context: grpc.ServicerContext):
+        return convert.transcription_to_proto(get_job(request.name),
+                                              full=request.view != tpb.TRANSCRIPTION_VIEW_BASIC)
+
+    def ListTranscriptions(self, request: tpb.ListTranscriptionsRequest, context: grpc.ServicerContext):
+        q = Transcription.select().where(Transcription.tenant == current_tenant.get())
+        filters: dict[str, Any] = {}
+        if request.state:
+            state = tpb.TranscriptionState.Name(request.state).removeprefix("TRANSCRIPTION_STATE_")
+            q = q.where(Transcription.state == state)
+            filters["state"] = state
+        if request.media:
+            media_id = parse_name(request.media, "media", "media")
+            q = q.where(Transcription.media == media_id)
+            filters["media"] = media_id
+        rows, nxt = paged(q, Transcription, page_size(request.page_size), request.page_token, filters)
+        return tpb.ListTranscriptionsResponse(
+            transcriptions=[convert.transcription_to_proto(j, full=False) for j in rows], next_page_token=nxt)
+
+    def CancelTranscription(self, request: tpb.CancelTranscriptionRequest, context: grpc.ServicerContext):
+        return convert.transcription_to_proto(jobs.request_cancel(get_job(request.name)))
+
+    def DeleteTranscription(self, request: tpb.DeleteTranscriptionRequest, context: grpc.ServicerContext):
+        delete_transcription(get_job(request.name))
+        return tpb.DeleteTranscriptionResponse()
+
+    def WatchTranscription(self, request: tpb.WatchTranscriptionRequest, context: grpc.ServicerContext):
+        job = get_job(request.name)
+        return watch_events(job.id, request.after_sequence, context)
+
+
+def watch_events(job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[tpb.WatchTranscriptionResponse]:
+    rt = runtime.get()
+    heartbeat_s = rt.settings.watch_heartbeat_s
+    # Subscribe before reading the row so no event falls between the read and the subscription.
+    with rt.bus.subscribe(job_id) as sub:
+        last = after
+        ev = _row_event(job_id)
+        while True:
+            if ev is None:  # deleted while watched
+                context.abort(grpc.StatusCode.NOT_FOUND, f"transcriptions/{job_id} was deleted")
+            if ev["sequence"] > last:
+                last = ev["sequence"]
+                yield convert.event_to_proto(ev)
+                if ev["state"] in JobState.TERMINAL:
+                    return
+            elif ev.get("heartbeat"):
+                yield convert.event_to_proto({**ev, "sequence": last})
+            if not context.is_active():
+                return
+            ev = sub.get(timeout=heartbeat_s)
+            if ev is None:  # quiet: re-read the truth, send it or a heartbeat
+                ev = _row_event(job_id)
+                if ev is not None and ev["sequence"] <= last:
+                    ev["heartbeat"] = True
+            elif ev.get("deleted"):
+                ev = None
+
+
+def _row_event(job_id: str) -> dict[str, Any] | None:
+    with database.connection_context():
+        job = Transcription.get_or_none(Transcription.id == job_id)
+    return None if job is None else jobs.event_of(job)

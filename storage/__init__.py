@@ -1,0 +1,1 @@
+"""Object storage (storage.objects) and database (storage.db) behind small interfaces."""

@@ -1,0 +1,253 @@
+"""Database: peewee models and the small set of queries the services need.
+
+SQLite by default (WAL, busy timeout), PostgreSQL through a pooled connection
+when ``MP4T_DATABASE_URL`` starts with ``postgresql://``. The schema is created
+(and new columns added) at start-up by ``init_db`` without touching data.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import pathlib
+import uuid
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+import peewee as pw
+from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
+from playhouse.pool import PooledPostgresqlDatabase
+
+database = pw.DatabaseProxy()
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JSONField(pw.TextField):
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else json.dumps(value, separators=(",", ":"))
+
+    def python_value(self, value: str | None) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Tenant(BaseModel):
+    id = pw.CharField(primary_key=True, max_length=32, default=new_id)
+    name = pw.CharField(max_length=200, unique=True)
+    create_time = pw.DateTimeField(default=utcnow)
+
+
+class ApiKey(BaseModel):
+    id = pw.CharField(primary_key=True, max_length=32, default=new_id)
+    tenant = pw.ForeignKeyField(Tenant, backref="keys", on_delete="CASCADE")
+    key_hash = pw.CharField(max_length=64, unique=True)
+    prefix = pw.CharField(max_length=32)
+    label = pw.CharField(max_length=200, default="")
+    revoked = pw.BooleanField(default=False)
+    create_time = pw.DateTimeField(default=utcnow)
+
+
+class MediaState:
+    PROCESSING = "PROCESSING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+class Media(BaseModel):
+    id = pw.CharField(primary_key=True, max_length=32, default=new_id)
+    tenant = pw.ForeignKeyField(Tenant, backref="media", on_delete="CASCADE")
+    request_id = pw.CharField(max_length=128, null=True)
+    filename = pw.CharField(max_length=1024, default="")
+    content_type = pw.CharField(max_length=255, default="")
+    size_bytes = pw.BigIntegerField(default=0)
+    sha256 = pw.CharField(max_length=64, default="")
+    object_key = pw.CharField(max_length=512)
+    audio_key = pw.CharField(max_length=512, null=True)
+    state = pw.CharField(max_length=16, default=MediaState.PROCESSING)
+    error_message = pw.TextField(default="")
+    duration_s = pw.DoubleField(null=True)
+    format_name = pw.CharField(max_length=255, default="")
+    audio_codec = pw.CharField(max_length=64, default="")
+    attempts = pw.IntegerField(default=0)
+    claim_message_id = pw.CharField(max_length=64, null=True)
+    heartbeat_time = pw.DateTimeField(null=True)
+    create_time = pw.DateTimeField(default=utcnow)
+    update_time = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = (
+            (("tenant", "request_id"), True),
+            (("tenant", "create_time", "id"), False),
+            (("tenant", "state"), False),
+        )
+
+
+class JobState:
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+class Stage:
+    PREPARING_MEDIA = "PREPARING_MEDIA"
+    WAITING = "WAITING"
+    TRANSCRIBING = "TRANSCRIBING"
+    FINALIZING = "FINALIZING"
+    DONE = "DONE"
+
+
+class Transcription(BaseModel):
+    id = pw.CharField(primary_key=True, max_length=32, default=new_id)
+    tenant = pw.ForeignKeyField(Tenant, backref="transcriptions", on_delete="CASCADE")
+    media = pw.ForeignKeyField(Media, backref="transcriptions", on_delete="CASCADE")
+    request_id = pw.CharField(max_length=128, null=True)
+    config = JSONField(default=dict)
+    priority = pw.IntegerField(default=2)
+    state = pw.CharField(max_length=16, default=JobState.QUEUED)
+    stage = pw.CharField(max_length=24, default=Stage.PREPARING_MEDIA)
+    progress = pw.DoubleField(default=0.0)
+    processed_s = pw.DoubleField(default=0.0)
+    duration_s = pw.DoubleField(null=True)
+    sequence = pw.BigIntegerField(default=1)
+    attempts = pw.IntegerField(default=0)
+    total_attempts = pw.IntegerField(default=0)
+    claim_message_id = pw.CharField(max_length=64, null=True)
+    heartbeat_time = pw.DateTimeField(null=True)
+    cancel_requested = pw.BooleanField(default=False)
+    error_message = pw.TextField(default="")
+    error_reason = pw.CharField(max_length=64, default="")
+    result = JSONField(null=True)
+    processing_s = pw.DoubleField(null=True)
+    trace_context = JSONField(null=True)
+    create_time = pw.DateTimeField(default=utcnow)
+    update_time = pw.DateTimeField(default=utcnow)
+    start_time = pw.DateTimeField(null=True)
+    end_time = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = (
+            (("tenant", "request_id"), True),
+            (("tenant", "create_time", "id"), False),
+            (("tenant", "state"), False),
+            (("media", "state"), False),
+        )
+
+
+class TranscriptionEvent(BaseModel):
+    """Stage transitions and terminal events (progress ticks live on the row)."""
+
+    id = pw.AutoField()
+    transcription_id = pw.CharField(max_length=32, index=True)
+    sequence = pw.BigIntegerField()
+    state = pw.CharField(max_length=16)
+    stage = pw.CharField(max_length=24)
+    detail = pw.TextField(default="")
+    create_time = pw.DateTimeField(default=utcnow)
+
+
+class SchemaInfo(BaseModel):
+    version = pw.IntegerField()
+
+
+MODELS = [Tenant, ApiKey, Media, Transcription, TranscriptionEvent, SchemaInfo]
+
+
+def make_database(url: str, pool_size: int = 20) -> pw.Database:
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
+        if path != ":memory:":
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return pw.SqliteDatabase(
+            path,
+            pragmas={
+                "journal_mode": "wal",
+                "busy_timeout": 10000,
+                "synchronous": "normal",
+                "foreign_keys": 1,
+            },
+            check_same_thread=False,
+        )
+    if parsed.scheme in ("postgres", "postgresql"):
+        return PooledPostgresqlDatabase(
+            parsed.path.lstrip("/"),
+            user=parsed.username,
+            password=parsed.password,
+            host=parsed.hostname or "127.0.0.1",
+            port=parsed.port or 5432,
+            max_connections=pool_size,
+            stale_timeout=300,
+            timeout=10,
+            autorollback=True,
+        )
+    raise SystemExit(
+        f"configuration error: MP4T_DATABASE_URL={url!r} is not supported; "
+        "use sqlite:///path/to/file.db or postgresql://user:pass@host:5432/db"
+    )
+
+
+def init_db(url: str, pool_size: int = 20, create: bool = True) -> pw.Database:
+    """Bind the models to ``url`` and create/migrate the schema (idempotent)."""
+    db = make_database(url, pool_size)
+    database.initialize(db)
+    if create:
+        with db.connection_context():
+            with db.atomic():
+                db.create_tables(MODELS, safe=True)
+                _add_missing_columns(db)
+                if not SchemaInfo.select().exists():
+                    SchemaInfo.create(version=SCHEMA_VERSION)
+    return db
+
+
+def _add_missing_columns(db: pw.Database) -> None:
+    """Forward-only migration: add columns the models have and the tables lack."""
+    migrator = PostgresqlMigrator(db) if isinstance(db, pw.PostgresqlDatabase) else SqliteMigrator(db)
+    ops = []
+    for model in MODELS:
+        existing = {c.name for c in db.get_columns(model._meta.table_name)}
+        for field in model._meta.sorted_fields:
+            if field.column_name not in existing:
+                if not field.null and field.default is None:
+                    field.null = True  # cannot add NOT NULL without a default to a filled table
+                ops.append(migrator.add_column(model._meta.table_name, field.column_name, field))
+    if ops:
+        migrate(*ops)
+
+
+def close_db() -> None:
+    if database.obj is not None and not database.is_closed():
+        database.close()
+
+
+def add_event(job: Transcription, detail: str = "") -> None:
+    TranscriptionEvent.create(
+        transcription_id=job.id, sequence=job.sequence, state=job.state, stage=job.stage, detail=detail
+    )
+
+
+def chunked(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

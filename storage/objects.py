@@ -1,0 +1,273 @@
+"""Object storage: a small interface with an S3 (minio client) and a local-disk backend.
+
+Writers never leave half objects: S3 multipart uploads are aborted when the
+source raises, local files are written under ``.incoming/`` and renamed into
+place only when complete.
+"""
+from __future__ import annotations
+
+import abc
+import datetime as dt
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Protocol
+
+
+class Reader(Protocol):
+    def read(self, n: int = -1) -> bytes: ...
+
+
+class StorageError(Exception):
+    """The object store is unreachable or failed (transient)."""
+
+
+class ObjectStore(abc.ABC):
+    @abc.abstractmethod
+    def put_stream(self, key: str, reader: Reader, content_type: str = "application/octet-stream") -> int:
+        """Store everything ``reader`` yields under ``key``; return the byte count.
+
+        If ``reader.read`` raises, nothing is left under ``key`` and the error propagates.
+        """
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str, content_type: str = "application/octet-stream") -> None: ...
+
+    @abc.abstractmethod
+    def get_file(self, key: str, path: str) -> None:
+        """Download ``key`` to ``path`` (written completely or not at all)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise StorageError unless the store is usable."""
+
+    def abort_stale_uploads(self, older_than: dt.timedelta) -> int:
+        """Abort/remove incomplete uploads older than ``older_than``; return how many."""
+        return 0
+
+
+class LocalStore(ObjectStore):
+    def __init__(self, root: str) -> None:
+        self.root = pathlib.Path(root).resolve()
+        self.incoming = self.root / ".incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> pathlib.Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise ValueError(f"object key escapes the store: {key!r}")
+        return path
+
+    def _commit(self, tmp: str, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+
+    def put_stream(self, key: str, reader: Reader, content_type: str = "application/octet-stream") -> int:
+        fd, tmp = tempfile.mkstemp(dir=self.incoming)
+        total = 0
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                while True:
+                    chunk = reader.read(1024 * 1024)
+                    if not chunk:
+                        break
+                    fh.write(chunk)
+                    total += len(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._commit(tmp, key)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+        return total
+
+    def put_file(self, key: str, path: str, content_type: str = "application/octet-stream") -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.incoming)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            self._commit(tmp, key)
+        except BaseException:
+            pathlib.Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_file(self, key: str, path: str) -> None:
+        src = self._path(key)
+        if not src.exists():
+            raise FileNotFoundError(f"object {key!r} not found")
+        tmp = f"{path}.part"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"storage directory {self.root} is not writable")
+
+    def abort_stale_uploads(self, older_than: dt.timedelta) -> int:
+        cutoff = dt.datetime.now().timestamp() - older_than.total_seconds()
+        n = 0
+        for p in self.incoming.iterdir():
+            if p.stat().st_mtime < cutoff:
+                p.unlink(missing_ok=True)
+                n += 1
+        return n
+
+
+class S3Store(ObjectStore):
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        secure: bool = False,
+        region: str = "",
+        part_size: int = 16 * 1024 * 1024,
+        parallel_uploads: int = 3,
+    ) -> None:
+        import urllib3
+        from minio import Minio
+
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=120),
+            maxsize=32,
+            retries=urllib3.Retry(total=3, backoff_factor=0.3, status_forcelist=[500, 502, 503, 504]),
+        )
+        self.client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region or None,
+            http_client=http,
+        )
+        self.bucket = bucket
+        self.part_size = max(part_size, 5 * 1024 * 1024)
+        self.parallel_uploads = parallel_uploads
+        self._bucket_ready = False
+
+    def ensure_bucket(self) -> None:
+        if self._bucket_ready:
+            return
+        try:
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
+        except Exception as exc:  # minio raises S3Error or urllib3 errors
+            if "BucketAlreadyOwnedByYou" not in str(exc) and "BucketAlreadyExists" not in str(exc):
+                raise StorageError(f"cannot use bucket {self.bucket!r}: {exc}") from exc
+        self._bucket_ready = True
+
+    def put_stream(self, key: str, reader: Reader, content_type: str = "application/octet-stream") -> int:
+        self.ensure_bucket()
+        counted = _CountingReader(reader)
+        # length=-1: minio streams fixed-size parts (multipart for > part_size) and
+        # aborts the multipart upload if reader.read raises.
+        self.client.put_object(
+            self.bucket,
+            key,
+            counted,  # type: ignore[arg-type]
+            length=-1,
+            part_size=self.part_size,
+            content_type=content_type,
+            num_parallel_uploads=self.parallel_uploads,
+        )
+        return counted.total
+
+    def put_file(self, key: str, path: str, content_type: str = "application/octet-stream") -> None:
+        self.ensure_bucket()
+        self.client.fput_object(self.bucket, key, path, content_type=content_type, part_size=self.part_size)
+
+    def get_file(self, key: str, path: str) -> None:
+        from minio.error import S3Error
+
+        try:
+            # fget_object writes to a temporary file and renames it on success.
+            self.client.fget_object(self.bucket, key, path)
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                raise FileNotFoundError(f"object {key!r} not found") from exc
+            raise
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, key)
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self.client.stat_object(self.bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise
+
+    def ping(self) -> None:
+        try:
+            self.ensure_bucket()
+            self.client.bucket_exists(self.bucket)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"object storage at {self.client._base_url.host} unusable: {exc}") from exc
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def abort_stale_uploads(self, older_than: dt.timedelta) -> int:
+        # minio-py keeps ListMultipartUploads private; this uses its documented-in-source helper.
+        cutoff = dt.datetime.now(dt.timezone.utc) - older_than
+        n = 0
+        result = self.client._list_multipart_uploads(self.bucket)  # noqa: SLF001
+        for upload in result.uploads:
+            if upload.initiated_time and upload.initiated_time < cutoff:
+                self.client._abort_multipart_upload(self.bucket, upload.object_name, upload.upload_id)  # noqa: SLF001
+                n += 1
+        return n
+
+
+class _CountingReader:
+    def __init__(self, inner: Reader) -> None:
+        self.inner = inner
+        self.total = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n)
+        self.total += len(data)
+        return data
+
+
+def make_store(settings) -> ObjectStore:  # type: ignore[no-untyped-def]
+    if settings.storage_backend == "s3":
+        return S3Store(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.s3_bucket,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            part_size=settings.s3_part_size,
+            parallel_uploads=settings.s3_parallel_uploads,
+        )
+    if settings.storage_backend == "local":
+        return LocalStore(settings.resolved_storage_dir)
+    raise SystemExit(
+        f"configuration error: MP4T_STORAGE_BACKEND={settings.storage_backend!r}; use 'local' or 's3'"
+    )
+
+

@@ -1,0 +1,1 @@
+"""Dramatiq workers: actors (workers.actors), broker (workers.broker), stages (workers.stages)."""

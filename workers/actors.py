@@ -1,0 +1,199 @@
+"""Dramatiq actors: load state, call a pure stage, save state, enqueue the next stage.
+
+Queues (fixed names; see workers.broker): critical = prepare_media, finalize;
+high = transcribe; default = (later) enhancement; low = maintenance.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import structlog
+from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware.time_limit import TimeLimitExceeded
+
+from mp4totext import runtime
+from storage.db import JobState, Media, Stage, Transcription, database
+from workers import jobs
+from workers.stages.media import MediaError, extract_audio, load_wav, probe
+from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
+
+log = structlog.get_logger(__name__)
+
+
+class JobFailed(Exception):
+    """Permanent failure already recorded on the job: not retried, message dead-lettered."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+class JobTimeout(Exception):
+    pass
+
+
+def _message_id() -> str:
+    msg = CurrentMessage.get_current_message()
+    return msg.message_id if msg is not None else "local"
+
+
+def enqueue(actor_name: str, job_or_media_id: str, priority: int = 5) -> None:
+    from workers.broker import get_actor
+
+    get_actor(actor_name).send_with_options(args=(job_or_media_id,), broker_priority=priority)
+
+
+def start_waiting_jobs(media_id: str) -> None:
+    for job in jobs.jobs_to_start(media_id):
+        enqueue("transcribe", job.id, job.priority)
+
+
+def audio_key(media: Media) -> str:
+    return f"media/{media.tenant_id}/{media.id}/audio.wav"
+
+
+# ---------------------------------------------------------------- critical: prepare media
+
+
+def prepare_media(media_id: str) -> None:
+    rt = runtime.get()
+    s = rt.settings
+    msg_id = _message_id()
+    structlog.contextvars.bind_contextvars(media_id=media_id, stage="prepare_media")
+    claim = jobs.claim_media(media_id, msg_id, s.max_attempts, s.lease_s)
+    if claim.outcome == "past":  # READY already (redelivery after a crash): make sure jobs are started
+        start_waiting_jobs(media_id)
+        return
+    if claim.outcome == "exhausted":
+        reason = f"processing this file was attempted {s.max_attempts} times and never finished"
+        jobs.media_failed(media_id, reason)
+        raise JobFailed(reason)
+    if claim.outcome != "run":
+        log.info("stage_skipped", outcome=claim.outcome)
+        return
+    media: Media = claim.job
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
+        src, wav = os.path.join(tmp, "original"), os.path.join(tmp, "audio.wav")
+        try:
+            rt.store.get_file(media.object_key, src)
+            info = probe(src, s.ffprobe)
+            if info.duration_s > s.max_media_duration_s:
+                raise MediaError(
+                    f"the file is {info.duration_s / 3600:.1f} h long; the limit is "
+                    f"{s.max_media_duration_s / 3600:.1f} h: split it into shorter parts"
+                )
+            duration = extract_audio(src, wav, s.ffmpeg, timeout=s.prepare_time_limit_s,
+                                     expected_duration_s=info.duration_s)
+            key = audio_key(media)
+            rt.store.put_file(key, wav, "audio/wav")
+        except MediaError as exc:
+            jobs.media_failed(media_id, str(exc))
+            log.info("stage_finished", outcome="media_invalid", error=str(exc),
+                     duration_s=round(time.monotonic() - started, 3))
+            raise JobFailed(str(exc)) from exc
+    if jobs.media_ready(media_id, msg_id, duration_s=duration, format_name=info.format_name,
+                        audio_codec=info.audio_codec, audio_key=key):
+        start_waiting_jobs(media_id)
+    log.info("stage_finished", outcome="ready", media_duration_s=round(duration, 3),
+             duration_s=round(time.monotonic() - started, 3))
+
+
+# ---------------------------------------------------------------- high: transcribe
+
+
+def options_of(job: Transcription, default_beam: int) -> TranscribeOptions:
+    cfg: dict[str, Any] = job.config or {}
+    return TranscribeOptions(
+        language=cfg.get("language") or None,
+        beam_size=int(cfg.get("beam_size") or default_beam),
+        vad_filter=bool(cfg.get("vad", True)),
+        word_timestamps=bool(cfg.get("word_timestamps", True)),
+    )
+
+
+def transcribe_job(job_id: str) -> None:
+    rt = runtime.get()
+    s = rt.settings
+    msg_id = _message_id()
+    structlog.contextvars.bind_contextvars(job_id=job_id, stage="transcribe")
+    claim = jobs.claim_stage(job_id, (Stage.WAITING, Stage.TRANSCRIBING), Stage.TRANSCRIBING, msg_id,
+                             s.max_attempts, s.lease_s)
+    if claim.outcome == "past" and claim.job.stage == Stage.FINALIZING:
+        enqueue("finalize", job_id, claim.job.priority)  # crashed between commit and enqueue
+        return
+    if claim.outcome == "exhausted":
+        raise JobFailed(claim.job.error_message)
+    if claim.outcome != "run":
+        log.info("stage_skipped", outcome=claim.outcome)
+        return
+    job: Transcription = claim.job
+    structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, attempt=job.attempts)
+    started = time.monotonic()
+    deadline = started + s.job_time_limit_s
+    last_report = [0.0]
+
+    def on_progress(processed_s: float) -> None:
+        now = time.monotonic()
+        if now > deadline:
+            raise JobTimeout()
+        if now - last_report[0] < s.progress_interval_s:
+            return
+        last_report[0] = now
+        row = jobs.report_progress(job_id, msg_id, processed_s, duration)
+        if row.cancel_requested:
+            raise Cancelled()
+
+    try:
+        with database.connection_context():
+            media = Media.get_by_id(job.media_id)
+        with tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
+            wav = os.path.join(tmp, "audio.wav")
+            rt.store.get_file(media.audio_key, wav)
+            audio = load_wav(wav)
+        duration = len(audio) / 16000
+        model = load_model(s.whisper_model, s.whisper_device, s.whisper_compute_type, s.whisper_cpu_threads,
+                           s.whisper_download_root, s.whisper_local_files_only)
+        result = transcribe(model, audio, options_of(job, s.whisper_beam_size), on_progress, s.model_label)
+    except Cancelled:
+        jobs.finish(job_id, JobState.CANCELLED, reason="CANCELLED", message="cancelled by the client")
+        log.info("stage_finished", outcome="cancelled", duration_s=round(time.monotonic() - started, 3))
+        return
+    except jobs.LostClaim:
+        log.info("stage_finished", outcome="lost_claim")
+        return
+    except (JobTimeout, TimeLimitExceeded) as exc:
+        msg = f"transcription exceeded the time limit of {s.job_time_limit_s} s"
+        jobs.finish(job_id, JobState.FAILED, reason="TIME_LIMIT", message=msg, message_id=msg_id)
+        raise JobFailed(msg) from exc
+    except MediaError as exc:
+        jobs.finish(job_id, JobState.FAILED, reason="MEDIA_INVALID", message=str(exc), message_id=msg_id)
+        raise JobFailed(str(exc)) from exc
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        if job.attempts >= s.max_attempts:
+            jobs.finish(job_id, JobState.FAILED, reason="ATTEMPTS_EXHAUSTED", message_id=msg_id,
+                        message=f"transcription failed {job.attempts} times; last error: {error}")
+            raise JobFailed(error) from exc
+        jobs.release_for_retry(job_id, msg_id, Stage.WAITING, error)
+        log.warning("stage_retry", error=error)
+        raise
+    elapsed = time.monotonic() - started
+    done = jobs.stage_done(job_id, msg_id, Stage.FINALIZING, result=result, processed_s=result["duration"])
+    log.info("stage_finished", outcome="transcribed" if done else "lost_claim", duration_s=round(elapsed, 3),
+             media_duration_s=result["duration"], rtf=round(elapsed / max(result["duration"], 1e-6), 4),
+             model=s.model_label)
+    if done is not None:
+        enqueue("finalize", job_id, done.priority)
+
+
+# ---------------------------------------------------------------- critical: finalize
+
+
+def finalize(job_id: str) -> None:
+    structlog.contextvars.bind_contextvars(job_id=job_id, stage="finalize")
+    job = jobs.finish(job_id, JobState.SUCCEEDED, only_stage=Stage.FINALIZING)
+    log.info("stage_finished", outcome="succeeded" if job else "noop")

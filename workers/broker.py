@@ -1,0 +1,96 @@
+"""Dramatiq broker and actor registration.
+
+Queue names and ``max_priority`` are fixed: RabbitMQ refuses to redeclare an existing
+queue with another x-max-priority (PRECONDITION_FAILED), so changing them needs a migration.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import dramatiq
+import structlog
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
+
+from mp4totext.config import Settings
+
+QUEUES = ("critical", "high", "default", "low")
+MAX_PRIORITY = 10
+# Client priority (proto Priority enum value) -> broker_priority within a queue.
+PRIORITY_MAP = {0: 5, 1: 2, 2: 5, 3: 7, 4: 10}
+
+_actors: dict[str, dramatiq.Actor] = {}
+_broker: dramatiq.Broker | None = None
+
+
+class JobLogContext(Middleware):
+    """Fresh structlog context per message (Dramatiq runs actors on reused threads)."""
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            message_id=message.message_id, actor=message.actor_name, queue=message.queue_name,
+            retries=message.options.get("retries", 0),
+        )
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        structlog.contextvars.clear_contextvars()
+
+    after_skip_message = after_process_message
+
+
+def setup_broker(settings: Settings) -> dramatiq.Broker:
+    """Create the broker, register the actors on it and make it the global broker."""
+    global _broker
+    if settings.broker_url == "memory":
+        broker: dramatiq.Broker = StubBroker()
+        broker.emit_after("process_boot")
+    else:
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        broker = RabbitmqBroker(url=settings.broker_url, confirm_delivery=True, max_priority=MAX_PRIORITY)
+    for mw in broker.middleware:
+        if isinstance(mw, Retries):
+            mw.min_backoff = settings.retry_min_backoff_ms
+            mw.max_backoff = settings.retry_max_backoff_ms
+            # The DB attempt counter decides; this only stops a message looping forever.
+            mw.max_retries = settings.max_attempts + 2
+        if isinstance(mw, TimeLimit):
+            mw.time_limit = settings.job_time_limit_s * 1000
+    broker.add_middleware(CurrentMessage())
+    broker.add_middleware(JobLogContext())
+    dramatiq.set_broker(broker)
+    _broker = broker
+    _register(broker, settings)
+    return broker
+
+
+def _register(broker: dramatiq.Broker, settings: Settings) -> None:
+    from workers import actors
+
+    def declare(fn: Callable[..., Any], name: str, queue: str, time_limit_s: int) -> None:
+        _actors[name] = dramatiq.actor(
+            fn,
+            actor_name=name,
+            queue_name=queue,
+            broker=broker,
+            time_limit=time_limit_s * 1000,
+            throws=(actors.JobFailed,),
+        )
+
+    declare(actors.prepare_media, "prepare_media", "critical", settings.prepare_time_limit_s)
+    declare(actors.transcribe_job, "transcribe", "high", settings.job_time_limit_s + 60)
+    declare(actors.finalize, "finalize", "critical", 60)
+
+
+def get_actor(name: str) -> dramatiq.Actor:
+    if name not in _actors:
+        raise RuntimeError("broker not set up: call workers.broker.setup_broker() at start-up")
+    return _actors[name]
+
+
+def get_broker() -> dramatiq.Broker:
+    if _broker is None:
+        raise RuntimeError("broker not set up")
+    return _broker

@@ -1,0 +1,101 @@
+"""Speech recognition with faster-whisper: model loading and the transcribe stage."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from workers.stages.media import SAMPLE_RATE
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscribeOptions:
+    language: str | None = None  # ISO 639-1, None = detect
+    beam_size: int = 5
+    vad_filter: bool = True
+    word_timestamps: bool = True
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured model cannot be loaded (an operator problem)."""
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(model: str, device: str = "auto", compute_type: str = "default", cpu_threads: int = 0,
+               download_root: str = "", local_files_only: bool = True) -> Any:
+    """Load a WhisperModel once per process (cached by its settings)."""
+    from faster_whisper import WhisperModel
+
+    try:
+        return WhisperModel(
+            model,
+            device=device,
+            compute_type=compute_type,
+            cpu_threads=cpu_threads,
+            download_root=download_root or None,
+            local_files_only=local_files_only,
+        )
+    except Exception as exc:
+        raise ModelUnavailable(
+            f"cannot load whisper model {model!r} ({exc}); set MP4T_WHISPER_MODEL to a CTranslate2 "
+            "model directory, or to a model name with MP4T_WHISPER_LOCAL_FILES_ONLY=false where "
+            "downloads are allowed"
+        ) from exc
+
+
+ProgressCallback = Callable[[float], None]
+
+
+def transcribe(model: Any, audio: np.ndarray, options: TranscribeOptions,
+               on_progress: ProgressCallback | None = None, model_name: str = "") -> dict[str, Any]:
+    """Run recognition on 16 kHz mono float32 audio; return the JSON-able result.
+
+    ``on_progress(processed_seconds)`` is called after every segment; it may raise to stop
+    (cancellation, time limit): segments are generated lazily, so stopping is immediate.
+    """
+    duration = len(audio) / SAMPLE_RATE
+    started = time.monotonic()
+    segments_iter, info = model.transcribe(
+        audio,
+        language=options.language,
+        beam_size=options.beam_size,
+        vad_filter=options.vad_filter,
+        word_timestamps=options.word_timestamps,
+        condition_on_previous_text=False,
+    )
+    segments: list[dict[str, Any]] = []
+    for seg in segments_iter:
+        words = [
+            {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 4)}
+            for w in (seg.words or [])
+        ]
+        segments.append(
+            {
+                "id": len(segments),
+                "start": round(seg.start, 3),
+                "end": round(seg.end, 3),
+                "text": seg.text.strip(),
+                "avg_logprob": round(seg.avg_logprob, 4),
+                "no_speech_prob": round(seg.no_speech_prob, 4),
+                "words": words,
+            }
+        )
+        if on_progress:
+            on_progress(min(seg.end, duration))
+    return {
+        "text": " ".join(s["text"] for s in segments if s["text"]).strip(),
+        "language": info.language,
+        "language_probability": round(float(info.language_probability), 4),
+        "duration": round(duration, 3),
+        "speech_duration": round(float(getattr(info, "duration_after_vad", duration) or 0.0), 3),
+        "segments": segments,
+        "model": model_name,
+        "recognition_s": round(time.monotonic() - started, 3),
+    }
+
+
+def is_multilingual(model: Any) -> bool:
+    return bool(getattr(model, "model", None) and model.model.is_multilingual)
