@@ -1,4 +1,4 @@
-"""structlog: JSON when stdout is not a terminal, console otherwise; context from contextvars."""
+"""structlog on stderr (stdout stays for command output): JSON when not a terminal, console otherwise."""
 from __future__ import annotations
 
 import logging
@@ -21,7 +21,7 @@ def _add_trace_ids(_logger: object, _name: str, event: dict) -> dict:
 
 
 def setup_logging(level: str = "INFO", fmt: str = "auto", service: str = "mp4totext") -> None:
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -33,10 +33,10 @@ def setup_logging(level: str = "INFO", fmt: str = "auto", service: str = "mp4tot
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries log through stdlib logging: keep their warnings, in the same stream.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stdout,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format='{"level":"%(levelname)s","logger":"%(name)s","event":"%(message)s"}'
                         if use_json else "%(levelname)s %(name)s: %(message)s")

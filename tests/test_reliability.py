@@ -1,0 +1,78 @@
+"""Crash safety: SIGKILLed workers, attempt limits, exactly-once completion."""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from mp4totext.client import Client
+from mp4totext.v1 import transcription_pb2 as tpb
+from tests.conftest import Stack, wait_for
+
+
+def _events(db: Any, job_id: str, state: str) -> int:
+    from storage.db import TranscriptionEvent
+
+    with db.connection_context():
+        return TranscriptionEvent.select().where(TranscriptionEvent.transcription_id == job_id,
+                                                 TranscriptionEvent.state == state).count()
+
+
+def test_sigkill_worker_mid_transcription_completes_exactly_once(stack: Stack, client: Client, db: Any,
+                                                                 long_speech: Any) -> None:
+    media = client.upload(str(long_speech))
+    job = client.create(media.name)
+    job_id = job.name.split("/")[1]
+    wait_for(lambda: client.get(job.name).progress_percent > 15, 180, "transcription progress", 0.2)
+    stack.workers["high"].kill(signal.SIGKILL)
+    killed_at = client.get(job.name)
+    assert killed_at.state == tpb.TRANSCRIPTION_STATE_RUNNING and killed_at.attempt_count == 1
+    stack.start_worker("high")
+    final = client.wait(job.name, timeout=300)
+    assert final.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED, final.error_message
+    assert final.attempt_count == 0 or final.attempt_count <= 2
+    assert final.result.text.count("quick brown fox") >= 1
+    assert _events(db, job_id, "SUCCEEDED") == 1
+    from storage.db import Transcription
+
+    with db.connection_context():
+        row = Transcription.get_by_id(job_id)
+    assert row.total_attempts >= 2  # the killed attempt was counted and redelivered
+    # the redelivered message must not run again after success
+    assert _events(db, job_id, "SUCCEEDED") == 1
+
+
+def test_job_that_keeps_crashing_its_worker_fails_after_max_attempts(stack: Stack, client: Client, db: Any,
+                                                                     long_speech: Any) -> None:
+    media = client.upload(str(long_speech))
+    job = client.create(media.name)
+    max_attempts = 3  # MP4T_MAX_ATTEMPTS default
+    try:
+        for attempt in range(1, max_attempts + 1):
+            wait_for(lambda: (j := client.get(job.name)).state == tpb.TRANSCRIPTION_STATE_RUNNING
+                     and j.attempt_count == attempt and j.progress_percent > 6, 180, f"attempt {attempt} running", 0.1)
+            stack.workers["high"].kill(signal.SIGKILL)
+            stack.start_worker("high")
+        final = wait_for(lambda: (j := client.get(job.name)).state == tpb.TRANSCRIPTION_STATE_FAILED and j, 120,
+                         "job to fail")
+    finally:
+        if not stack.workers["high"].alive():
+            stack.start_worker("high")
+    assert final.error_reason == "ATTEMPTS_EXHAUSTED"
+    assert "attempted 3 times" in final.error_message
+    assert _events(db, job.name.split("/")[1], "SUCCEEDED") == 0
+
+
+def test_priority_orders_queued_jobs(stack: Stack, client: Client, speech_mp4: Any) -> None:
+    """With the transcription worker down, an URGENT job queued after LOW ones runs first."""
+    media = client.upload(str(speech_mp4))
+    client.wait(client.create(media.name).name)  # media READY
+    stack.workers["high"].stop()
+    try:
+        low = [client.create(media.name, priority=tpb.PRIORITY_LOW) for _ in range(3)]
+        urgent = client.create(media.name, priority=tpb.PRIORITY_URGENT)
+    finally:
+        stack.start_worker("high")
+    jobs = [client.wait(j.name) for j in [*low, urgent]]
+    assert all(j.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED for j in jobs)
+    starts = {j.name: j.start_time.ToNanoseconds() for j in jobs}
+    assert starts[urgent.name] < min(starts[j.name] for j in low)
