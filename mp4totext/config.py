@@ -47,8 +47,8 @@ class Settings:
     s3_bucket: str = "mp4totext"
     s3_secure: bool = False
     s3_region: str = ""
-    s3_part_size: int = 8 * 1024 * 1024
-    s3_parallel_uploads: int = 3
+    s3_part_size: int = 5 * 1024 * 1024
+    s3_parallel_uploads: int = 2
     # -- gRPC server
     grpc_listen: str = "127.0.0.1:50051"
     grpc_max_workers: int = 64

@@ -70,17 +70,22 @@ class UploadReader:
         self._eof = True
 
     def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes; one copy at most (pieces are joined once), none for whole chunks."""
         if n is None or n < 0:
             n = 1 << 62
-        out = bytearray()
-        while len(out) < n and not self._eof:
+        pieces: list[bytes | memoryview] = []
+        got = 0
+        while got < n and not self._eof:
             if not self._buf:
                 chunk = self._next_chunk()
                 if chunk is None:
                     self._finish()
                     break
                 self._buf = memoryview(chunk)
-            take = self._buf[: n - len(out)]
-            out += take
+            take = self._buf[: n - got]
+            pieces.append(take)
+            got += len(take)
             self._buf = self._buf[len(take):]
-        return bytes(out)
+        if len(pieces) == 1 and isinstance(pieces[0], memoryview) and len(pieces[0].obj) == got:
+            return pieces[0].obj  # a whole chunk: no copy
+        return b"".join(pieces)

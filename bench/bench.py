@@ -1,0 +1,223 @@
+"""Benchmarks: prints figures as ratios against a baseline measured in the same run.
+
+    .venv/bin/python bench/bench.py [--seconds 40] [--upload-mib 256] [--repeat 3] [--skip-distributed]
+
+1. Bare faster-whisper (model already loaded, same options as the workers: VAD, word
+   timestamps, beam 5) on one file of real (espeak-ng) speech.
+2. Our end-to-end time for the same file (upload -> validate/extract -> transcribe ->
+   finalize -> Watch sees SUCCEEDED) with warm workers: embedded mode, and with RabbitMQ + S3.
+3. Upload throughput of a big file through gRPC into S3 vs a direct minio put_object of the
+   same file to the same S3 server, and the server's RSS growth during the upload.
+
+Targets: e2e/bare <= 1.15 embedded, <= 1.25 with RabbitMQ + S3; upload >= 0.8 of direct put;
+server RSS growth < 64 MiB for a 256 MiB upload. Needs RabbitMQ on 127.0.0.1:5672 for part 2b/3.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mp4totext import config, samples  # noqa: E402
+from mp4totext.client import Client  # noqa: E402
+from tests.conftest import Proc, free_port, grpc_ready, port_open, wait_for  # noqa: E402
+
+MiB = 1024 * 1024
+PY = sys.executable
+
+
+def bare_whisper(path: str, repeat: int) -> float:
+    from workers.stages.transcribe import load_model
+
+    s = config.Settings()
+    model = load_model(s.whisper_model, s.whisper_device, s.whisper_compute_type, s.whisper_cpu_threads)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        segments, _info = model.transcribe(path, beam_size=s.whisper_beam_size, vad_filter=True,
+                                           word_timestamps=True, condition_on_previous_text=False)
+        list(segments)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def end_to_end(target: str, key: str, path: str, repeat: int) -> float:
+    times = []
+    with Client(target, key) as c:
+        for _ in range(repeat):
+            t = time.perf_counter()
+            media = c.upload(path)
+            job = c.create(media.name)
+            final = c.wait(job.name)
+            times.append(time.perf_counter() - t)
+            assert final.result.text, final
+    return min(times)
+
+
+def create_key(env: dict[str, str]) -> str:
+    import json
+
+    out = subprocess.run([PY, "-m", "mp4totext.cli", "create-key", "--tenant", "bench"], env=env,
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout)["api_key"]
+
+
+def start_weed(tmp: pathlib.Path, log_dir: pathlib.Path) -> tuple[Proc, str]:
+    weed = shutil.which("weed") or str(pathlib.Path(PY).parent / "weed")
+    tmp.mkdir(parents=True, exist_ok=True)
+    ports = []
+    while len(ports) < 4:
+        p = free_port()
+        if p + 10000 < 65535 and not port_open("127.0.0.1", p + 10000) and p not in ports:
+            ports.append(p)
+    proc = Proc("weed", [weed, "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+                         f"-master.port={ports[0]}", f"-volume.port={ports[1]}", f"-filer.port={ports[2]}",
+                         f"-s3.port={ports[3]}", "-volume.max=20"], dict(os.environ), log_dir)
+    endpoint = f"127.0.0.1:{ports[3]}"
+    from minio import Minio
+
+    client = Minio(endpoint, access_key="bench", secret_key="benchsecret", secure=False)
+
+    def ready() -> bool:
+        try:
+            if not client.bucket_exists("bench"):
+                client.make_bucket("bench")
+            return True
+        except Exception:
+            return False
+
+    wait_for(ready, 60, "SeaweedFS", 0.5)
+    return proc, endpoint
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=40)
+    ap.add_argument("--upload-mib", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-distributed", action="store_true")
+    ap.add_argument("--upload-only", action="store_true", help="only the upload figures")
+    args = ap.parse_args()
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="mp4t-bench-"))
+    log_dir = tmp / "logs"
+    log_dir.mkdir()
+    procs: list[Proc] = []
+    rows: list[tuple[str, str]] = []
+    try:
+        speech = samples.make_media(samples.lecture_text(args.seconds), str(tmp / "speech.mp4"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MP4T_")}
+        env.update(MP4T_DATA_DIR=str(tmp / "embedded"), PYTHONUNBUFFERED="1")
+        bare = 0.0 if args.upload_only else bare_whisper(speech, args.repeat)
+        if not args.upload_only:
+            rows.append(("bare faster-whisper (s)", f"{bare:.3f}"))
+            rows += embedded_figures(env, tmp, log_dir, speech, bare, args.repeat)
+        if not args.skip_distributed:
+            weed, endpoint = start_weed(tmp / "weed", log_dir)
+            procs.append(weed)
+            vhost = f"bench-{uuid.uuid4().hex[:6]}"
+            subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True)
+            subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True,
+                           capture_output=True)
+            try:
+                port = free_port()
+                denv = {**env, "MP4T_DATA_DIR": str(tmp / "dist"), "MP4T_BROKER_URL":
+                        f"amqp://guest:guest@127.0.0.1:5672/{vhost}", "MP4T_STORAGE_BACKEND": "s3",
+                        "MP4T_S3_ENDPOINT": endpoint, "MP4T_S3_ACCESS_KEY": "bench", "MP4T_S3_SECRET_KEY":
+                        "benchsecret", "MP4T_S3_BUCKET": "bench", "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}",
+                        }
+                server = Proc("server", [PY, "-m", "mp4totext.cli", "serve"], denv, log_dir)
+                procs.append(server)
+                for q in ("critical,low", "high"):
+                    procs.append(Proc(f"worker-{q}", [PY, "-m", "mp4totext.cli", "worker", "--queues", q], denv,
+                                      log_dir))
+                target = f"127.0.0.1:{port}"
+                grpc_ready(target)
+                high = procs[-1]
+                wait_for(lambda: "worker_started" in high.log(), 120, "transcription worker (model loaded)")
+                key = create_key(denv)
+                if not args.upload_only:
+                    e2e_dist = end_to_end(target, key, speech, args.repeat)
+                    rows.append(("RabbitMQ+S3 end-to-end (s)", f"{e2e_dist:.3f}"))
+                    rows.append(("RabbitMQ+S3 / bare (target <= 1.25)", f"{e2e_dist / bare:.3f}"))
+                rows += upload_figures(target, key, endpoint, server, tmp, args.upload_mib)
+            finally:
+                subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+    finally:
+        for p in procs:
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    width = max(len(k) for k, _ in rows)
+    print("\nmp4totext benchmark (" + time.strftime("%Y-%m-%d %H:%M") + f", {os.cpu_count()} CPUs)")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    return 0
+
+
+def embedded_figures(env: dict[str, str], tmp: pathlib.Path, log_dir: pathlib.Path, speech: str, bare: float,
+                     repeat: int) -> list[tuple[str, str]]:
+    port = free_port()
+    emb = Proc("embedded", [PY, "-m", "mp4totext.cli", "embedded", "--serve", "--listen", f"127.0.0.1:{port}",
+                            "--data-dir", str(tmp / "embedded")], env, log_dir)
+    try:
+        grpc_ready(f"127.0.0.1:{port}")
+        key = (tmp / "embedded" / "api.key").read_text().strip()
+        e2e = end_to_end(f"127.0.0.1:{port}", key, speech, repeat)
+    finally:
+        emb.stop()
+    return [("embedded end-to-end (s)", f"{e2e:.3f}"), ("embedded / bare (target <= 1.15)", f"{e2e / bare:.3f}")]
+
+
+def upload_figures(target: str, key: str, endpoint: str, server: Proc, tmp: pathlib.Path,
+                   mib: int) -> list[tuple[str, str]]:
+    import psutil
+    from minio import Minio
+
+    big = tmp / "big.bin"
+    with open(big, "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(MiB))
+    s = config.Settings()
+    direct = Minio(endpoint, access_key="bench", secret_key="benchsecret", secure=False)
+    t = time.perf_counter()
+    with open(big, "rb") as fh:
+        direct.put_object("bench", "direct/big.bin", fh, length=-1, part_size=s.s3_part_size,
+                          num_parallel_uploads=s.s3_parallel_uploads)
+    direct_s = time.perf_counter() - t
+    proc = psutil.Process(server.pid)
+    base = proc.memory_info().rss
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with Client(target, key) as c:
+        t = time.perf_counter()
+        c.upload(str(big), checksum=False)  # the direct put does not hash either
+        grpc_s = time.perf_counter() - t
+    stop.set()
+    sampler.join()
+    return [
+        (f"direct put_object {mib} MiB (MiB/s)", f"{mib / direct_s:.1f}"),
+        (f"gRPC upload {mib} MiB (MiB/s)", f"{mib / grpc_s:.1f}"),
+        ("gRPC / direct throughput (target >= 0.8)", f"{direct_s / grpc_s:.3f}"),
+        ("server RSS growth during upload (MiB, target < 64)", f"{(peak[0] - base) / MiB:.1f}"),
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

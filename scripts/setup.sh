@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what mp4totext needs on a fresh Debian machine: system tools (as root) and a virtualenv.
+# Usage: bash scripts/setup.sh [extra pip specs...]   (idempotent; fast when already installed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for tool in ffmpeg:ffmpeg ffprobe:ffmpeg espeak-ng:espeak-ng; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
+done
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${need_apt[*]}; install them (sudo apt-get install ${need_apt[*]}) or run as root" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e . "$@"
