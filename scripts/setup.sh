@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what mp4totext needs on a fresh Debian machine: system tools (as root) and a virtualenv.
-# Usage: bash scripts/setup.sh [extra pip specs...]   (idempotent; fast when already installed)
+# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "test"   (idempotent; fast when already installed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +23,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e . "$@"
+spec="."
+if [ -n "${1:-}" ]; then spec=".[$1]"; fi
+.venv/bin/python -m pip install -q -e "$spec"
