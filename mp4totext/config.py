@@ -55,6 +55,7 @@ class Settings:
     grpc_max_concurrent_rpcs: int = 1000
     grpc_grace_s: float = 30.0
     grpc_drain_s: float = 0.0  # wait after NOT_SERVING before stopping (proxy check interval x fall)
+    worker_shutdown_s: float = 60.0  # in-flight jobs get this long on SIGTERM, then are redelivered
     max_upload_bytes: int = 2 * GiB
     watch_heartbeat_s: float = 10.0
     # -- workers
@@ -67,6 +68,9 @@ class Settings:
     prepare_time_limit_s: int = 3600
     progress_interval_s: float = 0.5
     lease_s: float = 600.0
+    maintenance_interval_s: float = 900.0  # low-queue workers enqueue maintenance this often
+    stale_upload_s: float = 24 * 3600.0  # abort incomplete multipart uploads older than this
+    stuck_after_s: float = 1800.0  # re-enqueue work that made no progress for this long
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     max_media_duration_s: float = 4 * 3600.0

@@ -76,3 +76,26 @@ def test_priority_orders_queued_jobs(stack: Stack, client: Client, speech_mp4: A
     assert all(j.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED for j in jobs)
     starts = {j.name: j.start_time.ToNanoseconds() for j in jobs}
     assert starts[urgent.name] < min(starts[j.name] for j in low)
+
+
+def test_maintenance_recovers_lost_enqueue_and_stale_uploads(stack: Stack, client: Client, db: Any,
+                                                             speech_mp4: Any, s3_client: Any) -> None:
+    """A process that died between commit and enqueue leaves a job WAITING with no message;
+    a crashed server leaves an incomplete multipart upload. The low-queue maintenance fixes both."""
+    import datetime as dt
+
+    from storage.db import JobState, Stage, Transcription, utcnow
+
+    media = client.upload(str(speech_mp4))
+    client.wait(client.create(media.name).name)
+    with db.connection_context():
+        first = Transcription.select().where(Transcription.media == media.name.split("/")[1]).get()
+        lost = Transcription.create(tenant=first.tenant_id, media=first.media_id, config=first.config,
+                                    state=JobState.QUEUED, stage=Stage.WAITING, duration_s=first.duration_s,
+                                    update_time=utcnow() - dt.timedelta(seconds=60))
+    upload_id = s3_client._create_multipart_upload(stack.s3["bucket"], "media/stale/object", {})  # noqa: SLF001
+    final = wait_for(lambda: (j := client.get(f"transcriptions/{lost.id}")).state == tpb.TRANSCRIPTION_STATE_SUCCEEDED
+                     and j, 120, "maintenance to re-enqueue the lost job", 0.5)
+    assert final.result.text
+    wait_for(lambda: upload_id not in {u.upload_id for u in s3_client._list_multipart_uploads(  # noqa: SLF001
+        stack.s3["bucket"]).uploads}, 90, "stale multipart upload to be aborted", 1)

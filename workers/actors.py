@@ -5,6 +5,7 @@ high = transcribe; default = (later) enhancement; low = maintenance.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 import time
@@ -15,7 +16,7 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from mp4totext import runtime
-from storage.db import JobState, Media, Stage, Transcription, database
+from storage.db import JobState, Media, MediaState, Stage, Transcription, database, utcnow
 from workers import jobs
 from workers.stages.media import MediaError, extract_audio, load_wav, probe
 from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
@@ -197,3 +198,35 @@ def finalize(job_id: str) -> None:
     structlog.contextvars.bind_contextvars(job_id=job_id, stage="finalize")
     job = jobs.finish(job_id, JobState.SUCCEEDED, only_stage=Stage.FINALIZING)
     log.info("stage_finished", outcome="succeeded" if job else "noop")
+
+
+# ---------------------------------------------------------------- low: maintenance
+
+
+def maintenance(_unused: str = "") -> None:
+    """Abort stale multipart uploads and re-enqueue work whose message was lost.
+
+    A message can be lost only if a process died between committing a state change and
+    enqueueing the next stage; re-enqueueing is safe because every actor is idempotent.
+    """
+    rt = runtime.get()
+    s = rt.settings
+    structlog.contextvars.bind_contextvars(stage="maintenance")
+    aborted = rt.store.abort_stale_uploads(dt.timedelta(seconds=s.stale_upload_s))
+    cutoff = utcnow() - dt.timedelta(seconds=s.stuck_after_s)
+    requeued = 0
+    with database.connection_context():
+        stuck_media = list(Media.select(Media.id).where(Media.state == MediaState.PROCESSING,
+                                                        Media.update_time < cutoff))
+        stuck_jobs = list(Transcription.select(Transcription.id, Transcription.priority, Transcription.stage).where(
+            ((Transcription.state == JobState.QUEUED) & (Transcription.stage == Stage.WAITING)
+             & (Transcription.update_time < cutoff))
+            | ((Transcription.state == JobState.RUNNING) & (Transcription.heartbeat_time < cutoff))
+            | ((Transcription.stage == Stage.FINALIZING) & (Transcription.update_time < cutoff))))
+    for m in stuck_media:
+        enqueue("prepare_media", m.id, 5)
+        requeued += 1
+    for j in stuck_jobs:
+        enqueue("finalize" if j.stage == Stage.FINALIZING else "transcribe", j.id, j.priority)
+        requeued += 1
+    log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted, requeued=requeued)

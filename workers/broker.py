@@ -82,6 +82,7 @@ def _register(broker: dramatiq.Broker, settings: Settings) -> None:
     declare(actors.prepare_media, "prepare_media", "critical", settings.prepare_time_limit_s)
     declare(actors.transcribe_job, "transcribe", "high", settings.job_time_limit_s + 60)
     declare(actors.finalize, "finalize", "critical", 60)
+    declare(actors.maintenance, "maintenance", "low", 600)
 
 
 def get_actor(name: str) -> dramatiq.Actor:

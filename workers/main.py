@@ -37,8 +37,23 @@ def start_worker(broker: Any, settings: Settings, queues: list[str], threads: in
     # priorities apply across workers.
     worker.queue_prefetch = 1
     worker.start()
+    if "low" in queues and settings.maintenance_interval_s > 0:
+        threading.Thread(target=_schedule_maintenance, args=(settings.maintenance_interval_s,),
+                         name="maintenance-scheduler", daemon=True).start()
     log.info("worker_started", queues=queues, threads=threads)
     return worker
+
+
+def _schedule_maintenance(interval_s: float) -> None:
+    """Enqueue the maintenance actor periodically (several schedulers are harmless: it is idempotent)."""
+    from workers.actors import enqueue
+
+    while True:
+        try:
+            enqueue("maintenance", "", 0)
+        except Exception as exc:
+            log.warning("maintenance_enqueue_failed", error=str(exc))
+        time.sleep(interval_s)
 
 
 def run(settings: Settings, queues: list[str], threads: int) -> None:
@@ -55,6 +70,6 @@ def run(settings: Settings, queues: list[str], threads: int) -> None:
     signal.signal(signal.SIGINT, handler)
     stop.wait()
     # In-flight jobs get the time limit to finish; unfinished messages are redelivered.
-    worker.stop(timeout=int(settings.grpc_grace_s * 1000))
+    worker.stop(timeout=int(settings.worker_shutdown_s * 1000))
     runtime.get().bus.close()
     log.info("worker_stopped")
