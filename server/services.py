@@ -16,7 +16,7 @@ import structlog
 from mp4totext import runtime
 from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
 from server import convert
-from server.upload import UploadReader, UploadRejected
+from server.upload import ClientGone, UploadReader, UploadRejected
 from storage.db import JobState, Media, MediaState, Stage, Transcription, database, new_id
 from storage.objects import StorageError
 from workers import jobs
@@ -149,20 +149,21 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
                                                      committed_size=existing.size_bytes)
         media_id = new_id()
         key = f"media/{tenant}/{media_id}/original"
-        reader = UploadReader(request_iterator, rt.settings.max_upload_bytes, md.size_bytes, sha)
+        reader = UploadReader(request_iterator, rt.settings.max_upload_bytes, md.size_bytes, sha, context.is_active)
         started = time.monotonic()
         try:
             size = rt.store.put_stream(key, reader, md.content_type or "application/octet-stream")
         except UploadRejected as exc:
             raise invalid(str(exc)) from None
-        except grpc.RpcError:
+        except (grpc.RpcError, ClientGone):
             log.info("upload_aborted_by_client", received=reader.received)
             raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client") from None
         except Exception as exc:
-            if isinstance(exc.__context__, UploadRejected):
-                raise invalid(str(exc.__context__)) from None
             raise ApiError(grpc.StatusCode.UNAVAILABLE, f"object storage failed ({exc}); retry the upload") from exc
         elapsed = time.monotonic() - started
+        if not context.is_active():  # cancelled after the last byte: the client will retry (request_id)
+            rt.store.delete(key)
+            raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client")
         try:
             with database.connection_context():
                 media = Media.create(id=media_id, tenant=tenant, request_id=md.request_id or None,

@@ -8,7 +8,7 @@ bad file (multipart uploads are aborted when the reader raises).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 MAX_CHUNK = 1024 * 1024
 
@@ -17,10 +17,15 @@ class UploadRejected(Exception):
     """Bad upload: the message is for the client (INVALID_ARGUMENT)."""
 
 
+class ClientGone(Exception):
+    """The client cancelled or the connection broke: the stream's end is not the file's end."""
+
+
 class UploadReader:
     def __init__(self, requests: Iterator[Any], max_bytes: int, declared_size: int = 0,
-                 declared_sha256: str = "") -> None:
+                 declared_sha256: str = "", is_active: Callable[[], bool] | None = None) -> None:
         self._requests = requests
+        self._is_active = is_active
         self.max_bytes = max_bytes
         self.declared_size = declared_size
         self.declared_sha256 = declared_sha256
@@ -57,6 +62,10 @@ class UploadReader:
         return None
 
     def _finish(self) -> None:
+        # gRPC may end the request iterator quietly when the client cancels: only a live
+        # call's end of stream is the end of the file.
+        if self._is_active is not None and not self._is_active():
+            raise ClientGone(f"the upload stream was cancelled after {self.received} bytes")
         if self.received == 0:
             raise UploadRejected("the file is empty: send at least one non-empty chunk")
         if self.declared_size and self.received != self.declared_size:
