@@ -14,8 +14,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
-import time
 
 import grpc
 

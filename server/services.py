@@ -18,7 +18,6 @@ from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, tr
 from server import convert
 from server.upload import ClientGone, UploadReader, UploadRejected
 from storage.db import JobState, Media, MediaState, Stage, Transcription, database, new_id
-from storage.objects import StorageError
 from workers import jobs
 from workers.broker import PRIORITY_MAP
 

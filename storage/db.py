@@ -10,7 +10,7 @@ import datetime as dt
 import json
 import pathlib
 import uuid
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlparse
 
 import peewee as pw
@@ -240,13 +240,3 @@ def add_event(job: Transcription, detail: str = "") -> None:
         transcription_id=job.id, sequence=job.sequence, state=job.state, stage=job.stage, detail=detail
     )
 
-
-def chunked(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

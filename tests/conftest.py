@@ -291,7 +291,6 @@ def stack(s3: dict[str, str], rabbit_url: str, pg_url: str, log_dir: pathlib.Pat
         "MP4T_MAINTENANCE_INTERVAL_S": "3",
         "MP4T_STUCK_AFTER_S": "20",
         "MP4T_STALE_UPLOAD_S": "30",
-        "MP4T_GRPC_GRACE_S": "3",
         "PYTHONUNBUFFERED": "1",
     }
     st = Stack(env, log_dir, s3)

@@ -30,7 +30,7 @@ class LostClaim(Exception):
 
 @dataclasses.dataclass
 class Claim:
-    outcome: str  # run | skip | past | done
+    outcome: str  # run | skip (duplicate) | past (stage already done) | done | exhausted | cancelled
     job: Any = None
 
 
