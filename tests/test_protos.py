@@ -34,3 +34,28 @@ def test_health_reports_serving_for_each_service(stack: Stack) -> None:
         for name in ("", "mp4totext.v1.MediaService", "mp4totext.v1.TranscriptionService"):
             resp = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_graceful_shutdown_goes_not_serving_before_stopping(stack: Stack) -> None:
+    import signal
+    import time
+
+    from tests.conftest import Proc, free_port, grpc_ready
+
+    port = free_port()
+    env = {**stack.env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}", "MP4T_GRPC_DRAIN_S": "3"}
+    proc = Proc("server-drain", [sys.executable, "-m", "mp4totext.cli", "serve"], env, stack.log_dir)
+    target = f"127.0.0.1:{port}"
+    try:
+        grpc_ready(target)
+        with grpc.insecure_channel(target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            proc.kill(signal.SIGTERM)
+            time.sleep(1)
+            # draining: still answering, but telling the proxy to send nothing new
+            resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert proc.popen.wait(timeout=20) == 0
+        assert "server_stopped" in proc.log()
+    finally:
+        proc.stop()
