@@ -66,7 +66,7 @@ class Settings:
     retry_max_backoff_ms: int = 10 * 60 * 1000
     job_time_limit_s: int = 4 * 3600
     prepare_time_limit_s: int = 3600
-    progress_interval_s: float = 0.5
+    progress_interval_s: float = 1.0  # progress DB write + live event at most this often per job
     lease_s: float = 600.0
     maintenance_interval_s: float = 900.0  # low-queue workers enqueue maintenance this often
     stale_upload_s: float = 24 * 3600.0  # abort incomplete multipart uploads older than this
