@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from mp4totext import config, samples  # noqa: E402
 from mp4totext.client import Client  # noqa: E402
-from tests.conftest import Proc, free_port, grpc_ready, port_open, wait_for  # noqa: E402
+from tests.conftest import PeakRss, Proc, free_port, grpc_ready, port_open, wait_for  # noqa: E402
 
 MiB = 1024 * 1024
 PY = sys.executable
@@ -179,7 +178,6 @@ def embedded_figures(env: dict[str, str], tmp: pathlib.Path, log_dir: pathlib.Pa
 
 def upload_figures(target: str, key: str, endpoint: str, server: Proc, tmp: pathlib.Path,
                    mib: int) -> list[tuple[str, str]]:
-    import psutil
     from minio import Minio
 
     big = tmp / "big.bin"
@@ -193,29 +191,15 @@ def upload_figures(target: str, key: str, endpoint: str, server: Proc, tmp: path
         direct.put_object("bench", "direct/big.bin", fh, length=-1, part_size=s.s3_part_size,
                           num_parallel_uploads=s.s3_parallel_uploads)
     direct_s = time.perf_counter() - t
-    proc = psutil.Process(server.pid)
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    with Client(target, key) as c:
+    with PeakRss(server.pid) as rss, Client(target, key) as c:
         t = time.perf_counter()
         c.upload(str(big), checksum=False)  # the direct put does not hash either
         grpc_s = time.perf_counter() - t
-    stop.set()
-    sampler.join()
     return [
         (f"direct put_object {mib} MiB (MiB/s)", f"{mib / direct_s:.1f}"),
         (f"gRPC upload {mib} MiB (MiB/s)", f"{mib / grpc_s:.1f}"),
         ("gRPC / direct throughput (target >= 0.8)", f"{direct_s / grpc_s:.3f}"),
-        ("server RSS growth during upload (MiB, target < 64)", f"{(peak[0] - base) / MiB:.1f}"),
+        ("server RSS growth during upload (MiB, target < 64)", f"{rss.growth / MiB:.1f}"),
     ]
 
 

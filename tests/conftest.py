@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -57,6 +58,37 @@ def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.1) -> Any
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class PeakRss:
+    """Samples a process's RSS in a thread while the block runs; ``growth`` is peak - start (bytes)."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.base = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self.base = self.peak = self.proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
 
 
 # ---------------------------------------------------------------- media

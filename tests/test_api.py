@@ -14,7 +14,7 @@ import pytest
 from mp4totext import samples
 from mp4totext.client import Client
 from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
-from tests.conftest import SPEECH_TEXT, Stack, wait_for
+from tests.conftest import SPEECH_TEXT, PeakRss, Stack, wait_for
 
 MiB = 1024 * 1024
 
@@ -192,31 +192,14 @@ def test_cancelled_upload_leaves_nothing(client: Client, s3_client: Any, stack: 
 
 
 def test_large_upload_with_bounded_server_memory(stack: Stack, client: Client, media_dir: Any) -> None:
-    import psutil
-
     path = media_dir / "big.bin"
     with open(path, "wb") as fh:
         for _ in range(110):
             fh.write(os.urandom(MiB))
-    proc = psutil.Process(stack.servers[0].pid)
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.02)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    try:
+    with PeakRss(stack.servers[0].pid) as rss:
         media = client.upload(str(path))
-    finally:
-        stop.set()
-        t.join()
     assert media.size_bytes == 110 * MiB
-    growth = (peak[0] - base) / MiB
+    growth = rss.growth / MiB
     assert growth < 80, f"server RSS grew by {growth:.0f} MiB during a 110 MiB upload"
     # Random bytes are not media: the worker must say so.
     failed = wait_for(lambda: (m := client.get_media(media.name)).state != media_pb2.MEDIA_STATE_PROCESSING and m,
