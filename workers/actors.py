@@ -18,6 +18,7 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 from mp4totext import runtime
 from storage.db import JobState, Media, MediaState, Stage, Transcription, database, utcnow
 from workers import jobs
+from workers.broker import PRIORITY_MAP
 from workers.stages.media import MediaError, extract_audio, load_wav, probe
 from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
 
@@ -214,7 +215,6 @@ def maintenance(_unused: str = "") -> None:
     structlog.contextvars.bind_contextvars(stage="maintenance")
     aborted = rt.store.abort_stale_uploads(dt.timedelta(seconds=s.stale_upload_s))
     cutoff = utcnow() - dt.timedelta(seconds=s.stuck_after_s)
-    requeued = 0
     with database.connection_context():
         stuck_media = list(Media.select(Media.id).where(Media.state == MediaState.PROCESSING,
                                                         Media.update_time < cutoff))
@@ -224,9 +224,8 @@ def maintenance(_unused: str = "") -> None:
             | ((Transcription.state == JobState.RUNNING) & (Transcription.heartbeat_time < cutoff))
             | ((Transcription.stage == Stage.FINALIZING) & (Transcription.update_time < cutoff))))
     for m in stuck_media:
-        enqueue("prepare_media", m.id, 5)
-        requeued += 1
+        enqueue("prepare_media", m.id, PRIORITY_MAP[0])
     for j in stuck_jobs:
         enqueue("finalize" if j.stage == Stage.FINALIZING else "transcribe", j.id, j.priority)
-        requeued += 1
-    log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted, requeued=requeued)
+    log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted,
+             requeued=len(stuck_media) + len(stuck_jobs))
