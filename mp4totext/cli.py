@@ -148,8 +148,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import Server, install_signal_handlers
     from workers.broker import setup_broker
 
+    from observability.tracing import setup_tracing
+
     s = config.settings()
     setup_logging(s.log_level, s.log_format, "server")
+    setup_tracing("mp4totext-server")
     runtime.init(s)
     setup_broker(s)  # for enqueueing
     server = Server().start()

@@ -43,11 +43,24 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _md(self) -> tuple[tuple[str, str], ...]:
+        """Auth metadata plus the caller's W3C trace context, when the caller is inside a span."""
+        try:
+            from opentelemetry import propagate, trace
+
+            if trace.get_current_span().get_span_context().is_valid:
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                return self.metadata + tuple(carrier.items())
+        except ImportError:  # the client library works without OpenTelemetry
+            pass
+        return self.metadata
+
     def call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
         """Unary call with retry on UNAVAILABLE (safe: our mutating RPCs are idempotent or request_id-keyed)."""
         for attempt in range(self.retries + 1):
             try:
-                return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+                return method(request, metadata=self._md(), timeout=timeout or self.timeout)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -80,7 +93,7 @@ class Client:
 
         for attempt in range(self.retries + 1):
             try:
-                return self.media.UploadMedia(requests(), metadata=self.metadata, timeout=timeout).media
+                return self.media.UploadMedia(requests(), metadata=self._md(), timeout=timeout).media
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retries:
                     raise
@@ -108,7 +121,7 @@ class Client:
         while True:
             try:
                 stream = self.transcriptions.WatchTranscription(
-                    tpb.WatchTranscriptionRequest(name=name, after_sequence=last), metadata=self.metadata)
+                    tpb.WatchTranscriptionRequest(name=name, after_sequence=last), metadata=self._md())
                 for ev in stream:
                     failures = 0
                     if not ev.heartbeat:

@@ -56,6 +56,8 @@ class Settings:
     grpc_grace_s: float = 30.0
     grpc_drain_s: float = 0.0  # wait after NOT_SERVING before stopping (proxy check interval x fall)
     worker_shutdown_s: float = 60.0  # in-flight jobs get this long on SIGTERM, then are redelivered
+    http_listen: str = ""  # /metrics (+ /healthz, /readyz on servers), e.g. 0.0.0.0:9100; empty = off
+    agent_listen: str = ""  # servers: HAProxy agent-check (up/drain/down), e.g. 0.0.0.0:9101; empty = off
     max_upload_bytes: int = 2 * GiB
     watch_heartbeat_s: float = 10.0
     # -- workers

@@ -36,6 +36,9 @@ def run_embedded(args: argparse.Namespace) -> int:
     data_dir = pathlib.Path(s.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(s.log_level, s.log_format, "embedded")
+    from observability.tracing import setup_tracing
+
+    setup_tracing("mp4totext-embedded")
 
     from server.app import Server, install_signal_handlers
     from workers.broker import QUEUES, setup_broker

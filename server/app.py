@@ -14,8 +14,9 @@ from grpc_reflection.v1alpha import reflection
 
 from mp4totext import runtime
 from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2, transcription_pb2_grpc
+from observability import metrics, tracing
 from server.auth import Authenticator
-from server.services import ApiError, MediaService, TranscriptionService, current_tenant
+from server.services import ApiError, MediaService, TranscriptionService, current_tenant, trace_parent_for
 from storage.db import database
 
 log = structlog.get_logger(__name__)
@@ -28,7 +29,11 @@ PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
 class ApiInterceptor(grpc.ServerInterceptor):
-    """Authenticates, binds log context, maps ApiError to status codes, logs one line per RPC."""
+    """Authenticates, traces, measures and logs every API call; maps ApiError to status codes.
+
+    One SERVER span per RPC (streams: for their whole life), one canonical log line per RPC
+    with its code and duration, and the grpc_server_* metrics.
+    """
 
     def __init__(self, auth: Authenticator) -> None:
         self.auth = auth
@@ -38,20 +43,22 @@ class ApiInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
+        kind = metrics.rpc_type(handler)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+                self._unary(handler.unary_unary, method, kind), handler.request_deserializer,
+                handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer)
+                self._unary(handler.stream_unary, method, kind), handler.request_deserializer,
+                handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+                self._stream(handler.unary_stream, method, kind), handler.request_deserializer,
+                handler.response_serializer)
         return handler
 
-    def _authenticate(self, context: grpc.ServicerContext, method: str) -> None:
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
         md = dict(context.invocation_metadata())
         try:
             tenant = self.auth.tenant_for(md.get("authorization"))
@@ -64,6 +71,34 @@ class ApiInterceptor(grpc.ServerInterceptor):
                           "(create keys with `mp4totext create-key`)")
         current_tenant.set(tenant)
         structlog.contextvars.bind_contextvars(tenant_id=tenant)
+        tracing.set_attributes(**{"mp4t.tenant_id": tenant})
+
+    @staticmethod
+    def _begin(method: str, kind: str, context: grpc.ServicerContext, request: Any) -> tuple[Any, list[str]]:
+        """Start the RPC's span and bind its log context (rebinding: handler threads are reused)."""
+        service, _, name = method.lstrip("/").partition("/")
+        labels = [service, name, kind]
+        metrics.RPC_STARTED.labels(*labels).inc()
+        metrics.RPC_IN_FLIGHT.labels(kind).inc()
+        md = dict(context.invocation_metadata())
+        span = tracing.start_server_span(method, md, context.peer(),
+                                         fallback_parent=lambda: trace_parent_for(method, request))
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
+        ctx = span.get_span_context()
+        if ctx.is_valid:
+            structlog.contextvars.bind_contextvars(trace_id=format(ctx.trace_id, "032x"),
+                                                   span_id=format(ctx.span_id, "016x"))
+        return span, labels
+
+    @staticmethod
+    def _end(span: Any, labels: list[str], code: str, started: float, **fields: Any) -> None:
+        elapsed = time.monotonic() - started
+        metrics.RPC_IN_FLIGHT.labels(labels[2]).dec()
+        metrics.RPC_HANDLED.labels(*labels, code).inc()
+        metrics.RPC_LATENCY.labels(*labels).observe(elapsed)
+        tracing.end_server_span(span, code)
+        log.info("rpc", code=code, duration_ms=round(elapsed * 1000, 2), **fields)
 
     @staticmethod
     def _fail(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -72,34 +107,46 @@ class ApiInterceptor(grpc.ServerInterceptor):
         log.exception("rpc_internal_error")
         context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged")
 
-    def _unary(self, behavior: Callable, method: str) -> Callable:
+    def _unary(self, behavior: Callable, method: str, kind: str) -> Callable:
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.monotonic()
             code = "OK"
+            span, labels = self._begin(method, kind, context, None if kind == "client_stream" else request)
             try:
-                self._authenticate(context, method)
-                return behavior(request, context)
-            except ApiError as exc:
-                code = exc.code.name
-                self._fail(context, exc)
-            except Exception as exc:
-                code = _code_of(context, exc)
-                if code != "INTERNAL":
-                    raise
-                self._fail(context, exc)
+                with tracing.activated(span):
+                    try:
+                        self._authenticate(context)
+                        return behavior(request, context)
+                    except ApiError as exc:
+                        code = exc.code.name
+                        self._fail(context, exc)
+                    except Exception as exc:
+                        code = _code_of(context, exc)
+                        if code != "INTERNAL":
+                            raise
+                        self._fail(context, exc)
             finally:
-                log.info("rpc", code=code, duration_ms=round((time.monotonic() - started) * 1000, 2))
+                self._end(span, labels, code, started)
 
         return wrapper
 
-    def _stream(self, behavior: Callable, method: str) -> Callable:
+    def _stream(self, behavior: Callable, method: str, kind: str) -> Callable:
         def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.monotonic()
             code = "OK"
             sent = 0
+            span, labels = self._begin(method, kind, context, request)
             try:
-                self._authenticate(context, method)
-                for item in behavior(request, context):
+                # The span is current only while the handler computes a message, never across
+                # a yield: the generator may be resumed or closed from another thread.
+                with tracing.activated(span):
+                    self._authenticate(context)
+                    items = iter(behavior(request, context))
+                while True:
+                    with tracing.activated(span):
+                        item = next(items, _END)
+                    if item is _END:
+                        break
                     sent += 1
                     yield item
             except ApiError as exc:
@@ -114,9 +161,12 @@ class ApiInterceptor(grpc.ServerInterceptor):
                     raise
                 self._fail(context, exc)
             finally:
-                log.info("rpc", code=code, messages=sent, duration_ms=round((time.monotonic() - started) * 1000, 2))
+                self._end(span, labels, code, started, messages=sent)
 
         return wrapper
+
+
+_END = object()
 
 
 def _code_of(context: grpc.ServicerContext, exc: BaseException) -> str:
@@ -225,18 +275,54 @@ class Server:
             raise SystemExit(f"cannot listen on {s.grpc_listen} (address in use?); set MP4T_GRPC_LISTEN")
         self.monitor = HealthMonitor(self.health)
         self._stopped = threading.Event()
+        self.http: metrics.HttpEndpoint | None = None
+        self.agent: metrics.AgentCheck | None = None
+
+    # -- what HAProxy sees
+    def liveness(self) -> tuple[int, str]:
+        """/healthz, HAProxy's up/down check: 503 only when a dependency is broken.
+
+        While draining it stays 200: HAProxy's agent check has already set the server to
+        DRAIN, and marking it DOWN would cut in-flight uploads (on-marked-down shutdown-sessions).
+        """
+        if self._stopped.is_set():
+            return 200, "DRAINING"
+        if self.monitor.problems:
+            return 503, "NOT_SERVING: " + "; ".join(self.monitor.problems)
+        return 200, "SERVING"
+
+    def readiness(self) -> tuple[int, str]:
+        """/readyz: exactly the grpc.health.v1 status of the whole server."""
+        if self._stopped.is_set():
+            return 503, "NOT_SERVING: draining"
+        return self.liveness()
+
+    def agent_state(self) -> str:
+        if self._stopped.is_set():
+            return "drain"
+        return "down" if self.monitor.problems else "up ready"
 
     def start(self) -> "Server":
         runtime.get().bus.start()
         self.monitor.update()
         threading.Thread(target=self.monitor.run, name="health", daemon=True).start()
+        if self.settings.http_listen:
+            metrics.install_collector("jobs", metrics.JobStateCollector())
+            self.http = metrics.HttpEndpoint(self.settings.http_listen, health=self.liveness, ready=self.readiness)
+        if self.settings.agent_listen:
+            self.agent = metrics.AgentCheck(self.settings.agent_listen, self.agent_state)
         self.grpc_server.start()
         log.info("server_started", listen=self.settings.grpc_listen, port=self.port,
+                 http_port=self.http.port if self.http else None, agent_port=self.agent.port if self.agent else None,
                  health_problems=self.monitor.problems)
         return self
 
     def stop(self) -> None:
-        """Graceful: NOT_SERVING first (the proxy drains us), then stop with a grace period."""
+        """Graceful: drain first (agent says "drain", health NOT_SERVING), then stop with a grace period.
+
+        MP4T_GRPC_DRAIN_S must exceed the proxy's agent/check interval so no new RPC arrives
+        once we stop accepting; MP4T_GRPC_GRACE_S bounds how long in-flight RPCs may finish.
+        """
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -246,7 +332,12 @@ class Server:
             time.sleep(self.settings.grpc_drain_s)
         self.grpc_server.stop(self.settings.grpc_grace_s).wait()
         runtime.get().bus.close()
+        if self.agent:
+            self.agent.close()
+        if self.http:
+            self.http.close()
         log.info("server_stopped")
+        tracing.shutdown()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()

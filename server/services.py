@@ -15,9 +15,10 @@ import structlog
 
 from mp4totext import runtime
 from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
+from observability import metrics, tracing
 from server import convert
 from server.upload import ClientGone, UploadReader, UploadRejected
-from storage.db import JobState, Media, MediaState, Stage, Transcription, database, new_id
+from storage.db import JobState, Media, MediaState, Stage, Transcription, database, new_id, utcnow
 from workers import jobs
 from workers.broker import PRIORITY_MAP
 
@@ -108,6 +109,29 @@ def paged(query: pw.ModelSelect, model: Any, size: int, token: str, filters: dic
     return rows[:size], nxt
 
 
+# ---------------------------------------------------------------- tracing
+
+# A CreateTranscription without a client trace context continues its media's upload trace
+# when the upload is this recent (older uploads start a new trace: a trace spanning days
+# helps nobody).
+TRACE_CONTINUE_S = 3600.0
+
+
+def trace_parent_for(method: str, request: Any) -> dict[str, str] | None:
+    if request is None or not method.endswith("/CreateTranscription"):
+        return None
+    name = getattr(request, "media", "")
+    if not name.startswith("media/") or not _ID.match(name[6:]):
+        return None
+    with database.connection_context():
+        row = Media.select(Media.trace_context, Media.create_time).where(Media.id == name[6:]).first()
+    if row is None or not row.trace_context:
+        return None
+    if (utcnow() - row.create_time).total_seconds() > TRACE_CONTINUE_S:
+        return None
+    return row.trace_context
+
+
 # ---------------------------------------------------------------- media
 
 
@@ -150,24 +174,29 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
         key = f"media/{tenant}/{media_id}/original"
         reader = UploadReader(request_iterator, rt.settings.max_upload_bytes, md.size_bytes, sha, context.is_active)
         started = time.monotonic()
+        tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.upload.declared_bytes": md.size_bytes})
         try:
             size = rt.store.put_stream(key, reader, md.content_type or "application/octet-stream")
         except UploadRejected as exc:
+            metrics.UPLOADS.labels("rejected").inc()
             raise invalid(str(exc)) from None
         except (grpc.RpcError, ClientGone):
+            metrics.UPLOADS.labels("cancelled").inc()
             log.info("upload_aborted_by_client", received=reader.received)
             raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client") from None
         except Exception as exc:
+            metrics.UPLOADS.labels("storage_error").inc()
             raise ApiError(grpc.StatusCode.UNAVAILABLE, f"object storage failed ({exc}); retry the upload") from exc
         elapsed = time.monotonic() - started
         if not context.is_active():  # cancelled after the last byte: the client will retry (request_id)
+            metrics.UPLOADS.labels("cancelled").inc()
             rt.store.delete(key)
             raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client")
         try:
             with database.connection_context():
                 media = Media.create(id=media_id, tenant=tenant, request_id=md.request_id or None,
                                      filename=md.filename, content_type=md.content_type, size_bytes=size,
-                                     sha256=reader.sha256, object_key=key)
+                                     sha256=reader.sha256, object_key=key, trace_context=tracing.inject())
         except pw.IntegrityError:  # the same request_id won a race
             rt.store.delete(key)
             with database.connection_context():
@@ -183,6 +212,11 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
                 media.delete_instance()
             rt.store.delete(key)
             raise
+        metrics.UPLOADS.labels("stored").inc()
+        metrics.UPLOAD_BYTES.inc(size)
+        metrics.UPLOAD_SIZE.observe(size)
+        metrics.UPLOAD_THROUGHPUT.observe(size / max(elapsed, 1e-6))
+        tracing.set_attributes(**{"mp4t.upload.bytes": size, "mp4t.upload.seconds": round(elapsed, 3)})
         log.info("upload_stored", media_id=media_id, size_bytes=size, seconds=round(elapsed, 3),
                  mib_per_s=round(size / 1048576 / max(elapsed, 1e-6), 1))
         return media_pb2.UploadMediaResponse(media=convert.media_to_proto(media), committed_size=size)
@@ -280,7 +314,8 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         try:
             with database.connection_context():
                 job = Transcription.create(tenant=tenant, media=media.id, request_id=request.request_id or None,
-                                           config=cfg, priority=priority, duration_s=media.duration_s)
+                                           config=cfg, priority=priority, duration_s=media.duration_s,
+                                           trace_context=tracing.inject())
         except pw.IntegrityError:
             existing = self._by_request_id(tenant, request.request_id)
             if existing is None:
@@ -297,6 +332,8 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
                     job.delete_instance()
                 raise
             job = moved
+        tracing.set_attributes(**{"mp4t.job_id": job.id, "mp4t.media_id": media.id, "mp4t.priority": priority,
+                                  "mp4t.media.duration_s": media.duration_s})
         log.info("transcription_created", job_id=job.id, media_id=media.id, priority=priority)
         return convert.transcription_to_proto(job)
 

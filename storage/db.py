@@ -84,6 +84,7 @@ class Media(BaseModel):
     attempts = pw.IntegerField(default=0)
     claim_message_id = pw.CharField(max_length=64, null=True)
     heartbeat_time = pw.DateTimeField(null=True)
+    trace_context = JSONField(null=True)  # W3C carrier of the upload RPC (jobs continue its trace)
     create_time = pw.DateTimeField(default=utcnow)
     update_time = pw.DateTimeField(default=utcnow)
 

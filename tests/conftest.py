@@ -250,7 +250,11 @@ def grpc_ready(target: str, timeout: float = 60) -> None:
 
 
 class Stack:
-    """Two gRPC servers, a critical worker and a high worker over RabbitMQ + S3 + PostgreSQL."""
+    """Two gRPC servers, a critical worker and a high worker over RabbitMQ + S3 + PostgreSQL.
+
+    Every process serves /metrics on its own port (``http_ports[proc]``); servers also answer
+    /healthz and the HAProxy agent check. Spans go to the session's OTLP receiver.
+    """
 
     MAX_UPLOAD = 120 * 1024 * 1024
 
@@ -261,29 +265,45 @@ class Stack:
         self.servers: list[Proc] = []
         self.targets: list[str] = []
         self.workers: dict[str, Proc] = {}
+        self.http_ports: dict[Proc, int] = {}
+        self.agent_ports: dict[Proc, int] = {}
 
-    def start_server(self) -> str:
-        port = free_port()
-        env = {**self.env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}"}
+    def launch_server(self, port: int | None = None, http_port: int | None = None, agent_port: int | None = None,
+                      **extra_env: str) -> tuple[Proc, str]:
+        """Start a server process (not registered in ``servers``) and wait until it is SERVING."""
+        port, http_port, agent_port = port or free_port(), http_port or free_port(), agent_port or free_port()
+        env = {**self.env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}", "MP4T_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+               "MP4T_AGENT_LISTEN": f"127.0.0.1:{agent_port}", **extra_env}
         proc = Proc("server", [PYTHON, "-m", "mp4totext.cli", "serve"], env, self.log_dir)
         target = f"127.0.0.1:{port}"
         try:
             grpc_ready(target)
         except TimeoutError:
             raise RuntimeError(f"server did not start:\n{proc.log()[-3000:]}") from None
+        self.http_ports[proc] = http_port
+        self.agent_ports[proc] = agent_port
+        return proc, target
+
+    def start_server(self) -> str:
+        proc, target = self.launch_server()
         self.servers.append(proc)
         self.targets.append(target)
         return target
 
     def start_worker(self, queues: str, **extra_env: str) -> Proc:
-        env = {**self.env, **extra_env}
+        http_port = free_port()
+        env = {**self.env, "MP4T_HTTP_LISTEN": f"127.0.0.1:{http_port}", **extra_env}
         proc = Proc(f"worker-{queues.replace(',', '-')}", [PYTHON, "-m", "mp4totext.cli", "worker", "--queues", queues],
                     env, self.log_dir)
         wait_for(lambda: "worker_started" in proc.log() or not proc.alive(), 60, f"worker {queues}")
         if not proc.alive():
             raise RuntimeError(f"worker {queues} died:\n{proc.log()[-3000:]}")
         self.workers[queues] = proc
+        self.http_ports[proc] = http_port
         return proc
+
+    def metrics(self, proc: Proc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return scrape(self.http_ports[proc])
 
     def restart_worker(self, queues: str, **extra_env: str) -> Proc:
         old = self.workers.pop(queues, None)
@@ -300,11 +320,105 @@ class Stack:
         return self.targets[0]
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics and parse it with prometheus_client's parser: {(sample name, labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and all(dict(lab).get(k) == want for k, want in labels.items()))
+
+
+class OtlpReceiver:
+    """A real OTLP/gRPC trace endpoint (opentelemetry-proto's TraceService) that keeps every span."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        receiver = self
+        self.spans: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC API
+                receiver._add(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @staticmethod
+    def _value(v: Any) -> Any:
+        kind = v.WhichOneof("value")
+        return getattr(v, kind) if kind else None
+
+    def _add(self, request: Any) -> None:
+        rows = []
+        for rs in request.resource_spans:
+            resource = {a.key: self._value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for sp in ss.spans:
+                    rows.append({
+                        "service": resource.get("service.name"),
+                        "resource": resource,
+                        "name": sp.name,
+                        "kind": sp.kind,  # 1 internal, 2 server, 3 client, 4 producer, 5 consumer
+                        "trace_id": sp.trace_id.hex(),
+                        "span_id": sp.span_id.hex(),
+                        "parent_id": sp.parent_span_id.hex(),
+                        "attributes": {a.key: self._value(a.value) for a in sp.attributes},
+                        "start": sp.start_time_unix_nano,
+                        "end": sp.end_time_unix_nano,
+                        "status": sp.status.code,
+                    })
+        with self.lock:
+            self.spans.extend(rows)
+
+    def trace(self, trace_id: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [s for s in self.spans if s["trace_id"] == trace_id]
+
+    def find(self, **attrs: Any) -> list[dict[str, Any]]:
+        with self.lock:
+            return [s for s in self.spans if all(s["attributes"].get(k) == v for k, v in attrs.items())]
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
 @pytest.fixture(scope="session")
-def stack(s3: dict[str, str], rabbit_url: str, pg_url: str, log_dir: pathlib.Path,
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(s3: dict[str, str], rabbit_url: str, pg_url: str, log_dir: pathlib.Path, otlp: OtlpReceiver,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {
         **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
         "MP4T_DATABASE_URL": pg_url,
         "MP4T_BROKER_URL": rabbit_url,
         "MP4T_STORAGE_BACKEND": "s3",

@@ -16,6 +16,7 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from mp4totext import runtime
+from observability import metrics, tracing
 from storage.db import JobState, Media, MediaState, Stage, Transcription, database, utcnow
 from workers import jobs
 from workers.broker import PRIORITY_MAP
@@ -42,15 +43,24 @@ def _message_id() -> str:
     return msg.message_id if msg is not None else "local"
 
 
-def enqueue(actor_name: str, job_or_media_id: str, priority: int = 5) -> None:
+def enqueue(actor_name: str, job_or_media_id: str, priority: int = 5,
+            trace_context: dict[str, str] | None = None) -> None:
+    """Send a message; ``trace_context`` (a job's stored context) parents its PRODUCER span."""
     from workers.broker import get_actor
 
-    get_actor(actor_name).send_with_options(args=(job_or_media_id,), broker_priority=priority)
+    with tracing.attached(trace_context):
+        get_actor(actor_name).send_with_options(args=(job_or_media_id,), broker_priority=priority)
 
 
 def start_waiting_jobs(media_id: str) -> None:
+    # Each job continues the trace of the RPC that created it (the upload's, unless the
+    # client sent its own context).
     for job in jobs.jobs_to_start(media_id):
-        enqueue("transcribe", job.id, job.priority)
+        enqueue("transcribe", job.id, job.priority, job.trace_context)
+
+
+def _stage_metrics(stage: str, outcome: str, started: float) -> None:
+    metrics.STAGE_DURATION.labels(stage, outcome).observe(time.monotonic() - started)
 
 
 def audio_key(media: Media) -> str:
@@ -77,31 +87,48 @@ def prepare_media(media_id: str) -> None:
         log.info("stage_skipped", outcome=claim.outcome)
         return
     media: Media = claim.job
+    structlog.contextvars.bind_contextvars(tenant_id=media.tenant_id, attempt=media.attempts)
+    tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.tenant_id": media.tenant_id,
+                              "mp4t.attempt": media.attempts, "mp4t.media.size_bytes": media.size_bytes})
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
         src, wav = os.path.join(tmp, "original"), os.path.join(tmp, "audio.wav")
         try:
-            rt.store.get_file(media.object_key, src)
-            info = probe(src, s.ffprobe)
+            with tracing.stage_span("download original", **{"mp4t.media.size_bytes": media.size_bytes}):
+                rt.store.get_file(media.object_key, src)
+            with tracing.stage_span("probe") as span:
+                info = probe(src, s.ffprobe)
+                span.set_attributes({"mp4t.media.duration_s": info.duration_s, "mp4t.media.format": info.format_name,
+                                     "mp4t.media.audio_codec": info.audio_codec or ""})
             if info.duration_s > s.max_media_duration_s:
                 raise MediaError(
                     f"the file is {info.duration_s / 3600:.1f} h long; the limit is "
                     f"{s.max_media_duration_s / 3600:.1f} h: split it into shorter parts"
                 )
-            duration = extract_audio(src, wav, s.ffmpeg, timeout=s.prepare_time_limit_s,
-                                     expected_duration_s=info.duration_s)
+            with tracing.stage_span("extract audio", **{"mp4t.media.duration_s": info.duration_s}):
+                duration = extract_audio(src, wav, s.ffmpeg, timeout=s.prepare_time_limit_s,
+                                         expected_duration_s=info.duration_s)
             key = audio_key(media)
-            rt.store.put_file(key, wav, "audio/wav")
+            with tracing.stage_span("store audio"):
+                rt.store.put_file(key, wav, "audio/wav")
         except MediaError as exc:
             jobs.media_failed(media_id, str(exc))
+            _stage_metrics("prepare_media", "media_invalid", started)
+            tracing.set_attributes(**{"mp4t.error": str(exc)})
             log.info("stage_finished", outcome="media_invalid", error=str(exc),
                      duration_s=round(time.monotonic() - started, 3))
             raise JobFailed(str(exc)) from exc
     if jobs.media_ready(media_id, msg_id, duration_s=duration, format_name=info.format_name,
                         audio_codec=info.audio_codec, audio_key=key):
         start_waiting_jobs(media_id)
+    elapsed = time.monotonic() - started
+    _stage_metrics("prepare_media", "ready", started)
+    metrics.REALTIME_FACTOR.labels("prepare_media", "ffmpeg").observe(elapsed / max(duration, 1e-6))
+    metrics.MEDIA_SECONDS.labels("prepare_media", "ffmpeg").inc(duration)
+    tracing.set_attributes(**{"mp4t.media.duration_s": round(duration, 3),
+                              "mp4t.rtf": round(elapsed / max(duration, 1e-6), 4)})
     log.info("stage_finished", outcome="ready", media_duration_s=round(duration, 3),
-             duration_s=round(time.monotonic() - started, 3))
+             duration_s=round(elapsed, 3))
 
 
 # ---------------------------------------------------------------- high: transcribe
@@ -134,6 +161,8 @@ def transcribe_job(job_id: str) -> None:
         return
     job: Transcription = claim.job
     structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, attempt=job.attempts)
+    tracing.set_attributes(**{"mp4t.job_id": job_id, "mp4t.tenant_id": job.tenant_id, "mp4t.attempt": job.attempts,
+                              "mp4t.model": s.model_label, "mp4t.media.duration_s": job.duration_s})
     started = time.monotonic()
     deadline = started + s.job_time_limit_s
     last_report = [0.0]
@@ -149,33 +178,48 @@ def transcribe_job(job_id: str) -> None:
         if row.cancel_requested:
             raise Cancelled()
 
+    opts = options_of(job, s.whisper_beam_size)
     try:
         with database.connection_context():
             media = Media.get_by_id(job.media_id)
-        with tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
+        with tracing.stage_span("load audio"), tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
             wav = os.path.join(tmp, "audio.wav")
             rt.store.get_file(media.audio_key, wav)
             audio = load_wav(wav)
         duration = len(audio) / 16000
         model = load_model(s.whisper_model, s.whisper_device, s.whisper_compute_type, s.whisper_cpu_threads,
                            s.whisper_download_root, s.whisper_local_files_only)
-        result = transcribe(model, audio, options_of(job, s.whisper_beam_size), on_progress, s.model_label)
+        with tracing.stage_span("whisper transcribe", **{
+                "mp4t.model": s.model_label, "mp4t.media.duration_s": round(duration, 3),
+                "mp4t.beam_size": opts.beam_size, "mp4t.vad": opts.vad_filter,
+                "mp4t.language": opts.language or "auto"}) as span:
+            t0 = time.monotonic()
+            result = transcribe(model, audio, opts, on_progress, s.model_label)
+            whisper_s = time.monotonic() - t0
+            span.set_attributes({"mp4t.rtf": round(whisper_s / max(duration, 1e-6), 4),
+                                 "mp4t.segments": len(result.get("segments", [])),
+                                 "mp4t.detected_language": result.get("language") or ""})
     except Cancelled:
         jobs.finish(job_id, JobState.CANCELLED, reason="CANCELLED", message="cancelled by the client")
+        _stage_metrics("transcribe", "cancelled", started)
         log.info("stage_finished", outcome="cancelled", duration_s=round(time.monotonic() - started, 3))
         return
     except jobs.LostClaim:
+        _stage_metrics("transcribe", "lost_claim", started)
         log.info("stage_finished", outcome="lost_claim")
         return
     except (JobTimeout, TimeLimitExceeded) as exc:
         msg = f"transcription exceeded the time limit of {s.job_time_limit_s} s"
         jobs.finish(job_id, JobState.FAILED, reason="TIME_LIMIT", message=msg, message_id=msg_id)
+        _stage_metrics("transcribe", "time_limit", started)
         raise JobFailed(msg) from exc
     except MediaError as exc:
         jobs.finish(job_id, JobState.FAILED, reason="MEDIA_INVALID", message=str(exc), message_id=msg_id)
+        _stage_metrics("transcribe", "media_invalid", started)
         raise JobFailed(str(exc)) from exc
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
+        _stage_metrics("transcribe", "error", started)
         if job.attempts >= s.max_attempts:
             jobs.finish(job_id, JobState.FAILED, reason="ATTEMPTS_EXHAUSTED", message_id=msg_id,
                         message=f"transcription failed {job.attempts} times; last error: {error}")
@@ -184,10 +228,14 @@ def transcribe_job(job_id: str) -> None:
         log.warning("stage_retry", error=error)
         raise
     elapsed = time.monotonic() - started
+    rtf = elapsed / max(result["duration"], 1e-6)
     done = jobs.stage_done(job_id, msg_id, Stage.FINALIZING, result=result, processed_s=result["duration"])
+    _stage_metrics("transcribe", "transcribed" if done else "lost_claim", started)
+    metrics.REALTIME_FACTOR.labels("transcribe", s.model_label).observe(rtf)
+    metrics.MEDIA_SECONDS.labels("transcribe", s.model_label).inc(result["duration"])
+    tracing.set_attributes(**{"mp4t.rtf": round(rtf, 4)})
     log.info("stage_finished", outcome="transcribed" if done else "lost_claim", duration_s=round(elapsed, 3),
-             media_duration_s=result["duration"], rtf=round(elapsed / max(result["duration"], 1e-6), 4),
-             model=s.model_label)
+             media_duration_s=result["duration"], rtf=round(rtf, 4), model=s.model_label)
     if done is not None:
         enqueue("finalize", job_id, done.priority)
 
@@ -197,8 +245,14 @@ def transcribe_job(job_id: str) -> None:
 
 def finalize(job_id: str) -> None:
     structlog.contextvars.bind_contextvars(job_id=job_id, stage="finalize")
+    started = time.monotonic()
     job = jobs.finish(job_id, JobState.SUCCEEDED, only_stage=Stage.FINALIZING)
-    log.info("stage_finished", outcome="succeeded" if job else "noop")
+    outcome = "succeeded" if job else "noop"
+    if job is not None:
+        tracing.set_attributes(**{"mp4t.job_id": job_id, "mp4t.tenant_id": job.tenant_id,
+                                  "mp4t.processing_s": job.processing_s})
+    _stage_metrics("finalize", outcome, started)
+    log.info("stage_finished", outcome=outcome, duration_s=round(time.monotonic() - started, 3))
 
 
 # ---------------------------------------------------------------- low: maintenance
@@ -216,16 +270,18 @@ def maintenance(_unused: str = "") -> None:
     aborted = rt.store.abort_stale_uploads(dt.timedelta(seconds=s.stale_upload_s))
     cutoff = utcnow() - dt.timedelta(seconds=s.stuck_after_s)
     with database.connection_context():
-        stuck_media = list(Media.select(Media.id).where(Media.state == MediaState.PROCESSING,
+        stuck_media = list(Media.select(Media.id, Media.trace_context).where(Media.state == MediaState.PROCESSING,
                                                         Media.update_time < cutoff))
-        stuck_jobs = list(Transcription.select(Transcription.id, Transcription.priority, Transcription.stage).where(
+        stuck_jobs = list(Transcription.select(Transcription.id, Transcription.priority, Transcription.stage,
+                                               Transcription.trace_context).where(
             ((Transcription.state == JobState.QUEUED) & (Transcription.stage == Stage.WAITING)
              & (Transcription.update_time < cutoff))
             | ((Transcription.state == JobState.RUNNING) & (Transcription.heartbeat_time < cutoff))
             | ((Transcription.stage == Stage.FINALIZING) & (Transcription.update_time < cutoff))))
+    # Recovered work continues the trace it belongs to.
     for m in stuck_media:
-        enqueue("prepare_media", m.id, PRIORITY_MAP[0])
+        enqueue("prepare_media", m.id, PRIORITY_MAP[0], m.trace_context)
     for j in stuck_jobs:
-        enqueue("finalize" if j.stage == Stage.FINALIZING else "transcribe", j.id, j.priority)
+        enqueue("finalize" if j.stage == Stage.FINALIZING else "transcribe", j.id, j.priority, j.trace_context)
     log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted,
              requeued=len(stuck_media) + len(stuck_jobs))

@@ -10,9 +10,12 @@ from typing import Any, Callable
 import dramatiq
 import structlog
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.common import q_name
 from dramatiq.middleware import CurrentMessage, Middleware, Retries, TimeLimit
 
 from mp4totext.config import Settings
+from observability import metrics
+from observability.tracing import TracingMiddleware
 
 QUEUES = ("critical", "high", "default", "low")
 MAX_PRIORITY = 10
@@ -40,6 +43,29 @@ class JobLogContext(Middleware):
     after_skip_message = after_process_message
 
 
+class MetricsMiddleware(Middleware):
+    """Messages enqueued/processed by outcome, retries and dead letters (Prometheus)."""
+
+    def after_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
+        metrics.ENQUEUED.labels(message.actor_name, q_name(message.queue_name)).inc()
+
+    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
+                              exception: BaseException | None = None) -> None:
+        actor, queue = message.actor_name, q_name(message.queue_name)
+        if exception is None:
+            outcome = "ok"
+        elif message.failed:
+            outcome = "failed"
+            metrics.DEAD_LETTERS.labels(actor).inc()
+        else:
+            outcome = "retry"
+            metrics.RETRIES.labels(actor).inc()
+        metrics.MESSAGES.labels(actor, queue, outcome).inc()
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        metrics.MESSAGES.labels(message.actor_name, q_name(message.queue_name), "skipped").inc()
+
+
 def setup_broker(settings: Settings) -> dramatiq.Broker:
     """Create the broker, register the actors on it and make it the global broker."""
     global _broker
@@ -60,6 +86,10 @@ def setup_broker(settings: Settings) -> dramatiq.Broker:
             mw.time_limit = settings.job_time_limit_s * 1000
     broker.add_middleware(CurrentMessage())
     broker.add_middleware(JobLogContext())
+    # Before Retries: "after" hooks run in reverse, so these see message.failed and the
+    # retry is enqueued while the failed attempt's span is still current.
+    broker.add_middleware(MetricsMiddleware(), before=Retries)
+    broker.add_middleware(TracingMiddleware(), before=Retries)
     dramatiq.set_broker(broker)
     _broker = broker
     _register(broker, settings)

@@ -273,6 +273,9 @@ def finish(job_id: str, state: str, reason: str = "", message: str = "", only_st
             return None
         _finish(job, state, reason=reason, message=message)
     publish(job)
+    from observability.metrics import JOBS_FINISHED
+
+    JOBS_FINISHED.labels(state, reason or state).inc()
     return job
 
 

@@ -11,6 +11,7 @@ import structlog
 
 from mp4totext import runtime
 from mp4totext.config import Settings
+from observability import metrics, tracing
 from workers.broker import QUEUES, setup_broker
 
 log = structlog.get_logger(__name__)
@@ -31,7 +32,9 @@ def start_worker(broker: Any, settings: Settings, queues: list[str], threads: in
     if unknown:
         raise SystemExit(f"unknown queue(s) {sorted(unknown)}; choose from {', '.join(QUEUES)}")
     if "high" in queues:
-        log.info("model_loaded", model=settings.model_label, seconds=round(prewarm(settings), 3))
+        seconds = prewarm(settings)
+        metrics.MODEL_LOAD.labels("whisper", settings.model_label).set(seconds)
+        log.info("model_loaded", model=settings.model_label, seconds=round(seconds, 3))
     worker = dramatiq.Worker(broker, queues=set(queues), worker_threads=threads)
     # One unacked message per consumer: a crashed worker holds nothing hostage and
     # priorities apply across workers.
@@ -57,8 +60,14 @@ def _schedule_maintenance(interval_s: float) -> None:
 
 
 def run(settings: Settings, queues: list[str], threads: int) -> None:
+    tracing.setup_tracing("mp4totext-worker", **{"mp4t.queues": ",".join(queues)})
     runtime.init(settings)
     broker = setup_broker(settings)
+    http = None
+    if settings.http_listen:
+        if settings.broker_url != "memory":
+            metrics.install_collector("queues", metrics.QueueDepthCollector(settings.broker_url, QUEUES))
+        http = metrics.HttpEndpoint(settings.http_listen)
     worker = start_worker(broker, settings, queues, threads)
     stop = threading.Event()
 
@@ -72,4 +81,7 @@ def run(settings: Settings, queues: list[str], threads: int) -> None:
     # In-flight jobs get the time limit to finish; unfinished messages are redelivered.
     worker.stop(timeout=int(settings.worker_shutdown_s * 1000))
     runtime.get().bus.close()
+    if http is not None:
+        http.close()
     log.info("worker_stopped")
+    tracing.shutdown()
