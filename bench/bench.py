@@ -8,9 +8,12 @@
    finalize -> Watch sees SUCCEEDED) with warm workers: embedded mode, and with RabbitMQ + S3.
 3. Upload throughput of a big file through gRPC into S3 vs a direct minio put_object of the
    same file to the same S3 server, and the server's RSS growth during the upload.
+4. Through HAProxy (haproxy/haproxy.cfg) in front of two server replicas vs straight to one
+   server, same run: upload time, end-to-end time and unary RPC (GetMedia) p50 latency.
 
 Targets: e2e/bare <= 1.15 embedded, <= 1.25 with RabbitMQ + S3; upload >= 0.8 of direct put;
-server RSS growth < 64 MiB for a 256 MiB upload. Needs RabbitMQ on 127.0.0.1:5672 for part 2b/3.
+server RSS growth < 64 MiB for a 256 MiB upload; HAProxy adds <= 10 % to upload time and
+<= 5 ms to unary p50. Needs RabbitMQ on 127.0.0.1:5672 for parts 2b-4, haproxy for part 4.
 """
 from __future__ import annotations
 
@@ -106,12 +109,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-distributed", action="store_true")
     ap.add_argument("--upload-only", action="store_true", help="only the upload figures")
+    ap.add_argument("--skip-haproxy", action="store_true", help="skip part 4 (HAProxy vs direct)")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="mp4t-bench-"))
     log_dir = tmp / "logs"
     log_dir.mkdir()
     procs: list[Proc] = []
     rows: list[tuple[str, str]] = []
+    ok = False
     try:
         speech = samples.make_media(samples.lecture_text(args.seconds), str(tmp / "speech.mp4"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MP4T_")}
@@ -128,16 +133,18 @@ def main() -> int:
             subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True,
                            capture_output=True)
             try:
-                port = free_port()
+                port, http_port, agent_port = free_port(), free_port(), free_port()
                 denv = {**env, "MP4T_DATA_DIR": str(tmp / "dist"), "MP4T_BROKER_URL":
                         f"amqp://guest:guest@127.0.0.1:5672/{vhost}", "MP4T_STORAGE_BACKEND": "s3",
                         "MP4T_S3_ENDPOINT": endpoint, "MP4T_S3_ACCESS_KEY": "bench", "MP4T_S3_SECRET_KEY":
                         "benchsecret", "MP4T_S3_BUCKET": "bench", "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}",
+                        "MP4T_HTTP_LISTEN": f"127.0.0.1:{http_port}", "MP4T_AGENT_LISTEN": f"127.0.0.1:{agent_port}",
                         }
                 server = Proc("server", [PY, "-m", "mp4totext.cli", "serve"], denv, log_dir)
                 procs.append(server)
+                wenv = {k: v for k, v in denv.items() if k not in ("MP4T_HTTP_LISTEN", "MP4T_AGENT_LISTEN")}
                 for q in ("critical,low", "high"):
-                    procs.append(Proc(f"worker-{q}", [PY, "-m", "mp4totext.cli", "worker", "--queues", q], denv,
+                    procs.append(Proc(f"worker-{q}", [PY, "-m", "mp4totext.cli", "worker", "--queues", q], wenv,
                                       log_dir))
                 target = f"127.0.0.1:{port}"
                 grpc_ready(target)
@@ -149,12 +156,19 @@ def main() -> int:
                     rows.append(("RabbitMQ+S3 end-to-end (s)", f"{e2e_dist:.3f}"))
                     rows.append(("RabbitMQ+S3 / bare (target <= 1.25)", f"{e2e_dist / bare:.3f}"))
                 rows += upload_figures(target, key, endpoint, server, tmp, args.upload_mib)
+                if not args.skip_haproxy:
+                    rows += haproxy_figures(denv, (port, http_port, agent_port), key, speech, tmp, log_dir, procs,
+                                            args)
             finally:
                 subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+        ok = True
     finally:
         for p in procs:
             p.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"benchmark failed; process logs kept in {log_dir}", file=sys.stderr)
     width = max(len(k) for k, _ in rows)
     print("\nmp4totext benchmark (" + time.strftime("%Y-%m-%d %H:%M") + f", {os.cpu_count()} CPUs)")
     for k, v in rows:
@@ -201,6 +215,63 @@ def upload_figures(target: str, key: str, endpoint: str, server: Proc, tmp: path
         ("gRPC / direct throughput (target >= 0.8)", f"{direct_s / grpc_s:.3f}"),
         ("server RSS growth during upload (MiB, target < 64)", f"{rss.growth / MiB:.1f}"),
     ]
+
+
+def haproxy_figures(env: dict[str, str], first: tuple[int, int, int], key: str, speech: str, tmp: pathlib.Path,
+                    log_dir: pathlib.Path, procs: list[Proc], args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Same operations straight to one server and through HAProxy + two replicas, interleaved."""
+    from mp4totext.v1 import media_pb2
+    from tests.test_haproxy import haproxy_config
+
+    second = (free_port(), free_port(), free_port())
+    env2 = {**env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{second[0]}", "MP4T_HTTP_LISTEN": f"127.0.0.1:{second[1]}",
+            "MP4T_AGENT_LISTEN": f"127.0.0.1:{second[2]}"}
+    procs.append(Proc("server2", [PY, "-m", "mp4totext.cli", "serve"], env2, log_dir))
+    grpc_ready(f"127.0.0.1:{second[0]}")
+    cfg = tmp / "haproxy.cfg"
+    cfg.write_text(haproxy_config([("s1", *first), ("s2", *second)]))
+    edge_port, stats_port = free_port(), free_port()
+    henv = {**os.environ, "MP4T_HAPROXY_GRPC_BIND": f"127.0.0.1:{edge_port}",
+            "MP4T_HAPROXY_STATS_BIND": f"127.0.0.1:{stats_port}", "MP4T_RATE_LIMIT_PER_S": "100000"}
+    procs.append(Proc("haproxy", ["haproxy", "-db", "-f", str(cfg)], henv, log_dir))
+    direct, edge = f"127.0.0.1:{first[0]}", f"127.0.0.1:{edge_port}"
+    grpc_ready(edge)
+    time.sleep(2.5)  # both replicas UP (checks every 1 s, rise 2)
+
+    big = tmp / "big.bin"
+    if not big.exists():
+        with open(big, "wb") as fh:
+            for _ in range(args.upload_mib):
+                fh.write(os.urandom(MiB))
+    up = {direct: [], edge: []}
+    unary = {direct: [], edge: []}
+    e2e = {direct: [], edge: []}
+    for _ in range(args.repeat):
+        for target in (direct, edge):
+            with Client(target, key) as c:
+                t = time.perf_counter()
+                media = c.upload(str(big), checksum=False)
+                up[target].append(time.perf_counter() - t)
+                c.get_media(media.name)  # warm the channel
+                for _ in range(200):
+                    t = time.perf_counter()
+                    c.media.GetMedia(media_pb2.GetMediaRequest(name=media.name), metadata=c.metadata, timeout=10)
+                    unary[target].append(time.perf_counter() - t)
+            if not args.upload_only:
+                e2e[target].append(end_to_end(target, key, speech, 1))
+
+    def p50(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    rows = [
+        (f"upload {args.upload_mib} MiB direct / via HAProxy (s)", f"{min(up[direct]):.3f} / {min(up[edge]):.3f}"),
+        ("HAProxy / direct upload time (target <= 1.10)", f"{min(up[edge]) / min(up[direct]):.3f}"),
+        ("GetMedia p50 direct / via HAProxy (ms)", f"{p50(unary[direct]) * 1000:.2f} / {p50(unary[edge]) * 1000:.2f}"),
+        ("HAProxy added unary p50 (ms, target <= 5)", f"{(p50(unary[edge]) - p50(unary[direct])) * 1000:.2f}"),
+    ]
+    if not args.upload_only:
+        rows.append(("HAProxy / direct end-to-end", f"{min(e2e[edge]) / min(e2e[direct]):.3f}"))
+    return rows
 
 
 if __name__ == "__main__":

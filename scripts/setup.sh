@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Installs what mp4totext needs on a fresh Debian machine: system tools (as root) and a virtualenv.
 # Usage: bash scripts/setup.sh [EXTRAS]   e.g. "test"   (idempotent; fast when already installed)
+# With the "test" extras it also installs the programs the tests run for real: HAProxy,
+# docker-compose (config validation only) and promtool (Debian's prometheus package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+tools="ffmpeg:ffmpeg ffprobe:ffmpeg espeak-ng:espeak-ng"
+case ",${1:-}," in
+  *,test,*) tools="$tools haproxy:haproxy docker-compose:docker-compose promtool:prometheus" ;;
+esac
 need_apt=()
-for tool in ffmpeg:ffmpeg ffprobe:ffmpeg espeak-ng:espeak-ng; do
+for tool in $tools; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

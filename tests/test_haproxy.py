@@ -47,12 +47,16 @@ class Edge:
         self.tmp = tmp
         self.slots = [(f"s{i}", free_port(), free_port(), free_port()) for i in (1, 2)]
         self.procs: list[Proc | None] = [None, None]
-        for i in range(2):
-            self.start_server(i)
         self.haproxy: Proc | None = None
         self.port = free_port()
         self.stats_port = free_port()
-        self.start_haproxy(rate_limit)
+        try:
+            for i in range(2):
+                self.start_server(i)
+            self.start_haproxy(rate_limit)
+        except BaseException:
+            self.stop()
+            raise
 
     SERVER_ENV = {"MP4T_GRPC_DRAIN_S": "2.5", "MP4T_GRPC_GRACE_S": "20",
                   "MP4T_WATCH_HEARTBEAT_S": str(HEARTBEAT_S)}

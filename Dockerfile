@@ -1,0 +1,26 @@
+# mp4totext CPU image: gRPC server and workers (`mp4totext serve`, `mp4totext worker --queues ...`).
+# Secrets and addresses come from the environment at run time (docker-compose.yml, deploy/example.env).
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY mp4totext ./mp4totext
+COPY server ./server
+COPY workers ./workers
+COPY storage ./storage
+COPY observability ./observability
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ffmpeg tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 mp4t
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER mp4t
+WORKDIR /home/mp4t
+ENV PYTHONUNBUFFERED=1 MP4T_DATA_DIR=/home/mp4t/data
+EXPOSE 50051 9100 9101
+# tini forwards SIGTERM so servers drain and workers finish in-flight jobs.
+ENTRYPOINT ["tini", "--", "mp4totext"]
+CMD ["serve"]
