@@ -237,9 +237,10 @@ def test_graceful_shutdown_drains_with_zero_failed_calls(edge: Edge, key_a: str,
         t.start()
     up.start()
     # Find the server holding the upload, then shut that one down gracefully.
-    victim = wait_for(lambda: next((i for i in range(2) if metric(
-        edge.stack.metrics(edge.procs[i]), "grpc_server_in_flight", grpc_type="client_stream") > 0), None), 10,
+    holders = wait_for(lambda: [i for i in range(2) if metric(
+        edge.stack.metrics(edge.procs[i]), "grpc_server_in_flight", grpc_type="client_stream") > 0], 10,
         "the upload to reach a server")
+    victim = holders[0]
     proc = edge.procs[victim]
     assert proc is not None
     proc.kill(signal.SIGTERM)
