@@ -4,7 +4,8 @@
     mp4totext serve                      gRPC server (production)
     mp4totext worker --queues high       Dramatiq worker for some queues
     mp4totext create-key --tenant NAME   create an API key (printed once)
-    mp4totext transcribe FILE            upload, watch, print the transcript
+    mp4totext transcribe FILE            upload, watch, print the transcript (--speakers, --format srt...)
+    mp4totext export transcriptions/ID   download as txt, srt, vtt, json or tsv
     mp4totext list|get|cancel|delete     manage media and transcriptions
 """
 from __future__ import annotations
@@ -46,16 +47,53 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Client(args.server, key)
 
 
-def cmd_transcribe(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
+EXPORT_CHOICES = ["text", "txt", "srt", "vtt", "json", "tsv"]
 
+
+def _config(args: argparse.Namespace) -> dict:
+    from mp4totext.v1 import transcription_pb2 as tpb
+
+    cfg: dict = {"language_code": getattr(args, "language", ""),
+                 "priority": tpb.Priority.Value(f"PRIORITY_{getattr(args, 'priority', 'normal').upper()}")}
+    if getattr(args, "task", "transcribe") == "translate":
+        cfg["task"] = tpb.TRANSCRIPTION_TASK_TRANSLATE
+    if getattr(args, "prompt", None):
+        cfg["initial_prompt"] = args.prompt
+    if getattr(args, "hotword", None):
+        cfg["hotwords"] = args.hotword
+    if getattr(args, "beam_size", 0):
+        cfg["beam_size"] = args.beam_size
+    if getattr(args, "no_vad", False):
+        cfg["enable_vad"] = False
+    if getattr(args, "speakers", False) or getattr(args, "min_speakers", 0) or getattr(args, "max_speakers", 0):
+        cfg["diarization_config"] = tpb.DiarizationConfig(
+            enable_speaker_diarization=True, min_speaker_count=args.min_speakers or 0,
+            max_speaker_count=args.max_speakers or 0)
+    return cfg
+
+
+def _write(args: argparse.Namespace, data: bytes) -> None:
+    if getattr(args, "output", None):
+        pathlib.Path(args.output).write_bytes(data)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(data.decode("utf-8"))
+        sys.stdout.flush()
+
+
+def _export(client, args: argparse.Namespace, name: str) -> bytes:  # type: ignore[no-untyped-def]
+    fmt = "txt" if args.format == "text" else args.format
+    return client.export(name, fmt, getattr(args, "max_line_length", 0) or 0,
+                         getattr(args, "max_lines", 0) or 0, getattr(args, "max_caption_seconds", 0.0) or 0.0)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
     from mp4totext.v1 import transcription_pb2 as tpb
 
     with _client(args) as client:
         media = client.upload(args.file, on_progress=lambda sent, total: _bar("upload", sent / max(total, 1)))
         print(f"uploaded {media.name} ({media.size_bytes} bytes)", file=sys.stderr)
-        job = client.create(media.name, language_code=args.language, priority=tpb.Priority.Value(
-            f"PRIORITY_{args.priority.upper()}"))
+        job = client.create(media.name, **_config(args))
         print(f"created {job.name}", file=sys.stderr)
         for ev in client.watch(job.name):
             stage = tpb.TranscriptionStage.Name(ev.stage).removeprefix("TRANSCRIPTION_STAGE_").lower()
@@ -67,18 +105,19 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             state = tpb.TranscriptionState.Name(job.state)
             print(f"{job.name} ended {state}: {job.error_message}", file=sys.stderr)
             return 1
+        for warning in job.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        _write(args, _export(client, args, job.name))
         r = job.result
-        if args.format == "json":
-            out = json_format.MessageToJson(job, preserving_proto_field_name=True)
-        else:
-            out = r.text + "\n"
-        if args.output:
-            pathlib.Path(args.output).write_text(out)
-            print(f"wrote {args.output}", file=sys.stderr)
-        else:
-            sys.stdout.write(out)
+        speakers = f" speakers={r.speaker_count}" if r.speaker_count else ""
         print(f"language={r.language_code} ({r.language_probability:.2f}) duration={r.duration.ToTimedelta()} "
-              f"processing={r.processing_duration.ToTimedelta()}", file=sys.stderr)
+              f"processing={r.processing_duration.ToTimedelta()}{speakers}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _write(args, _export(client, args, args.name))
     return 0
 
 
@@ -187,14 +226,36 @@ def main(argv: list[str] | None = None) -> int:
                         help="host:port of the gRPC server or HAProxy (env MP4T_SERVER)")
         sp.add_argument("--api-key", default=None, help="API key (env MP4T_API_KEY; default: <data_dir>/api.key)")
 
-    sp = sub.add_parser("transcribe", help="upload FILE, watch progress, print the transcript")
+    def export_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--format", default="text", choices=EXPORT_CHOICES,
+                        help="text/txt, srt, vtt (subtitles), json (full result), tsv")
+        sp.add_argument("--max-line-length", type=int, default=0, help="subtitles: characters per line (42)")
+        sp.add_argument("--max-lines", type=int, default=0, help="subtitles: lines per caption (2)")
+        sp.add_argument("--max-caption-seconds", type=float, default=0.0, help="subtitles: longest caption (6)")
+        sp.add_argument("-o", "--output", help="write here instead of stdout")
+
+    sp = sub.add_parser("transcribe", help="upload FILE, watch progress, print or save the transcript")
     sp.add_argument("file")
     sp.add_argument("--language", default="", help="BCP-47 code or 'auto' (default)")
     sp.add_argument("--priority", default="normal", choices=["low", "normal", "high", "urgent"])
-    sp.add_argument("--format", default="text", choices=["text", "json"])
-    sp.add_argument("-o", "--output", help="write the transcript here instead of stdout")
+    sp.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
+                    help="translate = English text from any language (multilingual models)")
+    sp.add_argument("--speakers", action="store_true", help="speaker recognition: who said what")
+    sp.add_argument("--min-speakers", type=int, default=0)
+    sp.add_argument("--max-speakers", type=int, default=0)
+    sp.add_argument("--prompt", help="initial prompt: names, jargon, style to follow")
+    sp.add_argument("--hotword", action="append", help="custom vocabulary (repeat for several)")
+    sp.add_argument("--beam-size", type=int, default=0)
+    sp.add_argument("--no-vad", action="store_true", help="do not skip silence")
+    export_args(sp)
     client_args(sp)
     sp.set_defaults(fn=cmd_transcribe)
+
+    sp = sub.add_parser("export", help="download transcriptions/ID as txt, srt, vtt, json or tsv")
+    sp.add_argument("name")
+    export_args(sp)
+    client_args(sp)
+    sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("list", help="list media or transcriptions")
     sp.add_argument("what", choices=["media", "transcriptions"])

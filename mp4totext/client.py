@@ -137,6 +137,30 @@ class Client:
             failures += 1
             time.sleep(backoff(failures))
 
+    def export(self, name: str, fmt: str, max_line_length: int = 0, max_lines_per_caption: int = 0,
+               max_caption_s: float = 0.0) -> bytes:
+        """Download a SUCCEEDED transcription as txt, srt, vtt, json or tsv (whole stream retried)."""
+        from google.protobuf import duration_pb2
+
+        req = tpb.ExportTranscriptionRequest(
+            name=name, format=tpb.ExportFormat.Value(f"EXPORT_FORMAT_{fmt.upper()}"),
+            max_line_length=max_line_length, max_lines_per_caption=max_lines_per_caption)
+        if max_caption_s:
+            req.max_caption_duration.CopyFrom(duration_pb2.Duration(seconds=int(max_caption_s),
+                                                                    nanos=int(max_caption_s % 1 * 1e9)))
+        for attempt in range(self.retries + 1):
+            try:
+                return b"".join(part.data for part in self.transcriptions.ExportTranscription(
+                    req, metadata=self._md(), timeout=self.timeout * 4))
+            except grpc.RpcError as exc:
+                if exc.code() not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def capabilities(self) -> tpb.Capabilities:
+        return self.call(self.transcriptions.GetCapabilities, tpb.GetCapabilitiesRequest())
+
     def wait(self, name: str, timeout: float = 3600.0) -> tpb.Transcription:
         deadline = time.monotonic() + timeout
         for _ev in self.watch(name):

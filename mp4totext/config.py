@@ -84,6 +84,12 @@ class Settings:
     whisper_beam_size: int = 5
     whisper_download_root: str = ""
     whisper_local_files_only: bool = True
+    # -- speaker recognition (workers of the "diarize" queue; needs the diarize extra)
+    diarization_pipeline: str = "pyannote/speaker-diarization-community-1"  # HF id (+ HF_TOKEN) or local dir
+    diarization_device: str = "auto"  # auto | cpu | cuda
+    diarization_time_limit_s: int = 4 * 3600
+    hf_token: str = dataclasses.field(default_factory=lambda: os.environ.get("HF_TOKEN", ""))
+    worker_heartbeat_s: float = 30.0  # workers refresh their capabilities row this often
     # -- progress bus (RabbitMQ topic exchange, or in-process in embedded mode)
     progress_exchange: str = "mp4totext.progress"
 

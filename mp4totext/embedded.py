@@ -46,7 +46,7 @@ def run_embedded(args: argparse.Namespace) -> int:
 
     runtime.init(s)
     broker = setup_broker(s)
-    worker = start_worker(broker, s, list(QUEUES), threads=max(2, s.worker_threads))
+    worker = start_worker(broker, s, list(QUEUES), threads=max(2, s.worker_threads), optional_diarization=True)
     server = Server().start()
     key = _key(data_dir)
     stopped = threading.Event()
@@ -54,6 +54,7 @@ def run_embedded(args: argparse.Namespace) -> int:
     def stop() -> None:
         server.stop()
         worker.stop(timeout=5000)
+        worker.registration.close()
         stopped.set()
 
     install_signal_handlers(stop)

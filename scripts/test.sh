@@ -4,7 +4,7 @@
 # ffmpeg, espeak-ng and faster-whisper tiny.en.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test
+bash scripts/setup.sh test,diarize
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if ! port_open 5672; then

@@ -51,14 +51,27 @@ def media_to_proto(m: Media) -> media_pb2.Media:
     return _set(msg, duration=dur(m.duration_s), create_time=ts(m.create_time), update_time=ts(m.update_time))
 
 
+TASKS = {"transcribe": tpb.TRANSCRIPTION_TASK_TRANSCRIBE, "translate": tpb.TRANSCRIPTION_TASK_TRANSLATE}
+DIARIZATION_STATE = {"NOT_REQUESTED": tpb.DIARIZATION_STATE_NOT_REQUESTED,
+                     "SUCCEEDED": tpb.DIARIZATION_STATE_SUCCEEDED, "FAILED": tpb.DIARIZATION_STATE_FAILED}
+
+
 def config_to_proto(cfg: dict[str, Any], priority: int) -> tpb.TranscriptionConfig:
+    dia = cfg.get("diarization") or {}
     msg = tpb.TranscriptionConfig(
         language_code=cfg.get("language_code", ""),
         beam_size=int(cfg.get("beam_size") or 0),
         enable_vad=bool(cfg.get("vad", True)),
         enable_word_time_offsets=bool(cfg.get("word_timestamps", True)),
         priority=PRIORITY_FROM_BROKER.get(priority, tpb.PRIORITY_NORMAL),
+        task=TASKS.get(cfg.get("task", "transcribe"), tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
+        initial_prompt=cfg.get("initial_prompt") or "",
+        hotwords=cfg.get("hotwords") or [],
     )
+    if dia.get("enabled"):
+        msg.diarization_config.CopyFrom(tpb.DiarizationConfig(
+            enable_speaker_diarization=True, min_speaker_count=int(dia.get("min_speakers") or 0),
+            max_speaker_count=int(dia.get("max_speakers") or 0)))
     return msg
 
 
@@ -73,12 +86,22 @@ def result_to_proto(r: dict[str, Any], processing_s: float | None) -> tpb.Transc
         seg = tpb.Segment(id=s["id"], text=s["text"], words=words, avg_logprob=s.get("avg_logprob", 0.0),
                           no_speech_probability=s.get("no_speech_prob", 0.0), speaker_label=s.get("speaker", ""))
         segments.append(_set(seg, start_offset=dur(s["start"]), end_offset=dur(s["end"])))
+    speakers = [_set(tpb.Speaker(speaker_label=sp["label"], word_count=sp.get("words", 0)),
+                     speaking_duration=dur(sp.get("speaking_s", 0.0))) for sp in r.get("speakers", [])]
+    dia = r.get("diarization") or {"state": "NOT_REQUESTED"}
     msg = tpb.TranscriptionResult(
         text=r.get("text", ""),
         language_code=r.get("language", ""),
         language_probability=r.get("language_probability", 0.0),
         segments=segments,
         model=r.get("model", ""),
+        speakers=speakers,
+        speaker_count=int(r.get("speaker_count", 0)),
+        task=TASKS.get(r.get("task", "transcribe"), tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
+        diarization=_set(tpb.DiarizationInfo(state=DIARIZATION_STATE.get(dia.get("state"), 0),
+                                             error_message=dia.get("error_message") or "",
+                                             pipeline=dia.get("pipeline") or ""),
+                         processing_duration=dur(dia.get("processing_s"))),
     )
     return _set(msg, duration=dur(r.get("duration")), speech_duration=dur(r.get("speech_duration")),
                 processing_duration=dur(processing_s))
@@ -87,7 +110,7 @@ def result_to_proto(r: dict[str, Any], processing_s: float | None) -> tpb.Transc
 STATE = {s: tpb.TranscriptionState.Value(f"TRANSCRIPTION_STATE_{s}")
          for s in ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")}
 STAGE = {s: tpb.TranscriptionStage.Value(f"TRANSCRIPTION_STAGE_{s}")
-         for s in ("PREPARING_MEDIA", "WAITING", "TRANSCRIBING", "FINALIZING", "DONE")}
+         for s in ("PREPARING_MEDIA", "WAITING", "TRANSCRIBING", "DIARIZING", "FINALIZING", "DONE")}
 
 
 def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcription:
@@ -104,6 +127,7 @@ def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcrip
         request_id=j.request_id or "",
         cancel_requested=j.cancel_requested,
         sequence=j.sequence,
+        warnings=j.warnings or [],
     )
     _set(msg, processed_duration=dur(j.processed_s), create_time=ts(j.create_time), update_time=ts(j.update_time),
          start_time=ts(j.start_time), end_time=ts(j.end_time))

@@ -270,22 +270,86 @@ def _language(code: str) -> str | None:
     return primary
 
 
+MAX_PROMPT = 1000
+MAX_HOTWORDS = 50
+MAX_SPEAKERS = 20
+WORKER_FRESH_S = 90.0  # a worker whose heartbeat is older than this is gone
+
+
+def english_only(model: str) -> bool:
+    return model.endswith(".en")
+
+
+def diarization_status() -> tuple[bool, str]:
+    """(available, reason): is a worker with a loaded diarization pipeline alive?"""
+    from storage.db import WorkerInfo
+
+    from workers.stages.diarize import HOW_TO
+
+    cutoff = utcnow() - dt.timedelta(seconds=WORKER_FRESH_S)
+    with database.connection_context():
+        live = [w for w in WorkerInfo.select().where(WorkerInfo.heartbeat_time >= cutoff)
+                if (w.capabilities or {}).get("diarization")]
+    if live:
+        return True, ""
+    return False, f"speaker recognition is not available on this server: no diarization worker is running. " \
+                  f"Operators: {HOW_TO}"
+
+
 def validate_config(cfg: tpb.TranscriptionConfig) -> tuple[dict[str, Any], int]:
+    """Check every option (INVALID_ARGUMENT names the field) and return the stored form."""
     language = _language(cfg.language_code)
     model = runtime.get().settings.model_label
-    if language not in (None, "en") and model.endswith(".en"):
+    if language not in (None, "en") and english_only(model):
         raise invalid(f"config.language_code={cfg.language_code!r}: the server's model {model} only recognises "
                       "English; use 'en' or ask the operator for a multilingual model")
     if not 0 <= cfg.beam_size <= 10:
         raise invalid(f"config.beam_size={cfg.beam_size} is out of range; use 1..10 (0 = default)")
     if cfg.priority not in PRIORITY_MAP:
         raise invalid(f"config.priority={cfg.priority} is not a known Priority")
+    if cfg.task not in (tpb.TRANSCRIPTION_TASK_UNSPECIFIED, tpb.TRANSCRIPTION_TASK_TRANSCRIBE,
+                        tpb.TRANSCRIPTION_TASK_TRANSLATE):
+        raise invalid(f"config.task={cfg.task} is not a known TranscriptionTask")
+    task = "translate" if cfg.task == tpb.TRANSCRIPTION_TASK_TRANSLATE else "transcribe"
+    if task == "translate" and english_only(model):
+        raise invalid(f"config.task=TRANSLATE needs a multilingual model; the server's model {model} is "
+                      "English-only (its output is already English). Use TRANSCRIBE, or ask the operator for a "
+                      "multilingual model (MP4T_WHISPER_MODEL)")
+    if len(cfg.initial_prompt) > MAX_PROMPT:
+        raise invalid(f"config.initial_prompt has {len(cfg.initial_prompt)} characters; at most {MAX_PROMPT}")
+    if len(cfg.hotwords) > MAX_HOTWORDS:
+        raise invalid(f"config.hotwords has {len(cfg.hotwords)} entries; at most {MAX_HOTWORDS}")
+    hotwords = []
+    for i, word in enumerate(cfg.hotwords):
+        word = " ".join(word.split())
+        if not 1 <= len(word) <= 100:
+            raise invalid(f"config.hotwords[{i}] must be 1..100 characters (got {len(word)})")
+        hotwords.append(word)
+    dia = cfg.diarization_config
+    lo, hi = dia.min_speaker_count, dia.max_speaker_count
+    for field, n in (("min_speaker_count", lo), ("max_speaker_count", hi)):
+        if not 0 <= n <= MAX_SPEAKERS:
+            raise invalid(f"config.diarization_config.{field}={n} is out of range; use 1..{MAX_SPEAKERS} "
+                          "(0 = unknown)")
+    if lo and hi and lo > hi:
+        raise invalid(f"config.diarization_config.min_speaker_count={lo} is above max_speaker_count={hi}")
+    if (lo or hi) and not dia.enable_speaker_diarization:
+        raise invalid("config.diarization_config: speaker counts are set but enable_speaker_diarization is false")
+    if dia.enable_speaker_diarization:
+        available, reason = diarization_status()
+        if not available:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, reason)
     out = {
         "language_code": cfg.language_code,
         "language": language,
         "beam_size": cfg.beam_size or None,
         "vad": cfg.enable_vad if cfg.HasField("enable_vad") else True,
         "word_timestamps": cfg.enable_word_time_offsets if cfg.HasField("enable_word_time_offsets") else True,
+        "task": task,
+        "initial_prompt": cfg.initial_prompt or None,
+        "hotwords": hotwords,
+        "diarization": {"enabled": bool(dia.enable_speaker_diarization), "min_speakers": lo or None,
+                        "max_speakers": hi or None},
     }
     return out, PRIORITY_MAP[cfg.priority]
 
@@ -381,6 +445,59 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
     def WatchTranscription(self, request: tpb.WatchTranscriptionRequest, context: grpc.ServicerContext):
         job = get_job(request.name)
         return watch_events(job.id, request.after_sequence, context)
+
+    def ExportTranscription(self, request: tpb.ExportTranscriptionRequest, context: grpc.ServicerContext):
+        from workers.stages import export
+
+        job = get_job(request.name)
+        fmt = EXPORT_FORMATS.get(request.format)
+        if fmt is None:
+            raise invalid("format is required: one of TXT, SRT, VTT, JSON, TSV")
+        line = request.max_line_length or 42
+        lines = request.max_lines_per_caption or 2
+        max_dur = request.max_caption_duration.ToTimedelta().total_seconds() if request.HasField(
+            "max_caption_duration") else 0.0
+        max_dur = max_dur or 6.0
+        if not 10 <= line <= 200:
+            raise invalid(f"max_line_length={line} is out of range; use 10..200 (0 = 42)")
+        if not 1 <= lines <= 3:
+            raise invalid(f"max_lines_per_caption={lines} is out of range; use 1..3 (0 = 2)")
+        if not 1.0 <= max_dur <= 30.0:
+            raise invalid(f"max_caption_duration={max_dur:g}s is out of range; use 1..30 s (0 = 6 s)")
+        if job.state != JobState.SUCCEEDED or job.result is None:
+            raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"transcriptions/{job.id} is {job.state}; only a SUCCEEDED transcription can be exported")
+        document = None
+        if fmt == "json":
+            from google.protobuf import json_format
+
+            document = json_format.MessageToDict(convert.transcription_to_proto(job), preserving_proto_field_name=True)
+        opts = export.SubtitleOptions(max_line_length=line, max_lines=lines, max_duration_s=max_dur)
+        content_type, ext = export.FORMATS[fmt]
+        first = True
+        for block in export.chunks(export.export(fmt, job.result, opts, document)):
+            if first:
+                first = False
+                yield tpb.ExportTranscriptionResponse(data=block, content_type=content_type,
+                                                      filename=f"{job.id}.{ext}")
+            else:
+                yield tpb.ExportTranscriptionResponse(data=block)
+        if first:  # empty transcript: still tell the client what it got
+            yield tpb.ExportTranscriptionResponse(data=b"", content_type=content_type, filename=f"{job.id}.{ext}")
+
+    def GetCapabilities(self, request: tpb.GetCapabilitiesRequest, context: grpc.ServicerContext):
+        s = runtime.get().settings
+        available, reason = diarization_status()
+        multilingual = not english_only(s.model_label)
+        return convert._set(tpb.Capabilities(
+            model=s.model_label, multilingual=multilingual, translation_available=multilingual,
+            diarization_available=available, diarization_unavailable_reason=reason,
+            export_formats=sorted(EXPORT_FORMATS), max_upload_bytes=s.max_upload_bytes, max_beam_size=10),
+            max_media_duration=convert.dur(s.max_media_duration_s))
+
+
+EXPORT_FORMATS = {tpb.EXPORT_FORMAT_TXT: "txt", tpb.EXPORT_FORMAT_SRT: "srt", tpb.EXPORT_FORMAT_VTT: "vtt",
+                  tpb.EXPORT_FORMAT_JSON: "json", tpb.EXPORT_FORMAT_TSV: "tsv"}
 
 
 def watch_events(job_id: str, after: int, context: grpc.ServicerContext) -> Iterator[tpb.WatchTranscriptionResponse]:

@@ -109,6 +109,7 @@ class Stage:
     PREPARING_MEDIA = "PREPARING_MEDIA"
     WAITING = "WAITING"
     TRANSCRIBING = "TRANSCRIBING"
+    DIARIZING = "DIARIZING"
     FINALIZING = "FINALIZING"
     DONE = "DONE"
 
@@ -136,6 +137,7 @@ class Transcription(BaseModel):
     result = JSONField(null=True)
     processing_s = pw.DoubleField(null=True)
     trace_context = JSONField(null=True)
+    warnings = JSONField(null=True)  # problems that did not stop the job (list of strings)
     create_time = pw.DateTimeField(default=utcnow)
     update_time = pw.DateTimeField(default=utcnow)
     start_time = pw.DateTimeField(null=True)
@@ -162,11 +164,21 @@ class TranscriptionEvent(BaseModel):
     create_time = pw.DateTimeField(default=utcnow)
 
 
+class WorkerInfo(BaseModel):
+    """Live workers and what they can do (servers read it to accept or refuse options)."""
+
+    id = pw.CharField(primary_key=True, max_length=128)  # host:pid:random
+    queues = pw.CharField(max_length=255)
+    capabilities = JSONField(default=dict)  # e.g. {"diarization": "pipeline label"}
+    started_time = pw.DateTimeField(default=utcnow)
+    heartbeat_time = pw.DateTimeField(default=utcnow, index=True)
+
+
 class SchemaInfo(BaseModel):
     version = pw.IntegerField()
 
 
-MODELS = [Tenant, ApiKey, Media, Transcription, TranscriptionEvent, SchemaInfo]
+MODELS = [Tenant, ApiKey, Media, Transcription, TranscriptionEvent, WorkerInfo, SchemaInfo]
 
 
 def make_database(url: str, pool_size: int = 20) -> pw.Database:

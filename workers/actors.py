@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pathlib
 import tempfile
 import time
 from typing import Any
@@ -141,7 +142,19 @@ def options_of(job: Transcription, default_beam: int) -> TranscribeOptions:
         beam_size=int(cfg.get("beam_size") or default_beam),
         vad_filter=bool(cfg.get("vad", True)),
         word_timestamps=bool(cfg.get("word_timestamps", True)),
+        task=cfg.get("task") or "transcribe",
+        initial_prompt=cfg.get("initial_prompt") or None,
+        hotwords=tuple(cfg.get("hotwords") or ()),
     )
+
+
+# Which actor runs a job that sits in a stage (recovery after a lost enqueue).
+NEXT_ACTOR = {Stage.WAITING: "transcribe", Stage.TRANSCRIBING: "transcribe", Stage.DIARIZING: "diarize",
+              Stage.FINALIZING: "finalize"}
+
+
+def wants_speakers(job: Transcription) -> bool:
+    return bool(((job.config or {}).get("diarization") or {}).get("enabled"))
 
 
 def transcribe_job(job_id: str) -> None:
@@ -151,8 +164,8 @@ def transcribe_job(job_id: str) -> None:
     structlog.contextvars.bind_contextvars(job_id=job_id, stage="transcribe")
     claim = jobs.claim_stage(job_id, (Stage.WAITING, Stage.TRANSCRIBING), Stage.TRANSCRIBING, msg_id,
                              s.max_attempts, s.lease_s)
-    if claim.outcome == "past" and claim.job.stage == Stage.FINALIZING:
-        enqueue("finalize", job_id, claim.job.priority)  # crashed between commit and enqueue
+    if claim.outcome == "past" and claim.job.stage in NEXT_ACTOR:
+        enqueue(NEXT_ACTOR[claim.job.stage], job_id, claim.job.priority)  # crashed between commit and enqueue
         return
     if claim.outcome == "exhausted":
         raise JobFailed(claim.job.error_message)
@@ -166,6 +179,9 @@ def transcribe_job(job_id: str) -> None:
     started = time.monotonic()
     deadline = started + s.job_time_limit_s
     last_report = [0.0]
+    speakers = wants_speakers(job)
+    span = (jobs.STAGE_PERCENT[Stage.TRANSCRIBING],
+            jobs.STAGE_PERCENT[Stage.DIARIZING if speakers else Stage.FINALIZING])
 
     def on_progress(processed_s: float) -> None:
         now = time.monotonic()
@@ -174,7 +190,7 @@ def transcribe_job(job_id: str) -> None:
         if now - last_report[0] < s.progress_interval_s:
             return
         last_report[0] = now
-        row = jobs.report_progress(job_id, msg_id, processed_s, duration)
+        row = jobs.report_progress(job_id, msg_id, processed_s, duration, span=span)
         if row.cancel_requested:
             raise Cancelled()
 
@@ -229,7 +245,10 @@ def transcribe_job(job_id: str) -> None:
         raise
     elapsed = time.monotonic() - started
     rtf = elapsed / max(result["duration"], 1e-6)
-    done = jobs.stage_done(job_id, msg_id, Stage.FINALIZING, result=result, processed_s=result["duration"])
+    if not speakers:
+        result["diarization"] = {"state": "NOT_REQUESTED"}
+    next_stage = Stage.DIARIZING if speakers else Stage.FINALIZING
+    done = jobs.stage_done(job_id, msg_id, next_stage, result=result, processed_s=result["duration"])
     _stage_metrics("transcribe", "transcribed" if done else "lost_claim", started)
     metrics.REALTIME_FACTOR.labels("transcribe", s.model_label).observe(rtf)
     metrics.MEDIA_SECONDS.labels("transcribe", s.model_label).inc(result["duration"])
@@ -237,7 +256,115 @@ def transcribe_job(job_id: str) -> None:
     log.info("stage_finished", outcome="transcribed" if done else "lost_claim", duration_s=round(elapsed, 3),
              media_duration_s=result["duration"], rtf=round(rtf, 4), model=s.model_label)
     if done is not None:
+        enqueue("diarize" if speakers else "finalize", job_id, done.priority)
+
+
+# ---------------------------------------------------------------- diarize: speaker recognition
+
+
+def diarize_job(job_id: str) -> None:
+    """Speakers for a transcribed job. Failing for good keeps the transcript (with a warning)."""
+    from workers.stages.diarize import DiarizationUnavailable, load_pipeline, run_stage
+
+    rt = runtime.get()
+    s = rt.settings
+    msg_id = _message_id()
+    structlog.contextvars.bind_contextvars(job_id=job_id, stage="diarize")
+    claim = jobs.claim_stage(job_id, (Stage.DIARIZING,), Stage.DIARIZING, msg_id, s.max_attempts, s.lease_s,
+                             fail_when_exhausted=False)
+    if claim.outcome == "past" and claim.job.stage == Stage.FINALIZING:
+        enqueue("finalize", job_id, claim.job.priority)
+        return
+    if claim.outcome == "exhausted":
+        last = claim.job.error_message or "a worker crashed or timed out each time"
+        kept = jobs.keep_without_speakers(job_id, None, f"attempted {s.max_attempts} times ({last})")
+        if kept is not None:
+            enqueue("finalize", job_id, kept.priority)
+        return
+    if claim.outcome != "run":
+        log.info("stage_skipped", outcome=claim.outcome)
+        return
+    job: Transcription = claim.job
+    dia = (job.config or {}).get("diarization") or {}
+    structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, attempt=job.attempts)
+    tracing.set_attributes(**{"mp4t.job_id": job_id, "mp4t.tenant_id": job.tenant_id, "mp4t.attempt": job.attempts,
+                              "mp4t.diarization.pipeline": s.diarization_pipeline})
+    started = time.monotonic()
+    deadline = started + s.diarization_time_limit_s
+    last_report = [0.0]
+
+    def on_progress(fraction: float) -> None:
+        now = time.monotonic()
+        if now > deadline:
+            raise JobTimeout()
+        if now - last_report[0] < s.progress_interval_s:
+            return
+        last_report[0] = now
+        row = jobs.report_progress(job_id, msg_id, job.processed_s, job.duration_s or 0.0,
+                                   span=(jobs.STAGE_PERCENT[Stage.DIARIZING], jobs.STAGE_PERCENT[Stage.FINALIZING]),
+                                   fraction=fraction)
+        if row.cancel_requested:
+            raise Cancelled()
+
+    def give_up(reason: str, outcome: str) -> None:
+        kept = jobs.keep_without_speakers(job_id, msg_id, reason)
+        _stage_metrics("diarize", outcome, started)
+        log.warning("stage_finished", outcome=outcome, error=reason, duration_s=round(time.monotonic() - started, 3))
+        if kept is not None:
+            enqueue("finalize", job_id, kept.priority)
+
+    try:
+        with database.connection_context():
+            media = Media.get_by_id(job.media_id)
+        with tracing.stage_span("load audio"), tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
+            wav = os.path.join(tmp, "audio.wav")
+            rt.store.get_file(media.audio_key, wav)
+            audio = load_wav(wav)
+        pipeline = load_pipeline(s.diarization_pipeline, s.diarization_device, s.hf_token)
+        with tracing.stage_span("pyannote diarization", **{"mp4t.media.duration_s": round(len(audio) / 16000, 3),
+                                                           "mp4t.diarization.pipeline": s.diarization_pipeline}) as span:
+            result = run_stage(pipeline, audio, job.result or {}, int(dia.get("min_speakers") or 0),
+                               int(dia.get("max_speakers") or 0), on_progress, pipeline_label(s.diarization_pipeline))
+            span.set_attributes({"mp4t.speaker_count": result["speaker_count"],
+                                 "mp4t.rtf": round((time.monotonic() - started) / max(len(audio) / 16000, 1e-6), 4)})
+    except Cancelled:
+        jobs.finish(job_id, JobState.CANCELLED, reason="CANCELLED", message="cancelled by the client")
+        _stage_metrics("diarize", "cancelled", started)
+        return
+    except jobs.LostClaim:
+        _stage_metrics("diarize", "lost_claim", started)
+        return
+    except (JobTimeout, TimeLimitExceeded):
+        give_up(f"speaker recognition exceeded its time limit of {s.diarization_time_limit_s} s", "time_limit")
+        return
+    except DiarizationUnavailable as exc:  # misconfigured worker: retrying here will not help
+        give_up(str(exc), "unavailable")
+        return
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        _stage_metrics("diarize", "error", started)
+        if job.attempts >= s.max_attempts:
+            give_up(f"failed {job.attempts} times; last error: {error}", "failed")
+            return
+        jobs.release_for_retry(job_id, msg_id, Stage.DIARIZING, error)
+        log.warning("stage_retry", error=error)
+        raise
+    elapsed = time.monotonic() - started
+    audio_s = len(audio) / 16000
+    done = jobs.stage_done(job_id, msg_id, Stage.FINALIZING, result=result)
+    _stage_metrics("diarize", "diarized" if done else "lost_claim", started)
+    metrics.REALTIME_FACTOR.labels("diarize", pipeline_label(s.diarization_pipeline)).observe(elapsed / max(audio_s, 1e-6))
+    metrics.MEDIA_SECONDS.labels("diarize", pipeline_label(s.diarization_pipeline)).inc(audio_s)
+    log.info("stage_finished", outcome="diarized" if done else "lost_claim", duration_s=round(elapsed, 3),
+             speakers=result["speaker_count"], rtf=round(elapsed / max(audio_s, 1e-6), 4))
+    if done is not None:
         enqueue("finalize", job_id, done.priority)
+
+
+def pipeline_label(source: str) -> str:
+    """Short name of a pipeline source for results and metrics (a directory's name, or the HF id)."""
+    p = pathlib.Path(source)
+    return p.name if source.startswith(("/", ".", "~")) else source
 
 
 # ---------------------------------------------------------------- critical: finalize
@@ -274,7 +401,7 @@ def maintenance(_unused: str = "") -> None:
                                                         Media.update_time < cutoff))
         stuck_jobs = list(Transcription.select(Transcription.id, Transcription.priority, Transcription.stage,
                                                Transcription.trace_context).where(
-            ((Transcription.state == JobState.QUEUED) & (Transcription.stage == Stage.WAITING)
+            ((Transcription.state == JobState.QUEUED) & (Transcription.stage.in_([Stage.WAITING, Stage.DIARIZING]))
              & (Transcription.update_time < cutoff))
             | ((Transcription.state == JobState.RUNNING) & (Transcription.heartbeat_time < cutoff))
             | ((Transcription.stage == Stage.FINALIZING) & (Transcription.update_time < cutoff))))
@@ -282,6 +409,6 @@ def maintenance(_unused: str = "") -> None:
     for m in stuck_media:
         enqueue("prepare_media", m.id, PRIORITY_MAP[0], m.trace_context)
     for j in stuck_jobs:
-        enqueue("finalize" if j.stage == Stage.FINALIZING else "transcribe", j.id, j.priority, j.trace_context)
+        enqueue(NEXT_ACTOR.get(j.stage, "transcribe"), j.id, j.priority, j.trace_context)
     log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted,
              requeued=len(stuck_media) + len(stuck_jobs))

@@ -17,7 +17,9 @@ from mp4totext.config import Settings
 from observability import metrics
 from observability.tracing import TracingMiddleware
 
-QUEUES = ("critical", "high", "default", "low")
+# "diarize" is a high-priority queue of its own: only workers installed with the diarize
+# extra (torch + pyannote.audio) consume it, so servers and transcription workers stay small.
+QUEUES = ("critical", "high", "diarize", "default", "low")
 MAX_PRIORITY = 10
 # Client priority (proto Priority enum value) -> broker_priority within a queue.
 PRIORITY_MAP = {0: 5, 1: 2, 2: 5, 3: 7, 4: 10}
@@ -111,6 +113,7 @@ def _register(broker: dramatiq.Broker, settings: Settings) -> None:
 
     declare(actors.prepare_media, "prepare_media", "critical", settings.prepare_time_limit_s)
     declare(actors.transcribe_job, "transcribe", "high", settings.job_time_limit_s + 60)
+    declare(actors.diarize_job, "diarize", "diarize", settings.diarization_time_limit_s + 60)
     declare(actors.finalize, "finalize", "critical", 60)
     declare(actors.maintenance, "maintenance", "low", 600)
 

@@ -18,9 +18,11 @@ import peewee as pw
 from mp4totext import runtime
 from storage.db import JobState, Media, MediaState, Stage, Transcription, add_event, database, utcnow
 
-STAGE_ORDER = [Stage.PREPARING_MEDIA, Stage.WAITING, Stage.TRANSCRIBING, Stage.FINALIZING, Stage.DONE]
-# Overall percent at the start of each stage; transcribing spans 5..95.
-STAGE_PERCENT = {Stage.PREPARING_MEDIA: 0.0, Stage.WAITING: 5.0, Stage.TRANSCRIBING: 5.0,
+STAGE_ORDER = [Stage.PREPARING_MEDIA, Stage.WAITING, Stage.TRANSCRIBING, Stage.DIARIZING, Stage.FINALIZING,
+               Stage.DONE]
+# Overall percent at the start of each stage; transcribing spans 5..95, or 5..70 when
+# speaker recognition (70..95) follows.
+STAGE_PERCENT = {Stage.PREPARING_MEDIA: 0.0, Stage.WAITING: 5.0, Stage.TRANSCRIBING: 5.0, Stage.DIARIZING: 70.0,
                  Stage.FINALIZING: 95.0, Stage.DONE: 100.0}
 
 
@@ -172,8 +174,12 @@ def to_waiting(job_id: str) -> Transcription | None:
 
 
 def claim_stage(job_id: str, stages: tuple[str, ...], running_stage: str, message_id: str,
-                max_attempts: int, lease_s: float) -> Claim:
-    """Claim ``job_id`` for the stage that accepts jobs in ``stages``."""
+                max_attempts: int, lease_s: float, fail_when_exhausted: bool = True) -> Claim:
+    """Claim ``job_id`` for the stage that accepts jobs in ``stages``.
+
+    Past ``max_attempts`` the job FAILS, unless ``fail_when_exhausted`` is False (an
+    optional stage): then the claim is "exhausted" and the caller decides.
+    """
     with locked():
         job = _get_locked(job_id)
         if job is None or job.state in JobState.TERMINAL:
@@ -189,6 +195,9 @@ def claim_stage(job_id: str, stages: tuple[str, ...], running_stage: str, messag
         else:
             job.attempts += 1
             job.total_attempts += 1
+            if job.attempts > max_attempts and not fail_when_exhausted:
+                job.save()
+                return Claim("exhausted", job)
             if job.attempts > max_attempts:
                 last = f" Last error: {job.error_message}" if job.error_message else ""
                 _finish(job, JobState.FAILED, reason="ATTEMPTS_EXHAUSTED",
@@ -208,9 +217,12 @@ def claim_stage(job_id: str, stages: tuple[str, ...], running_stage: str, messag
     return Claim(outcome, job)
 
 
-def report_progress(job_id: str, message_id: str, processed_s: float, duration_s: float) -> Transcription:
-    """Save transcription progress; raise LostClaim if the job is no longer ours. Returns the row."""
-    pct = STAGE_PERCENT[Stage.TRANSCRIBING] + 90.0 * (processed_s / duration_s if duration_s > 0 else 0.0)
+def report_progress(job_id: str, message_id: str, processed_s: float, duration_s: float,
+                    span: tuple[float, float] = (5.0, 95.0), fraction: float | None = None) -> Transcription:
+    """Save stage progress (overall percent within ``span``); raise LostClaim if the job is no
+    longer ours. Returns the row. ``fraction`` overrides processed_s / duration_s."""
+    done = fraction if fraction is not None else (processed_s / duration_s if duration_s > 0 else 0.0)
+    pct = span[0] + (span[1] - span[0]) * min(max(done, 0.0), 1.0)
     now = utcnow()
     with database.connection_context():
         n = (
@@ -242,6 +254,35 @@ def stage_done(job_id: str, message_id: str, next_stage: str, **fields: Any) -> 
         job.attempts = 0
         job.progress = max(job.progress, STAGE_PERCENT[next_stage])
         _bump(job)
+    publish(job)
+    return job
+
+
+def keep_without_speakers(job_id: str, message_id: str | None, error: str) -> Transcription | None:
+    """Speaker recognition failed for good: keep the transcript, record why, go on to finalize.
+
+    Returns the job (moved to FINALIZING) or None if it is not in the diarizing stage
+    (or, with a ``message_id``, not claimed by it).
+    """
+    with locked():
+        job = _get_locked(job_id)
+        if job is None or job.state in JobState.TERMINAL or job.stage != Stage.DIARIZING:
+            return None
+        if message_id is not None and job.claim_message_id not in (None, message_id):
+            return None
+        result = dict(job.result or {})
+        result["diarization"] = {"state": "FAILED", "error_message": error, "pipeline": "",
+                                 "processing_s": None}
+        job.result = result
+        job.warnings = [*(job.warnings or []),
+                        f"speaker recognition failed, the transcript has no speaker labels: {error}"]
+        job.state = JobState.RUNNING
+        job.stage = Stage.FINALIZING
+        job.claim_message_id = None
+        job.attempts = 0
+        job.error_message = ""
+        job.progress = max(job.progress, STAGE_PERCENT[Stage.FINALIZING])
+        _bump(job, detail="DIARIZATION_FAILED")
     publish(job)
     return job
 

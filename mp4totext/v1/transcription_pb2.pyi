@@ -29,6 +29,29 @@ class TranscriptionStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSCRIPTION_STAGE_TRANSCRIBING: _ClassVar[TranscriptionStage]
     TRANSCRIPTION_STAGE_FINALIZING: _ClassVar[TranscriptionStage]
     TRANSCRIPTION_STAGE_DONE: _ClassVar[TranscriptionStage]
+    TRANSCRIPTION_STAGE_DIARIZING: _ClassVar[TranscriptionStage]
+
+class TranscriptionTask(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSCRIPTION_TASK_UNSPECIFIED: _ClassVar[TranscriptionTask]
+    TRANSCRIPTION_TASK_TRANSCRIBE: _ClassVar[TranscriptionTask]
+    TRANSCRIPTION_TASK_TRANSLATE: _ClassVar[TranscriptionTask]
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_TXT: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_SRT: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_VTT: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_JSON: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_TSV: _ClassVar[ExportFormat]
+
+class DiarizationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIARIZATION_STATE_UNSPECIFIED: _ClassVar[DiarizationState]
+    DIARIZATION_STATE_NOT_REQUESTED: _ClassVar[DiarizationState]
+    DIARIZATION_STATE_SUCCEEDED: _ClassVar[DiarizationState]
+    DIARIZATION_STATE_FAILED: _ClassVar[DiarizationState]
 
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -55,6 +78,20 @@ TRANSCRIPTION_STAGE_WAITING: TranscriptionStage
 TRANSCRIPTION_STAGE_TRANSCRIBING: TranscriptionStage
 TRANSCRIPTION_STAGE_FINALIZING: TranscriptionStage
 TRANSCRIPTION_STAGE_DONE: TranscriptionStage
+TRANSCRIPTION_STAGE_DIARIZING: TranscriptionStage
+TRANSCRIPTION_TASK_UNSPECIFIED: TranscriptionTask
+TRANSCRIPTION_TASK_TRANSCRIBE: TranscriptionTask
+TRANSCRIPTION_TASK_TRANSLATE: TranscriptionTask
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+EXPORT_FORMAT_TXT: ExportFormat
+EXPORT_FORMAT_SRT: ExportFormat
+EXPORT_FORMAT_VTT: ExportFormat
+EXPORT_FORMAT_JSON: ExportFormat
+EXPORT_FORMAT_TSV: ExportFormat
+DIARIZATION_STATE_UNSPECIFIED: DiarizationState
+DIARIZATION_STATE_NOT_REQUESTED: DiarizationState
+DIARIZATION_STATE_SUCCEEDED: DiarizationState
+DIARIZATION_STATE_FAILED: DiarizationState
 PRIORITY_UNSPECIFIED: Priority
 PRIORITY_LOW: Priority
 PRIORITY_NORMAL: Priority
@@ -63,6 +100,16 @@ PRIORITY_URGENT: Priority
 TRANSCRIPTION_VIEW_UNSPECIFIED: TranscriptionView
 TRANSCRIPTION_VIEW_BASIC: TranscriptionView
 TRANSCRIPTION_VIEW_FULL: TranscriptionView
+
+class DiarizationConfig(_message.Message):
+    __slots__ = ("enable_speaker_diarization", "min_speaker_count", "max_speaker_count")
+    ENABLE_SPEAKER_DIARIZATION_FIELD_NUMBER: _ClassVar[int]
+    MIN_SPEAKER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPEAKER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    enable_speaker_diarization: bool
+    min_speaker_count: int
+    max_speaker_count: int
+    def __init__(self, enable_speaker_diarization: _Optional[bool] = ..., min_speaker_count: _Optional[int] = ..., max_speaker_count: _Optional[int] = ...) -> None: ...
 
 class TranscriptionConfig(_message.Message):
     __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority")
@@ -112,8 +159,30 @@ class Segment(_message.Message):
     speaker_label: str
     def __init__(self, id: _Optional[int] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., text: _Optional[str] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., avg_logprob: _Optional[float] = ..., no_speech_probability: _Optional[float] = ..., speaker_label: _Optional[str] = ...) -> None: ...
 
+class Speaker(_message.Message):
+    __slots__ = ("speaker_label", "speaking_duration", "word_count")
+    SPEAKER_LABEL_FIELD_NUMBER: _ClassVar[int]
+    SPEAKING_DURATION_FIELD_NUMBER: _ClassVar[int]
+    WORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    speaker_label: str
+    speaking_duration: _duration_pb2.Duration
+    word_count: int
+    def __init__(self, speaker_label: _Optional[str] = ..., speaking_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., word_count: _Optional[int] = ...) -> None: ...
+
+class DiarizationInfo(_message.Message):
+    __slots__ = ("state", "error_message", "processing_duration", "pipeline")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROCESSING_DURATION_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    state: DiarizationState
+    error_message: str
+    processing_duration: _duration_pb2.Duration
+    pipeline: str
+    def __init__(self, state: _Optional[_Union[DiarizationState, str]] = ..., error_message: _Optional[str] = ..., processing_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pipeline: _Optional[str] = ...) -> None: ...
+
 class TranscriptionResult(_message.Message):
-    __slots__ = ("text", "language_code", "language_probability", "duration", "segments", "model", "processing_duration", "speech_duration")
+    __slots__ = ("text", "language_code", "language_probability", "duration", "segments", "model", "processing_duration", "speech_duration", "speakers", "speaker_count", "diarization", "task")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +191,10 @@ class TranscriptionResult(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROCESSING_DURATION_FIELD_NUMBER: _ClassVar[int]
     SPEECH_DURATION_FIELD_NUMBER: _ClassVar[int]
+    SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DIARIZATION_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     text: str
     language_code: str
     language_probability: float
@@ -130,10 +203,14 @@ class TranscriptionResult(_message.Message):
     model: str
     processing_duration: _duration_pb2.Duration
     speech_duration: _duration_pb2.Duration
-    def __init__(self, text: _Optional[str] = ..., language_code: _Optional[str] = ..., language_probability: _Optional[float] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., model: _Optional[str] = ..., processing_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speech_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    speakers: _containers.RepeatedCompositeFieldContainer[Speaker]
+    speaker_count: int
+    diarization: DiarizationInfo
+    task: TranscriptionTask
+    def __init__(self, text: _Optional[str] = ..., language_code: _Optional[str] = ..., language_probability: _Optional[float] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., model: _Optional[str] = ..., processing_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speech_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ..., speaker_count: _Optional[int] = ..., diarization: _Optional[_Union[DiarizationInfo, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ...) -> None: ...
 
 class Transcription(_message.Message):
-    __slots__ = ("name", "media", "config", "state", "stage", "progress_percent", "processed_duration", "attempt_count", "error_message", "result", "create_time", "update_time", "start_time", "end_time", "request_id", "cancel_requested", "sequence", "error_reason")
+    __slots__ = ("name", "media", "config", "state", "stage", "progress_percent", "processed_duration", "attempt_count", "error_message", "result", "create_time", "update_time", "start_time", "end_time", "request_id", "cancel_requested", "sequence", "error_reason", "warnings")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +229,7 @@ class Transcription(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     media: str
     config: TranscriptionConfig
@@ -170,7 +248,8 @@ class Transcription(_message.Message):
     cancel_requested: bool
     sequence: int
     error_reason: str
-    def __init__(self, name: _Optional[str] = ..., media: _Optional[str] = ..., config: _Optional[_Union[TranscriptionConfig, _Mapping]] = ..., state: _Optional[_Union[TranscriptionState, str]] = ..., stage: _Optional[_Union[TranscriptionStage, str]] = ..., progress_percent: _Optional[float] = ..., processed_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_count: _Optional[int] = ..., error_message: _Optional[str] = ..., result: _Optional[_Union[TranscriptionResult, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., sequence: _Optional[int] = ..., error_reason: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., media: _Optional[str] = ..., config: _Optional[_Union[TranscriptionConfig, _Mapping]] = ..., state: _Optional[_Union[TranscriptionState, str]] = ..., stage: _Optional[_Union[TranscriptionStage, str]] = ..., progress_percent: _Optional[float] = ..., processed_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_count: _Optional[int] = ..., error_message: _Optional[str] = ..., result: _Optional[_Union[TranscriptionResult, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., sequence: _Optional[int] = ..., error_reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTranscriptionRequest(_message.Message):
     __slots__ = ("media", "config", "request_id")
@@ -257,3 +336,53 @@ class WatchTranscriptionResponse(_message.Message):
     event_time: _timestamp_pb2.Timestamp
     attempt_count: int
     def __init__(self, sequence: _Optional[int] = ..., state: _Optional[_Union[TranscriptionState, str]] = ..., stage: _Optional[_Union[TranscriptionStage, str]] = ..., progress_percent: _Optional[float] = ..., processed_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., error_message: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ...) -> None: ...
+
+class ExportTranscriptionRequest(_message.Message):
+    __slots__ = ("name", "format", "max_line_length", "max_lines_per_caption", "max_caption_duration")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LINE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_LINES_PER_CAPTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_CAPTION_DURATION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    format: ExportFormat
+    max_line_length: int
+    max_lines_per_caption: int
+    max_caption_duration: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., max_line_length: _Optional[int] = ..., max_lines_per_caption: _Optional[int] = ..., max_caption_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ExportTranscriptionResponse(_message.Message):
+    __slots__ = ("data", "content_type", "filename")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    content_type: str
+    filename: str
+    def __init__(self, data: _Optional[bytes] = ..., content_type: _Optional[str] = ..., filename: _Optional[str] = ...) -> None: ...
+
+class GetCapabilitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("model", "multilingual", "translation_available", "diarization_available", "diarization_unavailable_reason", "export_formats", "max_upload_bytes", "max_media_duration", "max_beam_size")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MULTILINGUAL_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DIARIZATION_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DIARIZATION_UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEDIA_DURATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    multilingual: bool
+    translation_available: bool
+    diarization_available: bool
+    diarization_unavailable_reason: str
+    export_formats: _containers.RepeatedScalarFieldContainer[ExportFormat]
+    max_upload_bytes: int
+    max_media_duration: _duration_pb2.Duration
+    max_beam_size: int
+    def __init__(self, model: _Optional[str] = ..., multilingual: _Optional[bool] = ..., translation_available: _Optional[bool] = ..., diarization_available: _Optional[bool] = ..., diarization_unavailable_reason: _Optional[str] = ..., export_formats: _Optional[_Iterable[_Union[ExportFormat, str]]] = ..., max_upload_bytes: _Optional[int] = ..., max_media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_beam_size: _Optional[int] = ...) -> None: ...

@@ -68,6 +68,16 @@ class TranscriptionServiceStub:
                 request_serializer=mp4totext_dot_v1_dot_transcription__pb2.WatchTranscriptionRequest.SerializeToString,
                 response_deserializer=mp4totext_dot_v1_dot_transcription__pb2.WatchTranscriptionResponse.FromString,
                 _registered_method=True)
+        self.ExportTranscription = channel.unary_stream(
+                '/mp4totext.v1.TranscriptionService/ExportTranscription',
+                request_serializer=mp4totext_dot_v1_dot_transcription__pb2.ExportTranscriptionRequest.SerializeToString,
+                response_deserializer=mp4totext_dot_v1_dot_transcription__pb2.ExportTranscriptionResponse.FromString,
+                _registered_method=True)
+        self.GetCapabilities = channel.unary_unary(
+                '/mp4totext.v1.TranscriptionService/GetCapabilities',
+                request_serializer=mp4totext_dot_v1_dot_transcription__pb2.GetCapabilitiesRequest.SerializeToString,
+                response_deserializer=mp4totext_dot_v1_dot_transcription__pb2.Capabilities.FromString,
+                _registered_method=True)
 
 
 class TranscriptionServiceServicer:
@@ -128,6 +138,23 @@ class TranscriptionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportTranscription(self, request, context):
+        """Downloads a SUCCEEDED transcription as TXT, SRT, WebVTT, JSON or TSV, in
+        chunks (the first message also carries content_type and filename).
+        Speaker labels are included when speaker recognition ran.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCapabilities(self, request, context):
+        """What this deployment can do: model, languages, translation, speaker
+        recognition, limits. Clients can hide options the server would refuse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TranscriptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +187,16 @@ def add_TranscriptionServiceServicer_to_server(servicer, server):
                     servicer.WatchTranscription,
                     request_deserializer=mp4totext_dot_v1_dot_transcription__pb2.WatchTranscriptionRequest.FromString,
                     response_serializer=mp4totext_dot_v1_dot_transcription__pb2.WatchTranscriptionResponse.SerializeToString,
+            ),
+            'ExportTranscription': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportTranscription,
+                    request_deserializer=mp4totext_dot_v1_dot_transcription__pb2.ExportTranscriptionRequest.FromString,
+                    response_serializer=mp4totext_dot_v1_dot_transcription__pb2.ExportTranscriptionResponse.SerializeToString,
+            ),
+            'GetCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCapabilities,
+                    request_deserializer=mp4totext_dot_v1_dot_transcription__pb2.GetCapabilitiesRequest.FromString,
+                    response_serializer=mp4totext_dot_v1_dot_transcription__pb2.Capabilities.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -327,6 +364,60 @@ class TranscriptionService:
             '/mp4totext.v1.TranscriptionService/WatchTranscription',
             mp4totext_dot_v1_dot_transcription__pb2.WatchTranscriptionRequest.SerializeToString,
             mp4totext_dot_v1_dot_transcription__pb2.WatchTranscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTranscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mp4totext.v1.TranscriptionService/ExportTranscription',
+            mp4totext_dot_v1_dot_transcription__pb2.ExportTranscriptionRequest.SerializeToString,
+            mp4totext_dot_v1_dot_transcription__pb2.ExportTranscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mp4totext.v1.TranscriptionService/GetCapabilities',
+            mp4totext_dot_v1_dot_transcription__pb2.GetCapabilitiesRequest.SerializeToString,
+            mp4totext_dot_v1_dot_transcription__pb2.Capabilities.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,9 @@ class TranscribeOptions:
     beam_size: int = 5
     vad_filter: bool = True
     word_timestamps: bool = True
+    task: str = "transcribe"  # or "translate" (to English; multilingual models only)
+    initial_prompt: str | None = None
+    hotwords: tuple[str, ...] = ()
 
 
 class ModelUnavailable(RuntimeError):
@@ -65,6 +68,9 @@ def transcribe(model: Any, audio: np.ndarray, options: TranscribeOptions,
         vad_filter=options.vad_filter,
         word_timestamps=options.word_timestamps,
         condition_on_previous_text=False,
+        task=options.task,
+        initial_prompt=options.initial_prompt or None,
+        hotwords=", ".join(options.hotwords) or None,
     )
     segments: list[dict[str, Any]] = []
     for seg in segments_iter:
@@ -93,6 +99,7 @@ def transcribe(model: Any, audio: np.ndarray, options: TranscribeOptions,
         "speech_duration": round(float(getattr(info, "duration_after_vad", duration) or 0.0), 3),
         "segments": segments,
         "model": model_name,
+        "task": options.task,
         "recognition_s": round(time.monotonic() - started, 3),
     }
 

@@ -1,0 +1,247 @@
+"""Speaker diarization with pyannote.audio, and attribution of words and segments to speakers.
+
+``load_pipeline`` and ``diarize`` need the optional ``diarize`` extra (torch, torchaudio,
+pyannote.audio); ``assign_speakers`` is pure Python and is what the tests check on
+hand-written turn sequences.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from workers.stages.media import SAMPLE_RATE
+
+DEFAULT_PIPELINE = "pyannote/speaker-diarization-community-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    start: float
+    end: float
+    speaker: str
+
+
+class DiarizationUnavailable(RuntimeError):
+    """No pipeline can be loaded here (an operator problem; the message says how to fix it)."""
+
+
+HOW_TO = ("install the diarize extra (pip install 'mp4totext[diarize]'), set MP4T_DIARIZATION_PIPELINE to a "
+          "local pyannote pipeline directory (with config.yaml) or to a Hugging Face pipeline id with HF_TOKEN "
+          "set, and run a worker for the diarize queue (mp4totext worker --queues diarize)")
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or pathlib.Path(source).exists()
+
+
+@functools.lru_cache(maxsize=2)
+def load_pipeline(source: str, device: str = "auto", token: str = "") -> Any:
+    """Load a pyannote pipeline once per process: a local directory/config.yaml or a HF id."""
+    # pyannote.audio sends usage telemetry to an external server unless told not to; a
+    # self-hosted backend keeps it off unless the operator explicitly turns it on.
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+    if not source:
+        raise DiarizationUnavailable(f"no diarization pipeline is configured: {HOW_TO}")
+    local = _is_local(source)
+    if local:
+        path = pathlib.Path(source).expanduser()
+        if not (path / "config.yaml").exists() and not (path.is_file() and path.suffix in (".yaml", ".yml")):
+            raise DiarizationUnavailable(f"MP4T_DIARIZATION_PIPELINE={source!r} is not a pipeline directory "
+                                         f"(no config.yaml in it): {HOW_TO}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is on disk: never reach the hub
+        source = str(path)
+    elif not token:
+        raise DiarizationUnavailable(
+            f"the diarization pipeline {source!r} is on Hugging Face and needs an access token (HF_TOKEN) "
+            f"after accepting its user conditions; or {HOW_TO}")
+    try:
+        import torch
+        from pyannote.audio import Pipeline
+    except ImportError as exc:
+        raise DiarizationUnavailable(f"pyannote.audio is not installed ({exc}): {HOW_TO}") from exc
+    try:
+        pipeline = Pipeline.from_pretrained(source, token=token or None)
+    except Exception as exc:
+        raise DiarizationUnavailable(f"cannot load the diarization pipeline {source!r} ({type(exc).__name__}: "
+                                     f"{exc}): {HOW_TO}") from exc
+    if pipeline is None:
+        raise DiarizationUnavailable(f"the diarization pipeline {source!r} could not be fetched: {HOW_TO}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline.to(torch.device(device))
+    return pipeline
+
+
+ProgressHook = Callable[[float], None]
+
+
+def diarize(pipeline: Any, audio: np.ndarray, min_speakers: int = 0, max_speakers: int = 0,
+            on_progress: ProgressHook | None = None) -> list[Turn]:
+    """Speaker turns of 16 kHz mono float32 ``audio``, run on the in-memory waveform.
+
+    ``on_progress(fraction)`` is called as the pipeline advances; it may raise to stop.
+    Turns are clipped to the audio and sorted by start time.
+    """
+    import torch
+
+    duration = len(audio) / SAMPLE_RATE
+    waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
+    kwargs: dict[str, Any] = {}
+    if min_speakers:
+        kwargs["min_speakers"] = min_speakers
+    if max_speakers:
+        kwargs["max_speakers"] = max_speakers
+
+    steps = {"segmentation": 0.0, "speaker_counting": 0.3, "embeddings": 0.3, "discrete_diarization": 0.95}
+
+    def hook(step_name: str, _artifact: Any, file: Any = None, total: int | None = None,
+             completed: int | None = None) -> None:
+        if on_progress is None:
+            return
+        base = steps.get(step_name, 0.0)
+        if step_name == "embeddings" and total:
+            on_progress(0.3 + 0.65 * (completed or 0) / total)
+        else:
+            on_progress(base)
+
+    output = pipeline({"waveform": waveform, "sample_rate": SAMPLE_RATE}, hook=hook, **kwargs)
+    annotation = getattr(output, "speaker_diarization", output)  # 4.x DiarizeOutput or 3.x Annotation
+    turns = []
+    for segment, _track, label in annotation.itertracks(yield_label=True):
+        start, end = max(0.0, float(segment.start)), min(duration, float(segment.end))
+        if end > start:
+            turns.append(Turn(round(start, 3), round(end, 3), str(label)))
+    turns.sort(key=lambda t: (t.start, t.end, t.speaker))
+    return relabel(turns)
+
+
+def relabel(turns: Iterable[Turn]) -> list[Turn]:
+    """Name speakers SPEAKER_00, SPEAKER_01... in order of first speech."""
+    turns = sorted(turns, key=lambda t: (t.start, t.end))
+    names: dict[str, str] = {}
+    for t in turns:
+        names.setdefault(t.speaker, f"SPEAKER_{len(names):02d}")
+    return [Turn(t.start, t.end, names[t.speaker]) for t in turns]
+
+
+# ---------------------------------------------------------------- attribution (pure)
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+def _gap(a0: float, a1: float, b0: float, b1: float) -> float:
+    """Distance between two intervals (0 when they touch or overlap)."""
+    return max(0.0, b0 - a1, a0 - b1)
+
+
+def speaker_for(start: float, end: float, turns: list[Turn]) -> str | None:
+    """The speaker with the largest total overlap with [start, end]; in silence, the nearest turn.
+
+    Ties go to the speaker who spoke first (deterministic). None when there are no turns.
+    """
+    if not turns:
+        return None
+    totals: dict[str, float] = {}
+    order: dict[str, int] = {}
+    for i, t in enumerate(turns):
+        order.setdefault(t.speaker, i)
+        ov = _overlap(start, end, t.start, t.end)
+        if ov > 0:
+            totals[t.speaker] = totals.get(t.speaker, 0.0) + ov
+    if totals:
+        return max(totals, key=lambda s: (totals[s], -order[s]))
+    mid = (start + end) / 2
+    best = min(turns, key=lambda t: (_gap(start, end, t.start, t.end), abs((t.start + t.end) / 2 - mid),
+                                     order[t.speaker]))
+    return best.speaker
+
+
+def speaking_time(turns: list[Turn]) -> dict[str, float]:
+    """Per speaker, the length of the union of their turns."""
+    out: dict[str, float] = {}
+    by_speaker: dict[str, list[Turn]] = {}
+    for t in turns:
+        by_speaker.setdefault(t.speaker, []).append(t)
+    for spk, ts in by_speaker.items():
+        total, cur0, cur1 = 0.0, None, None
+        for t in sorted(ts, key=lambda t: t.start):
+            if cur1 is None or t.start > cur1:
+                if cur1 is not None:
+                    total += cur1 - cur0
+                cur0, cur1 = t.start, t.end
+            else:
+                cur1 = max(cur1, t.end)
+        if cur1 is not None:
+            total += cur1 - cur0
+        out[spk] = round(total, 3)
+    return out
+
+
+def _join(words: list[dict[str, Any]]) -> str:
+    # faster-whisper words carry their leading space (" word"): concatenating restores the text.
+    return "".join(w["word"] for w in words).strip()
+
+
+def assign_speakers(result: dict[str, Any], turns: list[Turn]) -> dict[str, Any]:
+    """A copy of a transcription result with speakers on every word and segment.
+
+    Words take the speaker with the largest overlap (nearest turn when in silence); a
+    segment is split wherever its words change speaker; segments without word
+    timestamps take the speaker overlapping them most. Adds ``speakers`` (in order of
+    first speech, with speaking time from the turns and word counts) and ``speaker_count``.
+    """
+    segments_out: list[dict[str, Any]] = []
+    word_counts: dict[str, int] = {}
+    for seg in result.get("segments", []):
+        words = [dict(w, speaker=speaker_for(w["start"], w["end"], turns)) for w in seg.get("words", [])]
+        for w in words:
+            if w["speaker"] is not None:
+                word_counts[w["speaker"]] = word_counts.get(w["speaker"], 0) + 1
+        if not words:
+            segments_out.append(dict(seg, speaker=speaker_for(seg["start"], seg["end"], turns)))
+            continue
+        runs: list[list[dict[str, Any]]] = []
+        for w in words:
+            if runs and runs[-1][-1]["speaker"] == w["speaker"]:
+                runs[-1].append(w)
+            else:
+                runs.append([w])
+        if len(runs) == 1:
+            segments_out.append(dict(seg, words=words, speaker=words[0]["speaker"]))
+            continue
+        for i, run in enumerate(runs):
+            segments_out.append(dict(
+                seg, words=run, speaker=run[0]["speaker"], text=_join(run),
+                start=seg["start"] if i == 0 else run[0]["start"],
+                end=seg["end"] if i == len(runs) - 1 else run[-1]["end"],
+            ))
+    for i, seg in enumerate(segments_out):
+        seg["id"] = i
+    times = speaking_time(turns)
+    first: dict[str, float] = {}
+    for t in turns:
+        first.setdefault(t.speaker, t.start)
+    speakers = [{"label": s, "speaking_s": times.get(s, 0.0), "words": word_counts.get(s, 0)}
+                for s in sorted(first, key=lambda s: first[s])]
+    out = dict(result, segments=segments_out, speakers=speakers, speaker_count=len(speakers))
+    return out
+
+
+def run_stage(pipeline: Any, audio: np.ndarray, result: dict[str, Any], min_speakers: int = 0,
+              max_speakers: int = 0, on_progress: ProgressHook | None = None,
+              pipeline_name: str = "") -> dict[str, Any]:
+    """Diarize and merge: the whole stage as one pure-ish function (pipeline in, result out)."""
+    started = time.monotonic()
+    turns = diarize(pipeline, audio, min_speakers, max_speakers, on_progress)
+    merged = assign_speakers(result, turns)
+    merged["diarization"] = {"state": "SUCCEEDED", "error_message": "", "pipeline": pipeline_name,
+                             "processing_s": round(time.monotonic() - started, 3), "turns": len(turns)}
+    return merged
