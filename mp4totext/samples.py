@@ -53,6 +53,48 @@ def make_media(text: str, path: str, voice: str = "en-us", video: bool = True, s
     return path
 
 
+DIALOGUE = [
+    ("en-us+m3", "Good morning everyone. Today we look at how a transcription service stays reliable."),
+    ("en-gb+f4", "Thank you. Could you start with what happens when a worker crashes in the middle of a job?"),
+    ("en-us+m3", "The message is not acknowledged, so the broker delivers it again to another worker."),
+    ("en-gb+f4", "And how do you make sure the same job is not finished twice?"),
+    ("en-us+m3", "Every stage is claimed in the database first, so a duplicate message simply stops."),
+    ("en-gb+f4", "That makes sense. Thank you for explaining it so clearly."),
+]
+
+
+def make_dialogue(path: str, turns: list[tuple[str, str]] | None = None, pause_s: float = 0.6,
+                  repeat: int = 1) -> tuple[str, list[tuple[float, float, str]]]:
+    """Two (or more) espeak-ng voices taking turns; returns the path and the true turns
+    (start, end, voice) in seconds."""
+    import wave
+
+    turns = (turns or DIALOGUE) * repeat
+    truth: list[tuple[float, float, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        frames, rate, pos = bytearray(), 0, 0.0
+        for i, (voice, text) in enumerate(turns):
+            part = os.path.join(tmp, f"{i}.wav")
+            speech_wav(text, part, voice)
+            with wave.open(part, "rb") as w:
+                rate, width = w.getframerate(), w.getsampwidth()
+                data = w.readframes(w.getnframes())
+            seconds = len(data) / (rate * width)
+            truth.append((round(pos, 3), round(pos + seconds, 3), voice))
+            silence = bytes(int(rate * pause_s) * width)
+            frames += data + silence
+            pos += seconds + pause_s
+        wav = os.path.join(tmp, "dialogue.wav")
+        with wave.open(wav, "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(rate)
+            out.writeframes(bytes(frames))
+        subprocess.run([require("ffmpeg"), "-nostdin", "-v", "error", "-y", "-i", wav, "-c:a", "aac", "-b:a", "64k",
+                        path], check=True, capture_output=True)
+    return path, truth
+
+
 def lecture_text(seconds: float) -> str:
     """About ``seconds`` of speech at espeak's default rate (~2.6 words/s)."""
     words_needed = int(seconds * 2.6)

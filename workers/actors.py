@@ -180,8 +180,8 @@ def transcribe_job(job_id: str) -> None:
     deadline = started + s.job_time_limit_s
     last_report = [0.0]
     speakers = wants_speakers(job)
-    span = (jobs.STAGE_PERCENT[Stage.TRANSCRIBING],
-            jobs.STAGE_PERCENT[Stage.DIARIZING if speakers else Stage.FINALIZING])
+    pct_span = (jobs.STAGE_PERCENT[Stage.TRANSCRIBING],
+                jobs.STAGE_PERCENT[Stage.DIARIZING if speakers else Stage.FINALIZING])
 
     def on_progress(processed_s: float) -> None:
         now = time.monotonic()
@@ -190,7 +190,7 @@ def transcribe_job(job_id: str) -> None:
         if now - last_report[0] < s.progress_interval_s:
             return
         last_report[0] = now
-        row = jobs.report_progress(job_id, msg_id, processed_s, duration, span=span)
+        row = jobs.report_progress(job_id, msg_id, processed_s, duration, span=pct_span)
         if row.cancel_requested:
             raise Cancelled()
 

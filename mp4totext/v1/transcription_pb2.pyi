@@ -112,18 +112,26 @@ class DiarizationConfig(_message.Message):
     def __init__(self, enable_speaker_diarization: _Optional[bool] = ..., min_speaker_count: _Optional[int] = ..., max_speaker_count: _Optional[int] = ...) -> None: ...
 
 class TranscriptionConfig(_message.Message):
-    __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority")
+    __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority", "diarization_config", "task", "initial_prompt", "hotwords")
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENABLE_VAD_FIELD_NUMBER: _ClassVar[int]
     ENABLE_WORD_TIME_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DIARIZATION_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    HOTWORDS_FIELD_NUMBER: _ClassVar[int]
     language_code: str
     beam_size: int
     enable_vad: bool
     enable_word_time_offsets: bool
     priority: Priority
-    def __init__(self, language_code: _Optional[str] = ..., beam_size: _Optional[int] = ..., enable_vad: _Optional[bool] = ..., enable_word_time_offsets: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
+    diarization_config: DiarizationConfig
+    task: TranscriptionTask
+    initial_prompt: str
+    hotwords: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, language_code: _Optional[str] = ..., beam_size: _Optional[int] = ..., enable_vad: _Optional[bool] = ..., enable_word_time_offsets: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ..., diarization_config: _Optional[_Union[DiarizationConfig, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Word(_message.Message):
     __slots__ = ("word", "start_offset", "end_offset", "probability", "speaker_label")

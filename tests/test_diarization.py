@@ -1,0 +1,154 @@
+"""Speaker recognition through the real stack: a worker on the "diarize" queue loads a pyannote
+pipeline from a local directory (pyannote's own model classes, untrained weights: pretrained
+ones cannot be downloaded here) through the same code path as a pretrained pipeline, and runs
+the real stage on real two-voice speech. Labels from untrained weights are meaningless, so the
+assertions are about shape and time consistency; attribution logic with known answers is in
+test_speakers_merge.py."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import pathlib
+import signal
+from typing import Any, Iterator
+
+import grpc
+import pytest
+import srt
+
+from mp4totext import samples
+from mp4totext.v1 import transcription_pb2 as tpb
+from tests.conftest import Stack, need, wait_for
+
+
+def secs(d: Any) -> float:
+    return d.ToTimedelta().total_seconds()
+
+
+@pytest.fixture(scope="module")
+def dialogue(media_dir: pathlib.Path) -> tuple[pathlib.Path, list[tuple[float, float, str]]]:
+    path, truth = samples.make_dialogue(str(media_dir / "dialogue.m4a"))
+    return pathlib.Path(path), truth
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack, key_a: str) -> Iterator[Any]:
+    from mp4totext.client import Client
+
+    with Client(stack.target, key_a) as c:
+        yield c
+
+
+def speakers_config(**kw: int) -> dict[str, Any]:
+    return {"diarization_config": tpb.DiarizationConfig(enable_speaker_diarization=True, **kw)}
+
+
+def test_speakers_refused_when_no_diarization_worker(client: Any, speech_mp4: pathlib.Path) -> None:
+    """Runs before the module starts a diarize worker: refused at creation, never silently ignored."""
+    caps = client.capabilities()
+    assert not caps.diarization_available
+    assert "MP4T_DIARIZATION_PIPELINE" in caps.diarization_unavailable_reason
+    media = client.upload(str(speech_mp4))
+    with pytest.raises(grpc.RpcError) as err:
+        client.create(media.name, **speakers_config())
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "diarize" in err.value.details() and "MP4T_DIARIZATION_PIPELINE" in err.value.details()
+
+
+@pytest.fixture(scope="module")
+def diarize_worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory, client: Any) -> Iterator[Any]:
+    need(importlib.util.find_spec("pyannote.audio") is not None, "pyannote.audio (pip install -e '.[diarize]')")
+    from workers.stages.untrained_pipeline import build
+
+    pipeline_dir = build(tmp_path_factory.mktemp("pipeline") / "untrained-community-1-layout")
+    proc = stack.start_worker("diarize", MP4T_DIARIZATION_PIPELINE=str(pipeline_dir))
+    wait_for(lambda: client.capabilities().diarization_available, 30, "the diarize worker to register")
+    yield proc
+    proc.stop()
+    stack.workers.pop("diarize", None)
+
+
+def test_capabilities(client: Any, diarize_worker: Any) -> None:
+    caps = client.capabilities()
+    assert caps.diarization_available and not caps.diarization_unavailable_reason
+    assert caps.model == "tiny.en" and not caps.multilingual and not caps.translation_available
+    assert set(caps.export_formats) == {tpb.EXPORT_FORMAT_TXT, tpb.EXPORT_FORMAT_SRT, tpb.EXPORT_FORMAT_VTT,
+                                        tpb.EXPORT_FORMAT_JSON, tpb.EXPORT_FORMAT_TSV}
+
+
+@pytest.fixture(scope="module")
+def diarized(client: Any, diarize_worker: Any, dialogue: tuple[pathlib.Path, list]) -> dict[str, Any]:
+    path, truth = dialogue
+    media = client.upload(str(path))
+    job = client.create(media.name, **speakers_config(min_speaker_count=1, max_speaker_count=3))
+    stages = [ev.stage for ev in client.watch(job.name)]
+    done = client.get(job.name)
+    return {"job": done, "stages": stages, "truth": truth}
+
+
+def test_words_and_segments_carry_consistent_speakers(diarized: dict[str, Any]) -> None:
+    job = diarized["job"]
+    assert job.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED, job.error_message
+    assert tpb.TRANSCRIPTION_STAGE_DIARIZING in diarized["stages"]
+    r = job.result
+    assert r.diarization.state == tpb.DIARIZATION_STATE_SUCCEEDED
+    assert r.diarization.pipeline == "untrained-community-1-layout" and secs(r.diarization.processing_duration) > 0
+    assert job.config.diarization_config.max_speaker_count == 3
+    duration = secs(r.duration)
+    assert 25 < duration < 40
+    labels = [s.speaker_label for s in r.speakers]
+    assert 1 <= r.speaker_count == len(labels) <= 3
+    assert labels == [f"SPEAKER_{i:02d}" for i in range(len(labels))]
+    assert all(0 < secs(s.speaking_duration) <= duration + 0.01 for s in r.speakers)
+    words = [w for s in r.segments for w in s.words]
+    assert len(words) > 40
+    assert sum(s.word_count for s in r.speakers) == len(words)
+    prev_start = -1.0
+    for i, s in enumerate(r.segments):
+        assert s.id == i
+        start, end = secs(s.start_offset), secs(s.end_offset)
+        assert prev_start <= start < end <= duration + 0.01
+        prev_start = start
+        assert s.speaker_label in labels
+        for w in s.words:  # a segment holds one speaker's words (split where the speaker changes)
+            assert w.speaker_label == s.speaker_label
+            assert start - 0.01 <= secs(w.start_offset) <= secs(w.end_offset) <= end + 0.01
+    assert samples.word_error_rate(" ".join(t for _v, t in samples.DIALOGUE), r.text) < 0.4, r.text
+
+
+def test_speaker_export_is_valid_srt(client: Any, diarized: dict[str, Any]) -> None:
+    data = client.export(diarized["job"].name, "srt", max_line_length=40)
+    subs = list(srt.parse(io.StringIO(data.decode()).read()))
+    assert subs and "[SPEAKER_00]" in subs[0].content
+    assert all(len(line) <= 40 for s in subs for line in s.content.split("\n"))
+    txt = client.export(diarized["job"].name, "txt").decode()
+    assert txt.startswith("SPEAKER_00: ")
+
+
+def test_diarization_failure_keeps_the_transcript(stack: Stack, client: Any, diarize_worker: Any,
+                                                  speech_mp4: pathlib.Path, s3_client: Any) -> None:
+    """The audio vanishes between transcription and speaker recognition: the job still
+    SUCCEEDS with its transcript, and says that (and why) it has no speakers."""
+    from storage.db import Media, Transcription, database
+
+    diarize_worker.kill(signal.SIGSTOP)
+    try:
+        media = client.upload(str(speech_mp4))
+        job = client.create(media.name, **speakers_config())
+        wait_for(lambda: client.get(job.name, basic=True).stage == tpb.TRANSCRIPTION_STAGE_DIARIZING, 180,
+                 "transcription done, waiting for speakers")
+        with database.connection_context():
+            audio_key = Media.get_by_id(media.name.split("/")[1]).audio_key
+        s3_client.remove_object(stack.s3["bucket"], audio_key)
+    finally:
+        diarize_worker.kill(signal.SIGCONT)
+    done = client.wait(job.name, timeout=180)
+    assert done.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED
+    assert len(done.result.text) > 20 and done.result.segments
+    assert done.result.diarization.state == tpb.DIARIZATION_STATE_FAILED
+    assert done.result.diarization.error_message
+    assert done.warnings and "speaker recognition failed" in done.warnings[0]
+    assert done.result.speaker_count == 0
+    assert all(not w.speaker_label for s in done.result.segments for w in s.words)
+    with database.connection_context():
+        assert Transcription.get_by_id(job.name.split("/")[1]).total_attempts >= 2
