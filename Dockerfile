@@ -1,6 +1,8 @@
 # mp4totext CPU image: gRPC server and workers (`mp4totext serve`, `mp4totext worker --queues ...`).
 # Secrets and addresses come from the environment at run time (docker-compose.yml, deploy/example.env).
 FROM python:3.11-slim-bookworm AS build
+# EXTRAS=diarize builds the speaker-recognition worker image (torch + pyannote.audio).
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mp4totext ./mp4totext
@@ -8,7 +10,8 @@ COPY server ./server
 COPY workers ./workers
 COPY storage ./storage
 COPY observability ./observability
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN if [ -n "$EXTRAS" ]; then spec=".[$EXTRAS]"; else spec="."; fi \
+ && pip wheel --no-cache-dir --wheel-dir /wheels "$spec"
 
 FROM python:3.11-slim-bookworm
 RUN apt-get update \

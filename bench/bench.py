@@ -10,6 +10,10 @@
    same file to the same S3 server, and the server's RSS growth during the upload.
 4. Through HAProxy (haproxy/haproxy.cfg) in front of two server replicas vs straight to one
    server, same run: upload time, end-to-end time and unary RPC (GetMedia) p50 latency.
+5. Speaker recognition on a 33 s two-voice dialogue on CPU: the diarize worker's stage time
+   and real-time factor, its peak RSS, against the bare pyannote pipeline call on the same
+   waveform in this process. Pretrained weights cannot be downloaded here, so the pipeline
+   has pyannote's community-1 architecture with untrained weights (same compute).
 
 Targets: e2e/bare <= 1.15 embedded, <= 1.25 with RabbitMQ + S3; upload >= 0.8 of direct put;
 server RSS growth < 64 MiB for a 256 MiB upload; HAProxy adds <= 10 % to upload time and
@@ -110,6 +114,7 @@ def main() -> int:
     ap.add_argument("--skip-distributed", action="store_true")
     ap.add_argument("--upload-only", action="store_true", help="only the upload figures")
     ap.add_argument("--skip-haproxy", action="store_true", help="skip part 4 (HAProxy vs direct)")
+    ap.add_argument("--skip-diarization", action="store_true", help="skip part 5 (speaker recognition)")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="mp4t-bench-"))
     log_dir = tmp / "logs"
@@ -156,6 +161,8 @@ def main() -> int:
                     rows.append(("RabbitMQ+S3 end-to-end (s)", f"{e2e_dist:.3f}"))
                     rows.append(("RabbitMQ+S3 / bare (target <= 1.25)", f"{e2e_dist / bare:.3f}"))
                 rows += upload_figures(target, key, endpoint, server, tmp, args.upload_mib)
+                if not args.skip_diarization and not args.upload_only:
+                    rows += diarization_figures(wenv, target, key, tmp, log_dir, procs)
                 if not args.skip_haproxy:
                     rows += haproxy_figures(denv, (port, http_port, agent_port), key, speech, tmp, log_dir, procs,
                                             args)
@@ -214,6 +221,53 @@ def upload_figures(target: str, key: str, endpoint: str, server: Proc, tmp: path
         (f"gRPC upload {mib} MiB (MiB/s)", f"{mib / grpc_s:.1f}"),
         ("gRPC / direct throughput (target >= 0.8)", f"{direct_s / grpc_s:.3f}"),
         ("server RSS growth during upload (MiB, target < 64)", f"{rss.growth / MiB:.1f}"),
+    ]
+
+
+def diarization_figures(env: dict[str, str], target: str, key: str, tmp: pathlib.Path, log_dir: pathlib.Path,
+                        procs: list[Proc]) -> list[tuple[str, str]]:
+    import importlib.util
+
+    if importlib.util.find_spec("pyannote.audio") is None:
+        return [("speaker recognition", "skipped: pip install -e '.[diarize]'")]
+    from mp4totext.v1 import transcription_pb2 as tpb
+    from workers.stages.diarize import load_pipeline
+    from workers.stages.media import extract_audio, load_wav
+    from workers.stages.untrained_pipeline import build
+
+    pipeline_dir = build(tmp / "pipeline")
+    dialogue, _truth = samples.make_dialogue(str(tmp / "dialogue.m4a"))
+    worker = Proc("worker-diarize", [PY, "-m", "mp4totext.cli", "worker", "--queues", "diarize"],
+                  {**env, "MP4T_DIARIZATION_PIPELINE": str(pipeline_dir)}, log_dir)
+    procs.append(worker)
+    wait_for(lambda: "worker_started" in worker.log() or not worker.alive(), 180, "diarize worker")
+    # Baseline: the bare pipeline on the same waveform, in this process (loaded once, warm run).
+    extract_audio(dialogue, str(tmp / "dialogue.wav"), "ffmpeg")
+    audio = load_wav(str(tmp / "dialogue.wav"))
+    pipe = load_pipeline(str(pipeline_dir), "cpu", "", config.Settings().diarization_batch_size)
+    import torch
+
+    waveform = {"waveform": torch.from_numpy(audio)[None], "sample_rate": 16000}
+    pipe(waveform)
+    t = time.perf_counter()
+    pipe(waveform)
+    bare = time.perf_counter() - t
+    with Client(target, key) as c:
+        media = c.upload(dialogue)
+        cfg = tpb.DiarizationConfig(enable_speaker_diarization=True)
+        c.wait(c.create(media.name, diarization_config=cfg).name)  # warm-up job
+        with PeakRss(worker.pid) as rss:
+            done = c.wait(c.create(media.name, diarization_config=cfg).name)
+    stage = done.result.diarization.processing_duration.ToTimedelta().total_seconds()
+    audio_s = len(audio) / 16000
+    return [
+        ("dialogue length (s)", f"{audio_s:.1f}"),
+        ("bare pyannote pipeline, CPU (s)", f"{bare:.2f}"),
+        ("diarize stage in the worker (s)", f"{stage:.2f}"),
+        ("diarize stage / bare pipeline", f"{stage / bare:.3f}"),
+        ("diarize stage real-time factor (stage s / audio s)", f"{stage / audio_s:.3f}"),
+        ("diarize worker peak RSS during the job (MiB)", f"{rss.peak / MiB:.0f}"),
+        ("diarize worker RSS growth during the job (MiB)", f"{rss.growth / MiB:.0f}"),
     ]
 
 

@@ -38,8 +38,11 @@ def test_compose_services_and_policies(compose: dict[str, Any]) -> None:
                  "minio-init", "postgres", "jaeger", "prometheus", "grafana"):
         assert name in services, name
     assert services["api"]["deploy"]["replicas"] >= 2
-    queues = {n: s["command"][-1] for n, s in services.items() if n.startswith("worker-") and "gpu" not in n}
+    queues = {n: s["command"][-1] for n, s in services.items() if n.startswith("worker-") and not s.get("profiles")}
     assert queues == {"worker-critical": "critical", "worker-high": "high", "worker-low": "default,low"}
+    assert services["worker-diarize"]["command"][-1] == "diarize"
+    assert services["worker-diarize"]["profiles"] == ["diarization"]
+    assert services["worker-diarize"]["build"]["args"]["EXTRAS"] == "diarize"
     for name, svc in services.items():
         if name != "minio-init":
             assert svc.get("restart") == "unless-stopped", name

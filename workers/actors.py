@@ -320,7 +320,7 @@ def diarize_job(job_id: str) -> None:
             wav = os.path.join(tmp, "audio.wav")
             rt.store.get_file(media.audio_key, wav)
             audio = load_wav(wav)
-        pipeline = load_pipeline(s.diarization_pipeline, s.diarization_device, s.hf_token)
+        pipeline = load_pipeline(s.diarization_pipeline, s.diarization_device, s.hf_token, s.diarization_batch_size)
         with tracing.stage_span("pyannote diarization", **{"mp4t.media.duration_s": round(len(audio) / 16000, 3),
                                                            "mp4t.diarization.pipeline": s.diarization_pipeline}) as span:
             result = run_stage(pipeline, audio, job.result or {}, int(dia.get("min_speakers") or 0),

@@ -32,7 +32,8 @@ def prewarm_diarization(settings: Settings) -> float:
     from workers.stages.diarize import load_pipeline
 
     started = time.monotonic()
-    load_pipeline(settings.diarization_pipeline, settings.diarization_device, settings.hf_token)
+    load_pipeline(settings.diarization_pipeline, settings.diarization_device, settings.hf_token,
+                  settings.diarization_batch_size)
     return time.monotonic() - started
 
 

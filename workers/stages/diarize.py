@@ -41,8 +41,12 @@ def _is_local(source: str) -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def load_pipeline(source: str, device: str = "auto", token: str = "") -> Any:
-    """Load a pyannote pipeline once per process: a local directory/config.yaml or a HF id."""
+def load_pipeline(source: str, device: str = "auto", token: str = "", batch_size: int = 0) -> Any:
+    """Load a pyannote pipeline once per process: a local directory/config.yaml or a HF id.
+
+    ``batch_size`` (0 = the pipeline's own) bounds the segmentation and embedding batches,
+    which decide the stage's peak memory.
+    """
     # pyannote.audio sends usage telemetry to an external server unless told not to; a
     # self-hosted backend keeps it off unless the operator explicitly turns it on.
     os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
@@ -75,6 +79,12 @@ def load_pipeline(source: str, device: str = "auto", token: str = "") -> Any:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline.to(torch.device(device))
+    if batch_size > 0:
+        if hasattr(pipeline, "embedding_batch_size"):
+            pipeline.embedding_batch_size = batch_size
+        segmentation = getattr(pipeline, "_segmentation", None)
+        if segmentation is not None and hasattr(segmentation, "batch_size"):
+            segmentation.batch_size = batch_size
     return pipeline
 
 
