@@ -56,8 +56,10 @@ def _visible(line: str) -> str:
 
 @pytest.mark.parametrize("speakers", [True, False])
 @pytest.mark.parametrize("with_words", [True, False])
-@pytest.mark.parametrize("opts", [SubtitleOptions(), SubtitleOptions(max_line_length=20, max_lines=1, max_duration_s=2.0)])
-def test_srt_parses_with_ordered_timing_and_line_limits(speakers: bool, with_words: bool, opts: SubtitleOptions) -> None:
+@pytest.mark.parametrize("opts", [SubtitleOptions(),
+                                  SubtitleOptions(max_line_length=20, max_lines=1, max_duration_s=2.0)])
+def test_srt_parses_with_ordered_timing_and_line_limits(speakers: bool, with_words: bool,
+                                                        opts: SubtitleOptions) -> None:
     r = result(speakers, with_words)
     subs = list(srt.parse(text("srt", r, opts)))
     assert len(subs) >= 3

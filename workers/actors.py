@@ -321,8 +321,9 @@ def diarize_job(job_id: str) -> None:
             rt.store.get_file(media.audio_key, wav)
             audio = load_wav(wav)
         pipeline = load_pipeline(s.diarization_pipeline, s.diarization_device, s.hf_token, s.diarization_batch_size)
-        with tracing.stage_span("pyannote diarization", **{"mp4t.media.duration_s": round(len(audio) / 16000, 3),
-                                                           "mp4t.diarization.pipeline": s.diarization_pipeline}) as span:
+        span_attrs = {"mp4t.media.duration_s": round(len(audio) / 16000, 3),
+                      "mp4t.diarization.pipeline": s.diarization_pipeline}
+        with tracing.stage_span("pyannote diarization", **span_attrs) as span:
             result = run_stage(pipeline, audio, job.result or {}, int(dia.get("min_speakers") or 0),
                                int(dia.get("max_speakers") or 0), on_progress, pipeline_label(s.diarization_pipeline))
             span.set_attributes({"mp4t.speaker_count": result["speaker_count"],
@@ -353,8 +354,9 @@ def diarize_job(job_id: str) -> None:
     audio_s = len(audio) / 16000
     done = jobs.stage_done(job_id, msg_id, Stage.FINALIZING, result=result)
     _stage_metrics("diarize", "diarized" if done else "lost_claim", started)
-    metrics.REALTIME_FACTOR.labels("diarize", pipeline_label(s.diarization_pipeline)).observe(elapsed / max(audio_s, 1e-6))
-    metrics.MEDIA_SECONDS.labels("diarize", pipeline_label(s.diarization_pipeline)).inc(audio_s)
+    label = pipeline_label(s.diarization_pipeline)
+    metrics.REALTIME_FACTOR.labels("diarize", label).observe(elapsed / max(audio_s, 1e-6))
+    metrics.MEDIA_SECONDS.labels("diarize", label).inc(audio_s)
     log.info("stage_finished", outcome="diarized" if done else "lost_claim", duration_s=round(elapsed, 3),
              speakers=result["speaker_count"], rtf=round(elapsed / max(audio_s, 1e-6), 4))
     if done is not None:

@@ -114,7 +114,8 @@ def _cues_from_segment(seg: dict[str, Any], opts: SubtitleOptions, with_speakers
                        prev_speaker: str | None) -> list[Cue]:
     speaker = seg.get("speaker") or ""
     words = _clean(seg["text"]).split(" ")
-    label = with_speakers and bool(speaker) and speaker != prev_speaker and _fits(words[0], opts, _prefix(speaker, True))
+    label = (with_speakers and bool(speaker) and speaker != prev_speaker
+             and _fits(words[0], opts, _prefix(speaker, True)))
     pieces: list[str] = []
     for word in words:
         prefix = _prefix(speaker, label and not pieces[1:])  # only the first piece carries the label
@@ -197,7 +198,8 @@ def to_tsv(result: dict[str, Any]) -> Iterator[str]:
     for seg in result.get("segments", []):
         text = _clean(seg.get("text", "")).replace("\t", " ")
         if text:
-            yield f"{int(round(seg['start'] * 1000))}\t{int(round(seg['end'] * 1000))}\t{seg.get('speaker') or ''}\t{text}\n"
+            start_ms, end_ms = int(round(seg["start"] * 1000)), int(round(seg["end"] * 1000))
+            yield f"{start_ms}\t{end_ms}\t{seg.get('speaker') or ''}\t{text}\n"
 
 
 def to_json(document: dict[str, Any]) -> Iterator[str]:
