@@ -224,7 +224,13 @@ class TracingMiddleware(_Middleware):
         attrs = {k: v for k, v in _messaging_attrs(message).items() if v is not None}
         if delay:
             attrs["messaging.dramatiq.delay_ms"] = int(delay)
-        span = tracer().start_span(f"{message.actor_name} publish", kind=SpanKind.PRODUCER, attributes=attrs)
+        # Re-published without a current span (a delayed retry moved from the delay queue by the
+        # worker's consumer thread): stay in the trace the message already belongs to.
+        parent = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            parent = extract(message.options.get(OPTION_KEY))
+        span = tracer().start_span(f"{message.actor_name} publish", context=parent, kind=SpanKind.PRODUCER,
+                                   attributes=attrs)
         if not span.get_span_context().is_valid:
             return
         carrier: dict[str, str] = {}

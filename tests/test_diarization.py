@@ -126,7 +126,7 @@ def test_speaker_export_is_valid_srt(client: Any, diarized: dict[str, Any]) -> N
 
 
 def test_diarization_failure_keeps_the_transcript(stack: Stack, client: Any, diarize_worker: Any,
-                                                  speech_mp4: pathlib.Path, s3_client: Any) -> None:
+                                                  speech_mp4: pathlib.Path, s3_client: Any, otlp: Any) -> None:
     """The audio vanishes between transcription and speaker recognition: the job still
     SUCCEEDS with its transcript, and says that (and why) it has no speakers."""
     from storage.db import Media, Transcription, database
@@ -152,3 +152,24 @@ def test_diarization_failure_keeps_the_transcript(stack: Stack, client: Any, dia
     assert all(not w.speaker_label for s in done.result.segments for w in s.words)
     with database.connection_context():
         assert Transcription.get_by_id(job.name.split("/")[1]).total_attempts >= 2
+
+    # Retries are visible in the job's trace: each failed attempt's CONSUMER span is the
+    # parent of the retry's PRODUCER span, with the retry count on every attempt.
+    def attempts() -> list[dict[str, Any]] | None:
+        spans = [sp for sp in otlp.find(**{"mp4t.job_id": job.name.split("/")[1]}) if sp["name"] == "diarize process"]
+        return spans if len(spans) >= 3 else None
+
+    consumers = sorted(wait_for(attempts, 30, "the diarize attempts' spans"), key=lambda sp: sp["start"])
+    assert [sp["attributes"]["messaging.dramatiq.retries"] for sp in consumers] == list(range(len(consumers)))
+    assert [sp["attributes"]["mp4t.outcome"] for sp in consumers[:-1]] == ["retry"] * (len(consumers) - 1)
+    assert len({sp["trace_id"] for sp in consumers}) == 1
+    spans = otlp.trace(consumers[0]["trace_id"])
+    by_id = {sp["span_id"]: sp for sp in spans}
+    for prev, nxt in zip(consumers, consumers[1:]):
+        # retry publish (to the delay queue), then the move back to "diarize": both PRODUCER spans
+        hops, up = [], by_id[nxt["parent_id"]]
+        while up["name"] == "diarize publish":
+            hops.append(up)
+            up = by_id[up["parent_id"]]
+        assert up["span_id"] == prev["span_id"] and 1 <= len(hops) <= 2
+        assert any(h["attributes"].get("messaging.dramatiq.delay_ms") for h in hops)
