@@ -88,7 +88,8 @@ def start_weed(tmp: pathlib.Path, log_dir: pathlib.Path) -> tuple[Proc, str]:
             ports.append(p)
     proc = Proc("weed", [weed, "server", f"-dir={tmp}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
                          f"-master.port={ports[0]}", f"-volume.port={ports[1]}", f"-filer.port={ports[2]}",
-                         f"-s3.port={ports[3]}", "-volume.max=20"], dict(os.environ), log_dir)
+                         f"-s3.port={ports[3]}", "-volume.max=20", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+                dict(os.environ), log_dir)
     endpoint = f"127.0.0.1:{ports[3]}"
     from minio import Minio
 

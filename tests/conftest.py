@@ -175,7 +175,10 @@ def s3(tmp_path_factory: pytest.TempPathFactory, log_dir: pathlib.Path) -> Itera
                 break
     args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
             f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-            f"-s3.port={ports['s3']}", "-volume.max=20", "-master.volumeSizeLimitMB=256"]
+            f"-s3.port={ports['s3']}", "-volume.max=20", "-master.volumeSizeLimitMB=256",
+            # weed's Iceberg and Lance listeners default to fixed ports (8181, 9101): off, so
+            # parallel runs (and our own ports) never collide
+            "-s3.port.iceberg=0", "-s3.port.lance=0"]
     proc = Proc("weed", args, dict(os.environ), log_dir)
     endpoint = f"127.0.0.1:{ports['s3']}"
     info = {"endpoint": endpoint, "access_key": "test", "secret_key": "testsecret", "bucket": "mp4t-test"}
