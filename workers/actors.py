@@ -18,7 +18,7 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from mp4totext import runtime
 from observability import metrics, tracing
-from storage.db import JobState, Media, MediaState, Stage, Transcription, database, utcnow
+from storage.db import JobState, Media, MediaState, Stage, Transcription, WorkerInfo, database, utcnow
 from workers import jobs
 from workers.broker import PRIORITY_MAP
 from workers.stages.media import MediaError, extract_audio, load_wav, probe
@@ -407,6 +407,9 @@ def maintenance(_unused: str = "") -> None:
              & (Transcription.update_time < cutoff))
             | ((Transcription.state == JobState.RUNNING) & (Transcription.heartbeat_time < cutoff))
             | ((Transcription.stage == Stage.FINALIZING) & (Transcription.update_time < cutoff))))
+    # Workers that died without deregistering (SIGKILL, OOM) are forgotten after a day.
+    with database.connection_context():
+        WorkerInfo.delete().where(WorkerInfo.heartbeat_time < utcnow() - dt.timedelta(days=1)).execute()
     # Recovered work continues the trace it belongs to.
     for m in stuck_media:
         enqueue("prepare_media", m.id, PRIORITY_MAP[0], m.trace_context)
