@@ -252,6 +252,21 @@ def grpc_ready(target: str, timeout: float = 60) -> None:
     wait_for(ok, timeout, f"gRPC server {target} to be SERVING", interval=0.3)
 
 
+def log_event(proc: Proc, event: str) -> dict[str, Any] | None:
+    """The first JSON log line of ``proc`` whose event is ``event``."""
+    import json
+
+    for line in proc.log().splitlines():
+        if line.startswith("{") and f'"{event}"' in line:
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if data.get("event") == event:
+                return data
+    return None
+
+
 class Stack:
     """Two gRPC servers, a critical worker and a high worker over RabbitMQ + S3 + PostgreSQL.
 
@@ -271,21 +286,35 @@ class Stack:
         self.http_ports: dict[Proc, int] = {}
         self.agent_ports: dict[Proc, int] = {}
 
-    def launch_server(self, port: int | None = None, http_port: int | None = None, agent_port: int | None = None,
+    def launch_server(self, port: int = 0, http_port: int = 0, agent_port: int = 0,
                       **extra_env: str) -> tuple[Proc, str]:
-        """Start a server process (not registered in ``servers``) and wait until it is SERVING."""
-        port, http_port, agent_port = port or free_port(), http_port or free_port(), agent_port or free_port()
-        env = {**self.env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}", "MP4T_HTTP_LISTEN": f"127.0.0.1:{http_port}",
-               "MP4T_AGENT_LISTEN": f"127.0.0.1:{agent_port}", **extra_env}
-        proc = Proc("server", [PYTHON, "-m", "mp4totext.cli", "serve"], env, self.log_dir)
-        target = f"127.0.0.1:{port}"
-        try:
-            grpc_ready(target)
-        except TimeoutError:
-            raise RuntimeError(f"server did not start:\n{proc.log()[-3000:]}") from None
-        self.http_ports[proc] = http_port
-        self.agent_ports[proc] = agent_port
-        return proc, target
+        """Start a server process (not registered in ``servers``) and wait until it is SERVING.
+
+        Port 0 lets the server pick free ports and report them in its ``server_started`` line:
+        a port picked here and bound later can be taken in between (ephemeral ports of
+        outgoing connections come from the same range). Given ports (a restart behind a
+        proxy) are retried while something else briefly holds them.
+        """
+        for attempt in range(5):
+            env = {**self.env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}", "MP4T_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+                   "MP4T_AGENT_LISTEN": f"127.0.0.1:{agent_port}", **extra_env}
+            proc = Proc("server", [PYTHON, "-m", "mp4totext.cli", "serve"], env, self.log_dir)
+            line = wait_for(lambda: log_event(proc, "server_started") or (not proc.alive() and {"dead": True}), 60,
+                            "server_started")
+            if "dead" in line:
+                if "in use" in proc.log() and attempt < 4:
+                    time.sleep(1)
+                    continue
+                raise RuntimeError(f"server did not start:\n{proc.log()[-3000:]}")
+            target = f"127.0.0.1:{line['port']}"
+            try:
+                grpc_ready(target)
+            except TimeoutError:
+                raise RuntimeError(f"server did not become SERVING:\n{proc.log()[-3000:]}") from None
+            self.http_ports[proc] = line["http_port"]
+            self.agent_ports[proc] = line["agent_port"]
+            return proc, target
+        raise AssertionError("unreachable")
 
     def start_server(self) -> str:
         proc, target = self.launch_server()
@@ -294,15 +323,14 @@ class Stack:
         return target
 
     def start_worker(self, queues: str, **extra_env: str) -> Proc:
-        http_port = free_port()
-        env = {**self.env, "MP4T_HTTP_LISTEN": f"127.0.0.1:{http_port}", **extra_env}
+        env = {**self.env, "MP4T_HTTP_LISTEN": "127.0.0.1:0", **extra_env}
         proc = Proc(f"worker-{queues.replace(',', '-')}", [PYTHON, "-m", "mp4totext.cli", "worker", "--queues", queues],
                     env, self.log_dir)
         wait_for(lambda: "worker_started" in proc.log() or not proc.alive(), 60, f"worker {queues}")
         if not proc.alive():
             raise RuntimeError(f"worker {queues} died:\n{proc.log()[-3000:]}")
         self.workers[queues] = proc
-        self.http_ports[proc] = http_port
+        self.http_ports[proc] = log_event(proc, "http_endpoint_started")["port"]
         return proc
 
     def metrics(self, proc: Proc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -45,7 +45,7 @@ class Edge:
     def __init__(self, stack: Stack, tmp: pathlib.Path, rate_limit: int = 1000) -> None:
         self.stack = stack
         self.tmp = tmp
-        self.slots = [(f"s{i}", free_port(), free_port(), free_port()) for i in (1, 2)]
+        self.slots: list[tuple[str, int, int, int]] = [("s1", 0, 0, 0), ("s2", 0, 0, 0)]
         self.procs: list[Proc | None] = [None, None]
         self.haproxy: Proc | None = None
         self.port = free_port()
@@ -62,18 +62,26 @@ class Edge:
                   "MP4T_WATCH_HEARTBEAT_S": str(HEARTBEAT_S)}
 
     def start_server(self, i: int) -> Proc:
-        _name, port, http, agent = self.slots[i]
-        proc, _target = self.stack.launch_server(port, http, agent, **self.SERVER_ENV)
+        """Start slot i: on free ports the first time, on the same ports on a restart."""
+        name, port, http, agent = self.slots[i]
+        proc, target = self.stack.launch_server(port, http, agent, **self.SERVER_ENV)
+        self.slots[i] = (name, int(target.rsplit(":", 1)[1]), self.stack.http_ports[proc],
+                         self.stack.agent_ports[proc])
         self.procs[i] = proc
         return proc
 
     def start_haproxy(self, rate_limit: int) -> None:
         cfg = self.tmp / f"haproxy-{uuid.uuid4().hex[:6]}.cfg"
         cfg.write_text(haproxy_config(self.slots))
-        env = {**os.environ, "MP4T_HAPROXY_GRPC_BIND": f"127.0.0.1:{self.port}",
-               "MP4T_HAPROXY_STATS_BIND": f"127.0.0.1:{self.stats_port}",
-               "MP4T_HAPROXY_TIMEOUT": f"{INACTIVITY_S}s", "MP4T_RATE_LIMIT_PER_S": str(rate_limit)}
-        self.haproxy = Proc("haproxy", ["haproxy", "-db", "-f", str(cfg)], env, self.stack.log_dir)
+        for attempt in range(5):  # a port picked by free_port() may be taken before HAProxy binds it
+            env = {**os.environ, "MP4T_HAPROXY_GRPC_BIND": f"127.0.0.1:{self.port}",
+                   "MP4T_HAPROXY_STATS_BIND": f"127.0.0.1:{self.stats_port}",
+                   "MP4T_HAPROXY_TIMEOUT": f"{INACTIVITY_S}s", "MP4T_RATE_LIMIT_PER_S": str(rate_limit)}
+            self.haproxy = Proc("haproxy", ["haproxy", "-db", "-f", str(cfg)], env, self.stack.log_dir)
+            time.sleep(0.3)
+            if self.haproxy.alive() or attempt == 4:
+                break
+            self.port, self.stats_port = free_port(), free_port()
         wait_for(lambda: self.states() == {"s1": "UP", "s2": "UP"}, 30, "both servers UP in HAProxy")
 
     def states(self) -> dict[str, str]:
