@@ -40,14 +40,8 @@ def test_graceful_shutdown_goes_not_serving_before_stopping(stack: Stack) -> Non
     import signal
     import time
 
-    from tests.conftest import Proc, free_port, grpc_ready
-
-    port = free_port()
-    env = {**stack.env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}", "MP4T_GRPC_DRAIN_S": "3"}
-    proc = Proc("server-drain", [sys.executable, "-m", "mp4totext.cli", "serve"], env, stack.log_dir)
-    target = f"127.0.0.1:{port}"
+    proc, target = stack.launch_server(MP4T_GRPC_DRAIN_S="3")
     try:
-        grpc_ready(target)
         with grpc.insecure_channel(target) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             proc.kill(signal.SIGTERM)
