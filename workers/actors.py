@@ -10,7 +10,7 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 from dramatiq.middleware import CurrentMessage
@@ -58,6 +58,25 @@ def start_waiting_jobs(media_id: str) -> None:
     # client sent its own context).
     for job in jobs.jobs_to_start(media_id):
         enqueue("transcribe", job.id, job.priority, job.trace_context)
+
+
+def progress_hook(deadline: float, interval_s: float,
+                  report: Callable[[float], Transcription]) -> Callable[[float], None]:
+    """A stage's progress callback: raises JobTimeout past ``deadline``, calls ``report`` (a DB
+    write + live event) at most every ``interval_s``, and raises Cancelled when the row says so."""
+    last = [0.0]
+
+    def hook(value: float) -> None:
+        now = time.monotonic()
+        if now > deadline:
+            raise JobTimeout()
+        if now - last[0] < interval_s:
+            return
+        last[0] = now
+        if report(value).cancel_requested:
+            raise Cancelled()
+
+    return hook
 
 
 def _stage_metrics(stage: str, outcome: str, started: float) -> None:
@@ -178,21 +197,11 @@ def transcribe_job(job_id: str) -> None:
                               "mp4t.model": s.model_label, "mp4t.media.duration_s": job.duration_s})
     started = time.monotonic()
     deadline = started + s.job_time_limit_s
-    last_report = [0.0]
     speakers = wants_speakers(job)
     pct_span = (jobs.STAGE_PERCENT[Stage.TRANSCRIBING],
                 jobs.STAGE_PERCENT[Stage.DIARIZING if speakers else Stage.FINALIZING])
-
-    def on_progress(processed_s: float) -> None:
-        now = time.monotonic()
-        if now > deadline:
-            raise JobTimeout()
-        if now - last_report[0] < s.progress_interval_s:
-            return
-        last_report[0] = now
-        row = jobs.report_progress(job_id, msg_id, processed_s, duration, span=pct_span)
-        if row.cancel_requested:
-            raise Cancelled()
+    on_progress = progress_hook(deadline, s.progress_interval_s, lambda processed_s: jobs.report_progress(
+        job_id, msg_id, processed_s, duration, span=pct_span))
 
     opts = options_of(job, s.whisper_beam_size)
     try:
@@ -291,20 +300,9 @@ def diarize_job(job_id: str) -> None:
                               "mp4t.diarization.pipeline": s.diarization_pipeline})
     started = time.monotonic()
     deadline = started + s.diarization_time_limit_s
-    last_report = [0.0]
-
-    def on_progress(fraction: float) -> None:
-        now = time.monotonic()
-        if now > deadline:
-            raise JobTimeout()
-        if now - last_report[0] < s.progress_interval_s:
-            return
-        last_report[0] = now
-        row = jobs.report_progress(job_id, msg_id, job.processed_s, job.duration_s or 0.0,
-                                   span=(jobs.STAGE_PERCENT[Stage.DIARIZING], jobs.STAGE_PERCENT[Stage.FINALIZING]),
-                                   fraction=fraction)
-        if row.cancel_requested:
-            raise Cancelled()
+    pct_span = (jobs.STAGE_PERCENT[Stage.DIARIZING], jobs.STAGE_PERCENT[Stage.FINALIZING])
+    on_progress = progress_hook(deadline, s.progress_interval_s, lambda fraction: jobs.report_progress(
+        job_id, msg_id, job.processed_s, job.duration_s or 0.0, span=pct_span, fraction=fraction))
 
     def give_up(reason: str, outcome: str) -> None:
         kept = jobs.keep_without_speakers(job_id, msg_id, reason)
