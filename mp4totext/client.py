@@ -56,16 +56,20 @@ class Client:
             pass
         return self.metadata
 
-    def call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
-        """Unary call with retry on UNAVAILABLE (safe: our mutating RPCs are idempotent or request_id-keyed)."""
+    def _retrying(self, attempt_once: Callable[[], Any]) -> Any:
+        """Run ``attempt_once`` again after UNAVAILABLE/RESOURCE_EXHAUSTED, with jittered backoff."""
         for attempt in range(self.retries + 1):
             try:
-                return method(request, metadata=self._md(), timeout=timeout or self.timeout)
+                return attempt_once()
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or attempt == self.retries:
                     raise
                 time.sleep(backoff(attempt))
         raise AssertionError("unreachable")
+
+    def call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
+        """Unary call with retry on UNAVAILABLE (safe: our mutating RPCs are idempotent or request_id-keyed)."""
+        return self._retrying(lambda: method(request, metadata=self._md(), timeout=timeout or self.timeout))
 
     # -- media
     def upload(self, path: str, content_type: str = "", request_id: str | None = None,
@@ -91,14 +95,7 @@ class Client:
                     if on_progress:
                         on_progress(sent, size)
 
-        for attempt in range(self.retries + 1):
-            try:
-                return self.media.UploadMedia(requests(), metadata=self._md(), timeout=timeout).media
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                time.sleep(backoff(attempt))
-        raise AssertionError("unreachable")
+        return self._retrying(lambda: self.media.UploadMedia(requests(), metadata=self._md(), timeout=timeout).media)
 
     def get_media(self, name: str) -> media_pb2.Media:
         return self.call(self.media.GetMedia, media_pb2.GetMediaRequest(name=name))
@@ -148,15 +145,8 @@ class Client:
         if max_caption_s:
             req.max_caption_duration.CopyFrom(duration_pb2.Duration(seconds=int(max_caption_s),
                                                                     nanos=int(max_caption_s % 1 * 1e9)))
-        for attempt in range(self.retries + 1):
-            try:
-                return b"".join(part.data for part in self.transcriptions.ExportTranscription(
-                    req, metadata=self._md(), timeout=self.timeout * 4))
-            except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                time.sleep(backoff(attempt))
-        raise AssertionError("unreachable")
+        return self._retrying(lambda: b"".join(part.data for part in self.transcriptions.ExportTranscription(
+            req, metadata=self._md(), timeout=self.timeout * 4)))
 
     def capabilities(self) -> tpb.Capabilities:
         return self.call(self.transcriptions.GetCapabilities, tpb.GetCapabilitiesRequest())
