@@ -22,7 +22,6 @@ import atexit
 import contextlib
 import os
 import threading
-import time
 from typing import Any, Iterator, Mapping
 
 import structlog
@@ -122,13 +121,6 @@ def attached(carrier: Mapping[str, str] | None) -> Iterator[None]:
         otel_context.detach(token)
 
 
-def current_ids() -> tuple[str, str] | None:
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return None
-    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
-
-
 def set_attributes(**attrs: Any) -> None:
     """Set attributes on the current span (ignored when tracing is off)."""
     span = trace.get_current_span()
@@ -213,7 +205,7 @@ class TracingMiddleware(_Middleware):
 
     def __init__(self) -> None:
         self._local = threading.local()
-        self._producing: dict[str, tuple[trace.Span, float]] = {}
+        self._producing: dict[str, trace.Span] = {}
         self._lock = threading.Lock()
 
     # -- producer side
@@ -237,15 +229,15 @@ class TracingMiddleware(_Middleware):
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         message.options[OPTION_KEY] = carrier
         with self._lock:
-            self._producing[message.message_id] = (span, time.monotonic())
+            self._producing[message.message_id] = span
             if len(self._producing) > 10000:  # enqueue that raised: never leak spans
                 self._producing.clear()
 
     def after_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
         with self._lock:
-            entry = self._producing.pop(message.message_id, None)
-        if entry is not None:
-            entry[0].end()
+            span = self._producing.pop(message.message_id, None)
+        if span is not None:
+            span.end()
 
     # -- consumer side
     def before_process_message(self, broker: Any, message: Any) -> None:

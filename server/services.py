@@ -18,7 +18,7 @@ from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, tr
 from observability import metrics, tracing
 from server import convert
 from server.upload import ClientGone, UploadReader, UploadRejected
-from storage.db import JobState, Media, MediaState, Stage, Transcription, database, new_id, utcnow
+from storage.db import JobState, Media, MediaState, Stage, Transcription, WorkerInfo, database, new_id, utcnow
 from workers import jobs
 from workers.broker import PRIORITY_MAP
 
@@ -282,8 +282,6 @@ def english_only(model: str) -> bool:
 
 def diarization_status() -> tuple[bool, str]:
     """(available, reason): is a worker with a loaded diarization pipeline alive?"""
-    from storage.db import WorkerInfo
-
     from workers.stages.diarize import HOW_TO
 
     cutoff = utcnow() - dt.timedelta(seconds=WORKER_FRESH_S)
