@@ -1,12 +1,11 @@
-"""mp4totext command line: run the server/workers/embedded mode, manage keys, and a client.
+"""The user's commands: a client of the API (no server or worker code in here).
 
-    mp4totext embedded [FILE | --demo]   server + workers in one process, no external services
-    mp4totext serve                      gRPC server (production)
-    mp4totext worker --queues high       Dramatiq worker for some queues
-    mp4totext create-key --tenant NAME   create an API key (printed once)
     mp4totext transcribe FILE            upload, watch, print the transcript (--speakers, --format srt...)
     mp4totext export transcriptions/ID   download as txt, srt, vtt, json or tsv
     mp4totext list|get|cancel|delete     manage media and transcriptions
+
+``launch.cli`` adds the commands that run the service (serve, worker, embedded, create-key).
+In a terminal, progress shows as bars with speed and time left (rich); elsewhere as plain lines.
 """
 from __future__ import annotations
 
@@ -15,28 +14,22 @@ import json
 import os
 import pathlib
 import sys
+from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
 
 from mp4totext import config
+from mp4totext.client import Client
+from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
 
 KEY_FILE = "api.key"
 
 
-def _bar(label: str, fraction: float, extra: str = "") -> None:
-    if not sys.stderr.isatty() and fraction < 1.0:
-        return
-    width = 30
-    filled = int(width * max(0.0, min(fraction, 1.0)))
-    sys.stderr.write(f"\r{label:<12} [{'#' * filled}{'.' * (width - filled)}] {fraction * 100:5.1f}% {extra}")
-    if fraction >= 1.0:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
-def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from mp4totext.client import Client
-
+def _client(args: argparse.Namespace) -> Client:
     key = args.api_key or os.environ.get("MP4T_API_KEY")
     if not key:
         key_path = pathlib.Path(config.settings().data_dir) / KEY_FILE
@@ -51,8 +44,6 @@ EXPORT_CHOICES = ["text", "txt", "srt", "vtt", "json", "tsv"]
 
 
 def _config(args: argparse.Namespace) -> dict:
-    from mp4totext.v1 import transcription_pb2 as tpb
-
     cfg: dict = {"language_code": getattr(args, "language", ""),
                  "priority": tpb.Priority.Value(f"PRIORITY_{getattr(args, 'priority', 'normal').upper()}")}
     if getattr(args, "task", "transcribe") == "translate":
@@ -81,37 +72,60 @@ def _write(args: argparse.Namespace, data: bytes) -> None:
         sys.stdout.flush()
 
 
-def _export(client, args: argparse.Namespace, name: str) -> bytes:  # type: ignore[no-untyped-def]
+def _export(client: Client, args: argparse.Namespace, name: str) -> bytes:
     fmt = "txt" if args.format == "text" else args.format
     return client.export(name, fmt, getattr(args, "max_line_length", 0) or 0,
                          getattr(args, "max_lines", 0) or 0, getattr(args, "max_caption_seconds", 0.0) or 0.0)
 
 
-def cmd_transcribe(args: argparse.Namespace) -> int:
-    from mp4totext.v1 import transcription_pb2 as tpb
+stderr = Console(stderr=True, highlight=False)
 
-    with _client(args) as client:
-        media = client.upload(args.file, on_progress=lambda sent, total: _bar("upload", sent / max(total, 1)))
-        print(f"uploaded {media.name} ({media.size_bytes} bytes)", file=sys.stderr)
-        job = client.create(media.name, **_config(args))
-        print(f"created {job.name}", file=sys.stderr)
-        for ev in client.watch(job.name):
+
+def _progress(*columns: Any) -> Progress:
+    """Bars with speed and time left in a terminal; nothing (plain status lines only) elsewhere."""
+    columns = columns or (TaskProgressColumn(), TextColumn("{task.fields[detail]}"), TimeRemainingColumn())
+    return Progress(TextColumn("{task.description:<11}"), BarColumn(), *columns, console=stderr,
+                    disable=not stderr.is_terminal)
+
+
+def _watch(client: Client, name: str) -> None:
+    """Show the job's progress until it ends (speed as multiples of real time)."""
+    with _progress() as bars:
+        task = bars.add_task("transcribe", total=100.0, detail="")
+        started = None
+        for ev in client.watch(name):
             stage = tpb.TranscriptionStage.Name(ev.stage).removeprefix("TRANSCRIPTION_STAGE_").lower()
-            _bar("transcribe", ev.progress_percent / 100, stage)
+            done_s = ev.processed_duration.ToTimedelta().total_seconds()
+            if ev.stage == tpb.TRANSCRIPTION_STAGE_TRANSCRIBING and started is None:
+                started = (bars.get_time(), done_s)
+            speed = ""
+            if started is not None and bars.get_time() > started[0] and done_s > started[1]:
+                speed = f" {(done_s - started[1]) / (bars.get_time() - started[0]):.1f}x real time"
+            bars.update(task, completed=ev.progress_percent, detail=f"{stage}{speed}")
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        size = os.path.getsize(args.file)
+        with _progress(DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()) as bars:
+            task = bars.add_task("upload", total=size, detail="")
+            media = client.upload(args.file, on_progress=lambda sent, _total: bars.update(task, completed=sent))
+        stderr.print(f"uploaded {media.name} ({media.size_bytes} bytes)")
+        job = client.create(media.name, **_config(args))
+        stderr.print(f"created {job.name}")
+        _watch(client, job.name)
         job = client.get(job.name)
         if job.state != tpb.TRANSCRIPTION_STATE_SUCCEEDED:
-            if sys.stderr.isatty():
-                sys.stderr.write("\n")
             state = tpb.TranscriptionState.Name(job.state)
-            print(f"{job.name} ended {state}: {job.error_message}", file=sys.stderr)
+            stderr.print(f"{job.name} ended {state}: {job.error_message}")
             return 1
         for warning in job.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            stderr.print(f"warning: {warning}")
         _write(args, _export(client, args, job.name))
         r = job.result
         speakers = f" speakers={r.speaker_count}" if r.speaker_count else ""
-        print(f"language={r.language_code} ({r.language_probability:.2f}) duration={r.duration.ToTimedelta()} "
-              f"processing={r.processing_duration.ToTimedelta()}{speakers}", file=sys.stderr)
+        stderr.print(f"language={r.language_code} ({r.language_probability:.2f}) duration={r.duration.ToTimedelta()} "
+                     f"processing={r.processing_duration.ToTimedelta()}{speakers}")
     return 0
 
 
@@ -122,8 +136,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
-
     with _client(args) as client:
         token = ""
         while True:
@@ -142,8 +154,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
     with _client(args) as client:
         msg = client.get_media(args.name) if args.name.startswith("media/") else client.get(args.name)
         print(json_format.MessageToJson(msg, preserving_proto_field_name=True))
@@ -151,8 +161,6 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from mp4totext.v1 import transcription_pb2 as tpb
-
     with _client(args) as client:
         job = client.call(client.transcriptions.CancelTranscription, tpb.CancelTranscriptionRequest(name=args.name))
         print(f"{job.name}\t{tpb.TranscriptionState.Name(job.state)}\tcancel_requested={job.cancel_requested}")
@@ -160,8 +168,6 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
-
     with _client(args) as client:
         if args.name.startswith("media/"):
             client.call(client.media.DeleteMedia, media_pb2.DeleteMediaRequest(name=args.name, force=args.force))
@@ -171,55 +177,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_create_key(args: argparse.Namespace) -> int:
-    from mp4totext import runtime
-    from server.auth import create_key
-
-    runtime.init()
-    key, tenant = create_key(args.tenant, args.label)
-    print(json.dumps({"tenant": tenant.name, "tenant_id": tenant.id, "api_key": key}))
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from mp4totext import runtime
-    from observability.logging import setup_logging
-    from server.app import Server, install_signal_handlers
-    from workers.broker import setup_broker
-
-    from observability.tracing import setup_tracing
-
-    s = config.settings()
-    setup_logging(s.log_level, s.log_format, "server")
-    setup_tracing("mp4totext-server")
-    runtime.init(s)
-    setup_broker(s)  # for enqueueing
-    server = Server().start()
-    install_signal_handlers(server.stop)
-    server.wait()
-    return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from observability.logging import setup_logging
-    from workers.main import run
-
-    s = config.settings()
-    queues = [q.strip() for q in (args.queues or s.worker_queues).split(",") if q.strip()]
-    setup_logging(s.log_level, s.log_format, "worker")
-    run(s, queues, args.threads or s.worker_threads)
-    return 0
-
-
-def cmd_embedded(args: argparse.Namespace) -> int:
-    from mp4totext.embedded import run_embedded
-
-    return run_embedded(args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mp4totext", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_commands(sub: Any) -> None:
+    """Add the user's commands to an argparse subparsers object."""
 
     def client_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--server", default=os.environ.get("MP4T_SERVER", "127.0.0.1:50051"),
@@ -271,28 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         client_args(sp)
         sp.set_defaults(fn=fn)
 
-    sp = sub.add_parser("create-key", help="create an API key for a tenant (created if new)")
-    sp.add_argument("--tenant", required=True)
-    sp.add_argument("--label", default="")
-    sp.set_defaults(fn=cmd_create_key)
 
-    sp = sub.add_parser("serve", help="run the gRPC server (configured by MP4T_* variables)")
-    sp.set_defaults(fn=cmd_serve)
-
-    sp = sub.add_parser("worker", help="run a Dramatiq worker")
-    sp.add_argument("--queues", help="comma-separated subset of critical,high,default,low")
-    sp.add_argument("--threads", type=int, default=0)
-    sp.set_defaults(fn=cmd_worker)
-
-    sp = sub.add_parser("embedded", help="server + workers in one process: SQLite, local disk, in-memory queue")
-    sp.add_argument("file", nargs="?", help="transcribe this file through the server, print it, and exit")
-    sp.add_argument("--demo", action="store_true", help="transcribe a generated English sample and exit")
-    sp.add_argument("--serve", action="store_true", help="keep serving after FILE/--demo")
-    sp.add_argument("--listen", default=None, help="host:port (default MP4T_GRPC_LISTEN or 127.0.0.1:50051)")
-    sp.add_argument("--data-dir", default=None, help="default MP4T_DATA_DIR or ./data")
-    sp.set_defaults(fn=cmd_embedded)
-
-    args = p.parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse ``argv`` and run its command; API errors print as ``error: CODE: details`` (exit 2)."""
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except grpc.RpcError as exc:
@@ -300,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mp4totext", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_commands(p.add_subparsers(dest="cmd", required=True))
+    return run(p, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 import grpc
+from google.protobuf import duration_pb2
 
 from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
 
@@ -137,8 +138,6 @@ class Client:
     def export(self, name: str, fmt: str, max_line_length: int = 0, max_lines_per_caption: int = 0,
                max_caption_s: float = 0.0) -> bytes:
         """Download a SUCCEEDED transcription as txt, srt, vtt, json or tsv (whole stream retried)."""
-        from google.protobuf import duration_pb2
-
         req = tpb.ExportTranscriptionRequest(
             name=name, format=tpb.ExportFormat.Value(f"EXPORT_FORMAT_{fmt.upper()}"),
             max_line_length=max_line_length, max_lines_per_caption=max_lines_per_caption)

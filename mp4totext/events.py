@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import pika
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -113,8 +114,6 @@ class RabbitBus(ProgressBus):
 
     # -- publishing (workers): one blocking connection per thread, best effort
     def _channel(self) -> Any:
-        import pika
-
         ch = getattr(self._local, "channel", None)
         if ch is None or ch.is_closed:
             conn = pika.BlockingConnection(pika.URLParameters(self.url))
@@ -153,8 +152,6 @@ class RabbitBus(ProgressBus):
             self._thread.start()
 
     def _consume_forever(self) -> None:
-        import pika
-
         backoff = 0.5
         while not self._stop.is_set():
             conn = None

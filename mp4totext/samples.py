@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import wave
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -67,8 +69,6 @@ def make_dialogue(path: str, turns: list[tuple[str, str]] | None = None, pause_s
                   repeat: int = 1) -> tuple[str, list[tuple[float, float, str]]]:
     """Two (or more) espeak-ng voices taking turns; returns the path and the true turns
     (start, end, voice) in seconds."""
-    import wave
-
     turns = (turns or DIALOGUE) * repeat
     truth: list[tuple[float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,8 +108,6 @@ def lecture_text(seconds: float) -> str:
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """Levenshtein distance over normalised words / reference length."""
-    import re
-
     def norm(s: str) -> list[str]:
         return re.sub(r"[^a-z0-9' ]+", " ", s.lower()).split()
 

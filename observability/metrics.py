@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
+import pika
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, REGISTRY
@@ -83,23 +84,14 @@ class _Cached:
 
 
 class JobStateCollector:
-    """``mp4t_jobs{state}``: transcriptions per state, read from the database (cached)."""
+    """``mp4t_jobs{state}``: transcriptions per state, from ``read_counts`` (cached).
 
-    def __init__(self, ttl: float = 5.0) -> None:
-        self.cache = _Cached(self._read, ttl)
+    ``read_counts`` (given by the composition root) returns {state: count}; this module
+    reads no tables itself.
+    """
 
-    @staticmethod
-    def _read() -> dict[str, int]:
-        import peewee as pw
-
-        from storage.db import JobState, Transcription, database
-
-        with database.connection_context():
-            rows = (Transcription.select(Transcription.state, pw.fn.COUNT(Transcription.id).alias("n"))
-                    .group_by(Transcription.state).tuples())
-            counts = {state: 0 for state in ("QUEUED", "RUNNING", *sorted(JobState.TERMINAL))}
-            counts.update({state: n for state, n in rows})
-        return counts
+    def __init__(self, read_counts: Callable[[], dict[str, int]], ttl: float = 5.0) -> None:
+        self.cache = _Cached(read_counts, ttl)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         g = GaugeMetricFamily("mp4t_jobs", "Transcriptions by state (whole system).", labels=["state"])
@@ -118,8 +110,6 @@ class QueueDepthCollector:
         self._conn: Any = None
 
     def _channel(self) -> Any:
-        import pika
-
         if self._conn is None or self._conn.is_closed:
             params = pika.URLParameters(self.url)
             params.socket_timeout = 3
@@ -128,8 +118,6 @@ class QueueDepthCollector:
         return self._conn.channel()
 
     def _read(self) -> dict[tuple[str, str], int]:
-        import pika
-
         out: dict[tuple[str, str], int] = {}
         for queue in self.queues:
             for kind, name in (("ready", queue), ("delayed", f"{queue}.DQ"), ("dead", f"{queue}.XQ")):

@@ -21,12 +21,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import threading
 from typing import Any, Iterator, Mapping
 
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 log = structlog.get_logger(__name__)
@@ -52,11 +55,6 @@ def setup_tracing(service_name: str, **resource_attrs: Any) -> bool:
         return True
     if not enabled_by_env():
         return False
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
     if protocol and protocol != "grpc":
         log.warning("otel_protocol_unsupported", protocol=protocol, using="grpc")
@@ -173,100 +171,3 @@ def activated(span: trace.Span) -> Iterator[None]:
         yield
     finally:
         otel_context.detach(token)
-
-
-# ---------------------------------------------------------------- Dramatiq
-
-
-def _messaging_attrs(message: Any) -> dict[str, Any]:
-    return {
-        "messaging.system": "rabbitmq",
-        "messaging.destination.name": message.queue_name,
-        "messaging.message.id": message.message_id,
-        "messaging.dramatiq.actor": message.actor_name,
-        "messaging.dramatiq.retries": int(message.options.get("retries", 0)),
-        "messaging.dramatiq.priority": message.options.get("broker_priority"),
-        "mp4t.object_id": str(message.args[0]) if message.args else None,
-    }
-
-
-try:
-    from dramatiq.middleware import Middleware as _Middleware
-except ImportError:  # pragma: no cover - dramatiq is a core dependency
-    _Middleware = object  # type: ignore[misc,assignment]
-
-
-class TracingMiddleware(_Middleware):
-    """PRODUCER span on enqueue (context into the message), CONSUMER span around processing.
-
-    Add it *before* Retries (``broker.add_middleware(m, before=Retries)``): "after" hooks run
-    in reverse order, so Retries then re-enqueues while the failed attempt's span is current.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._producing: dict[str, trace.Span] = {}
-        self._lock = threading.Lock()
-
-    # -- producer side
-    def before_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
-        with self._lock:
-            if message.message_id in self._producing:  # publish retried after a connection error
-                return
-        attrs = {k: v for k, v in _messaging_attrs(message).items() if v is not None}
-        if delay:
-            attrs["messaging.dramatiq.delay_ms"] = int(delay)
-        # Re-published without a current span (a delayed retry moved from the delay queue by the
-        # worker's consumer thread): stay in the trace the message already belongs to.
-        parent = None
-        if not trace.get_current_span().get_span_context().is_valid:
-            parent = extract(message.options.get(OPTION_KEY))
-        span = tracer().start_span(f"{message.actor_name} publish", context=parent, kind=SpanKind.PRODUCER,
-                                   attributes=attrs)
-        if not span.get_span_context().is_valid:
-            return
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
-        message.options[OPTION_KEY] = carrier
-        with self._lock:
-            self._producing[message.message_id] = span
-            if len(self._producing) > 10000:  # enqueue that raised: never leak spans
-                self._producing.clear()
-
-    def after_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
-        with self._lock:
-            span = self._producing.pop(message.message_id, None)
-        if span is not None:
-            span.end()
-
-    # -- consumer side
-    def before_process_message(self, broker: Any, message: Any) -> None:
-        parent = extract(message.options.get(OPTION_KEY))
-        span = tracer().start_span(f"{message.actor_name} process", context=parent, kind=SpanKind.CONSUMER,
-                                   attributes={k: v for k, v in _messaging_attrs(message).items() if v is not None})
-        token = otel_context.attach(trace.set_span_in_context(span))
-        stack = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        stack.append((message.message_id, span, token))
-
-    def after_process_message(self, broker: Any, message: Any, *, result: Any = None,
-                              exception: BaseException | None = None) -> None:
-        stack = getattr(self._local, "stack", None)
-        if not stack or stack[-1][0] != message.message_id:
-            return
-        _mid, span, token = stack.pop()
-        if exception is not None:
-            span.record_exception(exception)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exception).__name__}: {exception}"[:200]))
-            span.set_attribute("mp4t.outcome", "failed" if message.failed else "retry")
-        else:
-            span.set_attribute("mp4t.outcome", "ok")
-        span.end()
-        try:
-            otel_context.detach(token)
-        except Exception:
-            pass
-
-    def after_skip_message(self, broker: Any, message: Any) -> None:
-        self.after_process_message(broker, message)

@@ -1,6 +1,7 @@
 """API keys: ``authorization: Bearer <key>``; keys are stored as sha256 hashes, one tenant each."""
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import secrets
 import threading
@@ -12,6 +13,9 @@ from storage.db import ApiKey, Tenant, database
 
 KEY_PREFIX = "m2t_"
 CACHE_TTL_S = 30.0  # a revoked key stops working within this time
+
+# The tenant of the RPC being handled (set by the authentication interceptor).
+current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("current_tenant")
 
 
 def hash_key(key: str) -> str:

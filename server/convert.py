@@ -6,10 +6,9 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from mp4totext.contracts import JobConfig, JobState, ProgressEvent, Stage, TranscriptResult, api_priority
 from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
 from storage.db import Media, Transcription
-
-PRIORITY_FROM_BROKER = {2: tpb.PRIORITY_LOW, 5: tpb.PRIORITY_NORMAL, 7: tpb.PRIORITY_HIGH, 10: tpb.PRIORITY_URGENT}
 
 
 def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -56,68 +55,62 @@ DIARIZATION_STATE = {"NOT_REQUESTED": tpb.DIARIZATION_STATE_NOT_REQUESTED,
                      "SUCCEEDED": tpb.DIARIZATION_STATE_SUCCEEDED, "FAILED": tpb.DIARIZATION_STATE_FAILED}
 
 
-def config_to_proto(cfg: dict[str, Any], priority: int) -> tpb.TranscriptionConfig:
-    dia = cfg.get("diarization") or {}
+def config_to_proto(cfg: JobConfig, priority: int) -> tpb.TranscriptionConfig:
     msg = tpb.TranscriptionConfig(
-        language_code=cfg.get("language_code", ""),
-        beam_size=int(cfg.get("beam_size") or 0),
-        enable_vad=bool(cfg.get("vad", True)),
-        enable_word_time_offsets=bool(cfg.get("word_timestamps", True)),
-        priority=PRIORITY_FROM_BROKER.get(priority, tpb.PRIORITY_NORMAL),
-        task=TASKS.get(cfg.get("task", "transcribe"), tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
-        initial_prompt=cfg.get("initial_prompt") or "",
-        hotwords=cfg.get("hotwords") or [],
+        language_code=cfg.language_code,
+        beam_size=int(cfg.beam_size or 0),
+        enable_vad=cfg.vad,
+        enable_word_time_offsets=cfg.word_timestamps,
+        priority=int(api_priority(priority)),
+        task=TASKS.get(cfg.task, tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
+        initial_prompt=cfg.initial_prompt or "",
+        hotwords=cfg.hotwords,
     )
-    if dia.get("enabled"):
+    dia = cfg.diarization
+    if dia.enabled:
         msg.diarization_config.CopyFrom(tpb.DiarizationConfig(
-            enable_speaker_diarization=True, min_speaker_count=int(dia.get("min_speakers") or 0),
-            max_speaker_count=int(dia.get("max_speakers") or 0)))
+            enable_speaker_diarization=True, min_speaker_count=dia.min_speakers or 0,
+            max_speaker_count=dia.max_speakers or 0))
     return msg
 
 
-def result_to_proto(r: dict[str, Any], processing_s: float | None) -> tpb.TranscriptionResult:
+def result_to_proto(r: TranscriptResult, processing_s: float | None) -> tpb.TranscriptionResult:
     segments = []
-    for s in r.get("segments", []):
-        words = [
-            _set(tpb.Word(word=w["word"], probability=w.get("probability", 0.0), speaker_label=w.get("speaker", "")),
-                 start_offset=dur(w["start"]), end_offset=dur(w["end"]))
-            for w in s.get("words", [])
-        ]
-        seg = tpb.Segment(id=s["id"], text=s["text"], words=words, avg_logprob=s.get("avg_logprob", 0.0),
-                          no_speech_probability=s.get("no_speech_prob", 0.0), speaker_label=s.get("speaker", ""))
-        segments.append(_set(seg, start_offset=dur(s["start"]), end_offset=dur(s["end"])))
-    speakers = [_set(tpb.Speaker(speaker_label=sp["label"], word_count=sp.get("words", 0)),
-                     speaking_duration=dur(sp.get("speaking_s", 0.0))) for sp in r.get("speakers", [])]
-    dia = r.get("diarization") or {"state": "NOT_REQUESTED"}
+    for s in r.segments:
+        words = [_set(tpb.Word(word=w.word, probability=w.probability, speaker_label=w.speaker or ""),
+                      start_offset=dur(w.start), end_offset=dur(w.end)) for w in s.words]
+        seg = tpb.Segment(id=s.id, text=s.text, words=words, avg_logprob=s.avg_logprob,
+                          no_speech_probability=s.no_speech_prob, speaker_label=s.speaker or "")
+        segments.append(_set(seg, start_offset=dur(s.start), end_offset=dur(s.end)))
+    speakers = [_set(tpb.Speaker(speaker_label=sp.label, word_count=sp.words), speaking_duration=dur(sp.speaking_s))
+                for sp in r.speakers]
+    dia = r.diarization
     msg = tpb.TranscriptionResult(
-        text=r.get("text", ""),
-        language_code=r.get("language", ""),
-        language_probability=r.get("language_probability", 0.0),
+        text=r.text,
+        language_code=r.language,
+        language_probability=r.language_probability,
         segments=segments,
-        model=r.get("model", ""),
+        model=r.model,
         speakers=speakers,
-        speaker_count=int(r.get("speaker_count", 0)),
-        task=TASKS.get(r.get("task", "transcribe"), tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
-        diarization=_set(tpb.DiarizationInfo(state=DIARIZATION_STATE.get(dia.get("state"), 0),
-                                             error_message=dia.get("error_message") or "",
-                                             pipeline=dia.get("pipeline") or ""),
-                         processing_duration=dur(dia.get("processing_s"))),
+        speaker_count=r.speaker_count,
+        task=TASKS.get(r.task, tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
+        diarization=_set(tpb.DiarizationInfo(state=DIARIZATION_STATE.get(dia.state, 0),
+                                             error_message=dia.error_message, pipeline=dia.pipeline),
+                         processing_duration=dur(dia.processing_s)),
     )
-    return _set(msg, duration=dur(r.get("duration")), speech_duration=dur(r.get("speech_duration")),
+    return _set(msg, duration=dur(r.duration), speech_duration=dur(r.speech_duration),
                 processing_duration=dur(processing_s))
 
 
-STATE = {s: tpb.TranscriptionState.Value(f"TRANSCRIPTION_STATE_{s}")
-         for s in ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")}
-STAGE = {s: tpb.TranscriptionStage.Value(f"TRANSCRIPTION_STAGE_{s}")
-         for s in ("PREPARING_MEDIA", "WAITING", "TRANSCRIBING", "DIARIZING", "FINALIZING", "DONE")}
+STATE = {s.value: tpb.TranscriptionState.Value(f"TRANSCRIPTION_STATE_{s}") for s in JobState}
+STAGE = {s.value: tpb.TranscriptionStage.Value(f"TRANSCRIPTION_STAGE_{s}") for s in Stage}
 
 
 def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcription:
     msg = tpb.Transcription(
         name=f"transcriptions/{j.id}",
         media=f"media/{j.media_id}",
-        config=config_to_proto(j.config or {}, j.priority),
+        config=config_to_proto(JobConfig.from_json(j.config), j.priority),
         state=STATE[j.state],
         stage=STAGE[j.stage],
         progress_percent=j.progress,
@@ -131,21 +124,20 @@ def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcrip
     )
     _set(msg, processed_duration=dur(j.processed_s), create_time=ts(j.create_time), update_time=ts(j.update_time),
          start_time=ts(j.start_time), end_time=ts(j.end_time))
-    if full and j.result is not None and j.state == "SUCCEEDED":
-        msg.result.CopyFrom(result_to_proto(j.result, j.processing_s))
+    if full and j.result is not None and j.state == JobState.SUCCEEDED:
+        msg.result.CopyFrom(result_to_proto(TranscriptResult.from_json(j.result), j.processing_s))
     return msg
 
 
-def event_to_proto(ev: dict[str, Any]) -> tpb.WatchTranscriptionResponse:
+def event_to_proto(ev: ProgressEvent) -> tpb.WatchTranscriptionResponse:
     msg = tpb.WatchTranscriptionResponse(
-        sequence=ev["sequence"],
-        state=STATE[ev["state"]],
-        stage=STAGE[ev["stage"]],
-        progress_percent=ev.get("progress", 0.0),
-        heartbeat=ev.get("heartbeat", False),
-        error_message=ev.get("error_message", ""),
-        attempt_count=ev.get("attempts", 0),
+        sequence=ev.sequence,
+        state=STATE[ev.state],
+        stage=STAGE[ev.stage],
+        progress_percent=ev.progress,
+        heartbeat=ev.heartbeat,
+        error_message=ev.error_message,
+        attempt_count=ev.attempts,
     )
-    when = dt.datetime.fromisoformat(ev["time"].rstrip("Z")) if ev.get("time") else None
-    return _set(msg, processed_duration=dur(ev.get("processed_s")), media_duration=dur(ev.get("duration_s")),
-                event_time=ts(when))
+    return _set(msg, processed_duration=dur(ev.processed_s), media_duration=dur(ev.duration_s),
+                event_time=ts(ev.time))

@@ -17,7 +17,12 @@ import peewee as pw
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
 
+from mp4totext.contracts import JobState, MediaState, Priority, Stage, broker_priority
+
 database = pw.DatabaseProxy()
+
+__all__ = ["JobState", "MediaState", "Stage", "Tenant", "ApiKey", "Media", "Transcription", "TranscriptionEvent",
+           "WorkerInfo", "database", "init_db", "utcnow", "new_id"]
 
 SCHEMA_VERSION = 1
 
@@ -60,12 +65,6 @@ class ApiKey(BaseModel):
     create_time = pw.DateTimeField(default=utcnow)
 
 
-class MediaState:
-    PROCESSING = "PROCESSING"
-    READY = "READY"
-    FAILED = "FAILED"
-
-
 class Media(BaseModel):
     id = pw.CharField(primary_key=True, max_length=32, default=new_id)
     tenant = pw.ForeignKeyField(Tenant, backref="media", on_delete="CASCADE")
@@ -96,31 +95,14 @@ class Media(BaseModel):
         )
 
 
-class JobState:
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-
-
-class Stage:
-    PREPARING_MEDIA = "PREPARING_MEDIA"
-    WAITING = "WAITING"
-    TRANSCRIBING = "TRANSCRIBING"
-    DIARIZING = "DIARIZING"
-    FINALIZING = "FINALIZING"
-    DONE = "DONE"
-
-
 class Transcription(BaseModel):
     id = pw.CharField(primary_key=True, max_length=32, default=new_id)
     tenant = pw.ForeignKeyField(Tenant, backref="transcriptions", on_delete="CASCADE")
     media = pw.ForeignKeyField(Media, backref="transcriptions", on_delete="CASCADE")
     request_id = pw.CharField(max_length=128, null=True)
     config = JSONField(default=dict)
-    priority = pw.IntegerField(default=2)
+    # RabbitMQ broker_priority (mp4totext.contracts maps it to and from the API's Priority).
+    priority = pw.IntegerField(default=broker_priority(Priority.NORMAL))
     state = pw.CharField(max_length=16, default=JobState.QUEUED)
     stage = pw.CharField(max_length=24, default=Stage.PREPARING_MEDIA)
     progress = pw.DoubleField(default=0.0)

@@ -14,6 +14,10 @@ import shutil
 import tempfile
 from typing import Protocol
 
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
 
 class Reader(Protocol):
     def read(self, n: int = -1) -> bytes: ...
@@ -140,9 +144,6 @@ class S3Store(ObjectStore):
         part_size: int = 16 * 1024 * 1024,
         parallel_uploads: int = 3,
     ) -> None:
-        import urllib3
-        from minio import Minio
-
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=5, read=120),
             maxsize=32,
@@ -193,8 +194,6 @@ class S3Store(ObjectStore):
         self.client.fput_object(self.bucket, key, path, content_type=content_type, part_size=self.part_size)
 
     def get_file(self, key: str, path: str) -> None:
-        from minio.error import S3Error
-
         try:
             # fget_object writes to a temporary file and renames it on success.
             self.client.fget_object(self.bucket, key, path)
@@ -207,8 +206,6 @@ class S3Store(ObjectStore):
         self.client.remove_object(self.bucket, key)
 
     def exists(self, key: str) -> bool:
-        from minio.error import S3Error
-
         try:
             self.client.stat_object(self.bucket, key)
             return True

@@ -1,1 +1,1 @@
-"""Dramatiq workers: actors (workers.actors), broker (workers.broker), stages (workers.stages)."""
+"""Dramatiq workers: the stage runner (workers.pipeline), actor declarations (workers.actors), pure stages (workers.stages), the worker process (workers.main)."""

@@ -15,9 +15,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from core.registry import DIARIZATION_HOW_TO as HOW_TO
+from mp4totext.contracts import DiarizationInfo, DiarizationState, Segment, SpeakerSummary, TranscriptResult, Word
 from workers.stages.media import SAMPLE_RATE
-
-DEFAULT_PIPELINE = "pyannote/speaker-diarization-community-1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +31,9 @@ class DiarizationUnavailable(RuntimeError):
     """No pipeline can be loaded here (an operator problem; the message says how to fix it)."""
 
 
-HOW_TO = ("install the diarize extra (pip install 'mp4totext[diarize]'), set MP4T_DIARIZATION_PIPELINE to a "
-          "local pyannote pipeline directory (with config.yaml) or to a Hugging Face pipeline id with HF_TOKEN "
-          "set, and run a worker for the diarize queue (mp4totext worker --queues diarize)")
+def pipeline_label(source: str) -> str:
+    """Short name of a pipeline source for results and metrics (a directory's name, or the HF id)."""
+    return pathlib.Path(source).name if source.startswith(("/", ".", "~")) else source
 
 
 def _is_local(source: str) -> bool:
@@ -64,7 +64,7 @@ def load_pipeline(source: str, device: str = "auto", token: str = "", batch_size
         raise DiarizationUnavailable(
             f"the diarization pipeline {source!r} is on Hugging Face and needs an access token (HF_TOKEN) "
             f"after accepting its user conditions; or {HOW_TO}")
-    try:
+    try:  # imported here: torch and pyannote.audio are the optional "diarize" extra
         import torch
         from pyannote.audio import Pipeline
     except ImportError as exc:
@@ -98,7 +98,7 @@ def diarize(pipeline: Any, audio: np.ndarray, min_speakers: int = 0, max_speaker
     ``on_progress(fraction)`` is called as the pipeline advances; it may raise to stop.
     Turns are clipped to the audio and sorted by start time.
     """
-    import torch
+    import torch  # the optional "diarize" extra (see load_pipeline)
 
     duration = len(audio) / SAMPLE_RATE
     waveform = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))[None]
@@ -195,12 +195,35 @@ def speaking_time(turns: list[Turn]) -> dict[str, float]:
     return out
 
 
-def _join(words: list[dict[str, Any]]) -> str:
+def _join(words: list[Word]) -> str:
     # faster-whisper words carry their leading space (" word"): concatenating restores the text.
-    return "".join(w["word"] for w in words).strip()
+    return "".join(w.word for w in words).strip()
 
 
-def assign_speakers(result: dict[str, Any], turns: list[Turn]) -> dict[str, Any]:
+def _split_by_speaker(seg: Segment, turns: list[Turn], word_counts: dict[str, int]) -> list[Segment]:
+    """``seg`` with speakers on its words, split wherever the speaker changes."""
+    words = [w.model_copy(update={"speaker": speaker_for(w.start, w.end, turns)}) for w in seg.words]
+    for w in words:
+        if w.speaker is not None:
+            word_counts[w.speaker] = word_counts.get(w.speaker, 0) + 1
+    if not words:
+        return [seg.model_copy(update={"speaker": speaker_for(seg.start, seg.end, turns)})]
+    runs: list[list[Word]] = []
+    for w in words:
+        if runs and runs[-1][-1].speaker == w.speaker:
+            runs[-1].append(w)
+        else:
+            runs.append([w])
+    if len(runs) == 1:
+        return [seg.model_copy(update={"words": words, "speaker": words[0].speaker})]
+    return [seg.model_copy(update={
+        "words": run, "speaker": run[0].speaker, "text": _join(run),
+        "start": seg.start if i == 0 else run[0].start,
+        "end": seg.end if i == len(runs) - 1 else run[-1].end,
+    }) for i, run in enumerate(runs)]
+
+
+def assign_speakers(result: TranscriptResult, turns: list[Turn]) -> TranscriptResult:
     """A copy of a transcription result with speakers on every word and segment.
 
     Words take the speaker with the largest overlap (nearest turn when in silence); a
@@ -208,50 +231,25 @@ def assign_speakers(result: dict[str, Any], turns: list[Turn]) -> dict[str, Any]
     timestamps take the speaker overlapping them most. Adds ``speakers`` (in order of
     first speech, with speaking time from the turns and word counts) and ``speaker_count``.
     """
-    segments_out: list[dict[str, Any]] = []
     word_counts: dict[str, int] = {}
-    for seg in result.get("segments", []):
-        words = [dict(w, speaker=speaker_for(w["start"], w["end"], turns)) for w in seg.get("words", [])]
-        for w in words:
-            if w["speaker"] is not None:
-                word_counts[w["speaker"]] = word_counts.get(w["speaker"], 0) + 1
-        if not words:
-            segments_out.append(dict(seg, speaker=speaker_for(seg["start"], seg["end"], turns)))
-            continue
-        runs: list[list[dict[str, Any]]] = []
-        for w in words:
-            if runs and runs[-1][-1]["speaker"] == w["speaker"]:
-                runs[-1].append(w)
-            else:
-                runs.append([w])
-        if len(runs) == 1:
-            segments_out.append(dict(seg, words=words, speaker=words[0]["speaker"]))
-            continue
-        for i, run in enumerate(runs):
-            segments_out.append(dict(
-                seg, words=run, speaker=run[0]["speaker"], text=_join(run),
-                start=seg["start"] if i == 0 else run[0]["start"],
-                end=seg["end"] if i == len(runs) - 1 else run[-1]["end"],
-            ))
-    for i, seg in enumerate(segments_out):
-        seg["id"] = i
+    segments = [part for seg in result.segments for part in _split_by_speaker(seg, turns, word_counts)]
+    segments = [seg.model_copy(update={"id": i}) for i, seg in enumerate(segments)]
     times = speaking_time(turns)
     first: dict[str, float] = {}
     for t in turns:
         first.setdefault(t.speaker, t.start)
-    speakers = [{"label": s, "speaking_s": times.get(s, 0.0), "words": word_counts.get(s, 0)}
+    speakers = [SpeakerSummary(label=s, speaking_s=times.get(s, 0.0), words=word_counts.get(s, 0))
                 for s in sorted(first, key=lambda s: first[s])]
-    out = dict(result, segments=segments_out, speakers=speakers, speaker_count=len(speakers))
-    return out
+    return result.model_copy(update={"segments": segments, "speakers": speakers, "speaker_count": len(speakers)})
 
 
-def run_stage(pipeline: Any, audio: np.ndarray, result: dict[str, Any], min_speakers: int = 0,
+def run_stage(pipeline: Any, audio: np.ndarray, result: TranscriptResult, min_speakers: int = 0,
               max_speakers: int = 0, on_progress: ProgressHook | None = None,
-              pipeline_name: str = "") -> dict[str, Any]:
+              pipeline_name: str = "") -> TranscriptResult:
     """Diarize and merge: the whole stage as one pure-ish function (pipeline in, result out)."""
     started = time.monotonic()
     turns = diarize(pipeline, audio, min_speakers, max_speakers, on_progress)
     merged = assign_speakers(result, turns)
-    merged["diarization"] = {"state": "SUCCEEDED", "error_message": "", "pipeline": pipeline_name,
-                             "processing_s": round(time.monotonic() - started, 3), "turns": len(turns)}
-    return merged
+    info = DiarizationInfo(state=DiarizationState.SUCCEEDED, pipeline=pipeline_name,
+                           processing_s=round(time.monotonic() - started, 3), turns=len(turns))
+    return merged.model_copy(update={"diarization": info})

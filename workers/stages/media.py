@@ -141,3 +141,10 @@ def load_wav(path: str) -> np.ndarray:
             raise MediaError("internal audio file has an unexpected format")
     data = np.fromfile(path, dtype="<i2", offset=_data_offset(path))
     return data.astype(np.float32) / 32768.0
+
+
+def check_duration(info: ProbeResult, max_duration_s: float) -> None:
+    """Refuse media longer than the service accepts (MediaError says how to fix it)."""
+    if info.duration_s > max_duration_s:
+        raise MediaError(f"the file is {info.duration_s / 3600:.1f} h long; the limit is "
+                         f"{max_duration_s / 3600:.1f} h: split it into shorter parts")

@@ -7,7 +7,9 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from faster_whisper import WhisperModel
 
+from mp4totext.contracts import JobConfig, Segment, TranscriptResult, Word
 from workers.stages.media import SAMPLE_RATE
 
 
@@ -21,6 +23,19 @@ class TranscribeOptions:
     initial_prompt: str | None = None
     hotwords: tuple[str, ...] = ()
 
+    @classmethod
+    def of(cls, config: JobConfig, default_beam: int) -> "TranscribeOptions":
+        """The recognizer options of a job's validated config."""
+        return cls(language=config.language or None, beam_size=int(config.beam_size or default_beam),
+                   vad_filter=config.vad, word_timestamps=config.word_timestamps, task=config.task or "transcribe",
+                   initial_prompt=config.initial_prompt or None, hotwords=tuple(config.hotwords))
+
+    def span_attributes(self) -> dict[str, Any]:
+        """The options as trace attributes (what the recognizer was actually called with)."""
+        return {"mp4t.beam_size": self.beam_size, "mp4t.vad": self.vad_filter, "mp4t.language": self.language or "auto",
+                "mp4t.word_timestamps": self.word_timestamps, "mp4t.task": self.task,
+                "mp4t.initial_prompt_chars": len(self.initial_prompt or ""), "mp4t.hotwords": len(self.hotwords)}
+
 
 class ModelUnavailable(RuntimeError):
     """The configured model cannot be loaded (an operator problem)."""
@@ -30,8 +45,6 @@ class ModelUnavailable(RuntimeError):
 def load_model(model: str, device: str = "auto", compute_type: str = "default", cpu_threads: int = 0,
                download_root: str = "", local_files_only: bool = True) -> Any:
     """Load a WhisperModel once per process (cached by its settings)."""
-    from faster_whisper import WhisperModel
-
     try:
         return WhisperModel(
             model,
@@ -53,8 +66,8 @@ ProgressCallback = Callable[[float], None]
 
 
 def transcribe(model: Any, audio: np.ndarray, options: TranscribeOptions,
-               on_progress: ProgressCallback | None = None, model_name: str = "") -> dict[str, Any]:
-    """Run recognition on 16 kHz mono float32 audio; return the JSON-able result.
+               on_progress: ProgressCallback | None = None, model_name: str = "") -> TranscriptResult:
+    """Run recognition on 16 kHz mono float32 audio; return the result.
 
     ``on_progress(processed_seconds)`` is called after every segment; it may raise to stop
     (cancellation, time limit): segments are generated lazily, so stopping is immediate.
@@ -72,37 +85,23 @@ def transcribe(model: Any, audio: np.ndarray, options: TranscribeOptions,
         initial_prompt=options.initial_prompt or None,
         hotwords=", ".join(options.hotwords) or None,
     )
-    segments: list[dict[str, Any]] = []
+    segments: list[Segment] = []
     for seg in segments_iter:
-        words = [
-            {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 4)}
-            for w in (seg.words or [])
-        ]
-        segments.append(
-            {
-                "id": len(segments),
-                "start": round(seg.start, 3),
-                "end": round(seg.end, 3),
-                "text": seg.text.strip(),
-                "avg_logprob": round(seg.avg_logprob, 4),
-                "no_speech_prob": round(seg.no_speech_prob, 4),
-                "words": words,
-            }
-        )
+        words = [Word(word=w.word, start=round(w.start, 3), end=round(w.end, 3), probability=round(w.probability, 4))
+                 for w in (seg.words or [])]
+        segments.append(Segment(id=len(segments), start=round(seg.start, 3), end=round(seg.end, 3),
+                                text=seg.text.strip(), avg_logprob=round(seg.avg_logprob, 4),
+                                no_speech_prob=round(seg.no_speech_prob, 4), words=words))
         if on_progress:
             on_progress(min(seg.end, duration))
-    return {
-        "text": " ".join(s["text"] for s in segments if s["text"]).strip(),
-        "language": info.language,
-        "language_probability": round(float(info.language_probability), 4),
-        "duration": round(duration, 3),
-        "speech_duration": round(float(getattr(info, "duration_after_vad", duration) or 0.0), 3),
-        "segments": segments,
-        "model": model_name,
-        "task": options.task,
-        "recognition_s": round(time.monotonic() - started, 3),
-    }
-
-
-def is_multilingual(model: Any) -> bool:
-    return bool(getattr(model, "model", None) and model.model.is_multilingual)
+    return TranscriptResult(
+        text=" ".join(s.text for s in segments if s.text).strip(),
+        language=info.language,
+        language_probability=round(float(info.language_probability), 4),
+        duration=round(duration, 3),
+        speech_duration=round(float(getattr(info, "duration_after_vad", duration) or 0.0), 3),
+        segments=segments,
+        model=model_name,
+        task=options.task,
+        recognition_s=round(time.monotonic() - started, 3),
+    )

@@ -31,5 +31,5 @@ def init(settings: config.Settings | None = None, bus: ProgressBus | None = None
 
 def get() -> Runtime:
     if _runtime is None:
-        raise RuntimeError("runtime not initialised: call mp4totext.runtime.init() at start-up")
+        raise RuntimeError("runtime not initialised: call core.runtime.init() at start-up")
     return _runtime

@@ -11,19 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import peewee as pw
 
-from mp4totext import runtime
-from storage.db import JobState, Media, MediaState, Stage, Transcription, add_event, database, utcnow
-
-STAGE_ORDER = [Stage.PREPARING_MEDIA, Stage.WAITING, Stage.TRANSCRIBING, Stage.DIARIZING, Stage.FINALIZING,
-               Stage.DONE]
-# Overall percent at the start of each stage; transcribing spans 5..95, or 5..70 when
-# speaker recognition (70..95) follows.
-STAGE_PERCENT = {Stage.PREPARING_MEDIA: 0.0, Stage.WAITING: 5.0, Stage.TRANSCRIBING: 5.0, Stage.DIARIZING: 70.0,
-                 Stage.FINALIZING: 95.0, Stage.DONE: 100.0}
+from core import plan, runtime
+from core.plan import STAGE_PERCENT
+from mp4totext.contracts import (TERMINAL_STATES, ClaimOutcome, DeletedEvent, JobState, MediaState, ProgressEvent,
+                                 Stage, TranscriptResult)
+from observability.metrics import JOBS_FINISHED
+from storage.db import Media, Transcription, add_event, database, utcnow
 
 
 class LostClaim(Exception):
@@ -32,14 +29,25 @@ class LostClaim(Exception):
 
 @dataclasses.dataclass
 class Claim:
-    outcome: str  # run | skip (duplicate) | past (stage already done) | done | exhausted | cancelled
-    job: Any = None
+    outcome: ClaimOutcome
+    job: Any = None  # the Transcription or Media row (None when it does not exist)
+
+
+@contextlib.contextmanager
+def connection() -> Iterator[None]:
+    """Use the connection this thread already holds (a message's, see DbConnections), else one
+    from the pool for the block."""
+    if not database.is_closed():
+        yield
+        return
+    with database.connection_context():
+        yield
 
 
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
     """A write transaction that serialises with other writers (IMMEDIATE on SQLite)."""
-    with database.connection_context():
+    with connection():
         if isinstance(database.obj, pw.SqliteDatabase):
             with database.atomic("IMMEDIATE"):
                 yield
@@ -56,24 +64,32 @@ def _fresh(heartbeat: dt.datetime | None, lease_s: float) -> bool:
     return heartbeat is not None and (utcnow() - heartbeat).total_seconds() < lease_s
 
 
-def event_of(job: Transcription, heartbeat: bool = False) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "sequence": job.sequence,
-        "state": job.state,
-        "stage": job.stage,
-        "progress": round(job.progress, 2),
-        "processed_s": job.processed_s,
-        "duration_s": job.duration_s,
-        "error_message": job.error_message,
-        "attempts": job.attempts,
-        "heartbeat": heartbeat,
-        "time": utcnow().isoformat() + "Z",
-    }
+def event_of(job: Transcription, heartbeat: bool = False) -> ProgressEvent:
+    return ProgressEvent(id=job.id, sequence=job.sequence, state=job.state, stage=job.stage,
+                         progress=round(job.progress, 2), processed_s=job.processed_s, duration_s=job.duration_s,
+                         error_message=job.error_message, attempts=job.attempts, heartbeat=heartbeat,
+                         time=dt.datetime.now(dt.timezone.utc))
 
 
 def publish(job: Transcription) -> None:
-    runtime.get().bus.publish(event_of(job))
+    runtime.get().bus.publish(event_of(job).model_dump(mode="json"))
+
+
+def current_event(job_id: str) -> ProgressEvent | None:
+    """The job's state as an event, read from the database (None if it was deleted)."""
+    with connection():
+        job = Transcription.get_or_none(Transcription.id == job_id)
+    return None if job is None else event_of(job)
+
+
+def count_by_state() -> dict[str, int]:
+    """Transcriptions per state, every state present (for the mp4t_jobs gauge)."""
+    with connection():
+        rows = (Transcription.select(Transcription.state, pw.fn.COUNT(Transcription.id).alias("n"))
+                .group_by(Transcription.state).tuples())
+        counts = {str(state): 0 for state in JobState}
+        counts.update({state: n for state, n in rows})
+    return counts
 
 
 def _bump(job: Transcription, detail: str = "", event: bool = True) -> None:
@@ -95,25 +111,25 @@ def claim_media(media_id: str, message_id: str, max_attempts: int, lease_s: floa
     with locked():
         media = _for_update(Media.select().where(Media.id == media_id)).first()
         if media is None or media.state == MediaState.FAILED:
-            return Claim("done", media)
+            return Claim(ClaimOutcome.DONE, media)
         if media.state == MediaState.READY:
-            return Claim("past", media)
+            return Claim(ClaimOutcome.PAST, media)
         if media.claim_message_id not in (None, message_id) and _fresh(media.heartbeat_time, lease_s):
-            return Claim("skip", media)
+            return Claim(ClaimOutcome.SKIP, media)
         media.attempts += 1
         if media.attempts > max_attempts:
             media.save()
-            return Claim("exhausted", media)
+            return Claim(ClaimOutcome.EXHAUSTED, media)
         media.claim_message_id = message_id
         media.heartbeat_time = utcnow()
         media.update_time = utcnow()
         media.save()
-        return Claim("run", media)
+        return Claim(ClaimOutcome.RUN, media)
 
 
 def media_ready(media_id: str, message_id: str, *, duration_s: float, format_name: str, audio_codec: str,
                 audio_key: str) -> bool:
-    with database.connection_context():
+    with connection():
         n = (
             Media.update(state=MediaState.READY, duration_s=duration_s, format_name=format_name,
                          audio_codec=audio_codec, audio_key=audio_key, claim_message_id=None, update_time=utcnow())
@@ -130,7 +146,7 @@ def media_failed(media_id: str, message: str) -> list[Transcription]:
             Media.id == media_id, Media.state == MediaState.PROCESSING
         ).execute()
         waiting = list(
-            Transcription.select().where(Transcription.media == media_id, Transcription.state.not_in(JobState.TERMINAL))
+            Transcription.select().where(Transcription.media == media_id, Transcription.state.not_in(TERMINAL_STATES))
         )
         for job in waiting:
             _finish(job, JobState.FAILED, reason="MEDIA_INVALID", message=f"media/{media_id} is not usable: {message}")
@@ -141,7 +157,7 @@ def media_failed(media_id: str, message: str) -> list[Transcription]:
 
 def jobs_to_start(media_id: str) -> list[Transcription]:
     """Move transcriptions that waited for this (now READY) media to WAITING; return the ones moved."""
-    with database.connection_context():
+    with connection():
         candidates = list(
             Transcription.select(Transcription.id).where(
                 Transcription.media == media_id,
@@ -182,28 +198,28 @@ def claim_stage(job_id: str, stages: tuple[str, ...], running_stage: str, messag
     """
     with locked():
         job = _get_locked(job_id)
-        if job is None or job.state in JobState.TERMINAL:
-            return Claim("done", job)
+        if job is None or job.state in TERMINAL_STATES:
+            return Claim(ClaimOutcome.DONE, job)
         if job.cancel_requested:
             _finish(job, JobState.CANCELLED, reason="CANCELLED", message="cancelled by the client")
-            outcome = "cancelled"
+            outcome = ClaimOutcome.CANCELLED
         elif job.stage not in stages:
-            ahead = STAGE_ORDER.index(job.stage) > STAGE_ORDER.index(running_stage)
-            return Claim("past" if ahead else "skip", job)
+            ahead = plan.is_ahead(job.stage, running_stage)
+            return Claim(ClaimOutcome.PAST if ahead else ClaimOutcome.SKIP, job)
         elif job.claim_message_id not in (None, message_id) and _fresh(job.heartbeat_time, lease_s):
-            return Claim("skip", job)
+            return Claim(ClaimOutcome.SKIP, job)
         else:
             job.attempts += 1
             job.total_attempts += 1
             if job.attempts > max_attempts and not fail_when_exhausted:
                 job.save()
-                return Claim("exhausted", job)
+                return Claim(ClaimOutcome.EXHAUSTED, job)
             if job.attempts > max_attempts:
                 last = f" Last error: {job.error_message}" if job.error_message else ""
                 _finish(job, JobState.FAILED, reason="ATTEMPTS_EXHAUSTED",
                         message=f"the {running_stage.lower()} stage was attempted {max_attempts} times without "
                                 f"finishing (a worker crashed or timed out each time).{last}")
-                outcome = "exhausted"
+                outcome = ClaimOutcome.EXHAUSTED
             else:
                 job.state = JobState.RUNNING
                 job.stage = running_stage
@@ -212,7 +228,7 @@ def claim_stage(job_id: str, stages: tuple[str, ...], running_stage: str, messag
                 job.start_time = job.start_time or utcnow()
                 job.progress = max(job.progress, STAGE_PERCENT[running_stage])
                 _bump(job, detail=f"attempt {job.attempts}")
-                outcome = "run"
+                outcome = ClaimOutcome.RUN
     publish(job)
     return Claim(outcome, job)
 
@@ -224,7 +240,7 @@ def report_progress(job_id: str, message_id: str, processed_s: float, duration_s
     done = fraction if fraction is not None else (processed_s / duration_s if duration_s > 0 else 0.0)
     pct = span[0] + (span[1] - span[0]) * min(max(done, 0.0), 1.0)
     now = utcnow()
-    with database.connection_context():
+    with connection():
         n = (
             Transcription.update(
                 processed_s=processed_s, progress=min(pct, 95.0), sequence=Transcription.sequence + 1,
@@ -258,31 +274,28 @@ def stage_done(job_id: str, message_id: str, next_stage: str, **fields: Any) -> 
     return job
 
 
-def keep_without_speakers(job_id: str, message_id: str | None, error: str) -> Transcription | None:
-    """Speaker recognition failed for good: keep the transcript, record why, go on to finalize.
+def skip_stage(job_id: str, message_id: str | None, stage: str, mark: Callable[[TranscriptResult], TranscriptResult],
+               warning: str, detail: str) -> Transcription | None:
+    """An optional stage failed for good: keep the job's work, record why (``mark`` the result,
+    add ``warning``) and move on to the stage after it (the caller enqueues it).
 
-    Returns the job (moved to FINALIZING) or None if it is not in the diarizing stage
-    (or, with a ``message_id``, not claimed by it).
+    Returns the job, or None if it is not in ``stage`` (or, with a ``message_id``, not claimed by it).
     """
     with locked():
         job = _get_locked(job_id)
-        if job is None or job.state in JobState.TERMINAL or job.stage != Stage.DIARIZING:
+        if job is None or job.state in TERMINAL_STATES or job.stage != stage:
             return None
         if message_id is not None and job.claim_message_id not in (None, message_id):
             return None
-        result = dict(job.result or {})
-        result["diarization"] = {"state": "FAILED", "error_message": error, "pipeline": "",
-                                 "processing_s": None}
-        job.result = result
-        job.warnings = [*(job.warnings or []),
-                        f"speaker recognition failed, the transcript has no speaker labels: {error}"]
+        job.result = mark(TranscriptResult.from_json(job.result)).to_json()
+        job.warnings = [*(job.warnings or []), warning]
         job.state = JobState.RUNNING
-        job.stage = Stage.FINALIZING
+        job.stage = plan.next_stage(job.config, stage)
         job.claim_message_id = None
         job.attempts = 0
         job.error_message = ""
-        job.progress = max(job.progress, STAGE_PERCENT[Stage.FINALIZING])
-        _bump(job, detail="DIARIZATION_FAILED")
+        job.progress = max(job.progress, STAGE_PERCENT[job.stage])
+        _bump(job, detail=detail)
     publish(job)
     return job
 
@@ -291,7 +304,7 @@ def release_for_retry(job_id: str, message_id: str, waiting_stage: str, error: s
     """A transient failure: give the job back so the retried message can claim it."""
     with locked():
         job = _get_locked(job_id)
-        if job is None or job.claim_message_id != message_id or job.state in JobState.TERMINAL:
+        if job is None or job.claim_message_id != message_id or job.state in TERMINAL_STATES:
             return
         job.state = JobState.QUEUED
         job.stage = waiting_stage
@@ -306,7 +319,7 @@ def finish(job_id: str, state: str, reason: str = "", message: str = "", only_st
     """Move a job to a terminal state unless it already is in one. Returns the job if it changed."""
     with locked():
         job = _get_locked(job_id)
-        if job is None or job.state in JobState.TERMINAL:
+        if job is None or job.state in TERMINAL_STATES:
             return None
         if only_stage is not None and job.stage != only_stage:
             return None
@@ -314,8 +327,6 @@ def finish(job_id: str, state: str, reason: str = "", message: str = "", only_st
             return None
         _finish(job, state, reason=reason, message=message)
     publish(job)
-    from observability.metrics import JOBS_FINISHED
-
     JOBS_FINISHED.labels(state, reason or state).inc()
     return job
 
@@ -342,7 +353,7 @@ def request_cancel(job: Transcription) -> Transcription:
     """Cancel now if nothing runs it, else flag it for the worker (checked between segments)."""
     with locked():
         row = _get_locked(job.id)
-        if row is None or row.state in JobState.TERMINAL:
+        if row is None or row.state in TERMINAL_STATES:
             return row or job
         if row.state == JobState.QUEUED:
             _finish(row, JobState.CANCELLED, reason="CANCELLED", message="cancelled by the client")
@@ -354,4 +365,26 @@ def request_cancel(job: Transcription) -> Transcription:
 
 
 def publish_deleted(job: Transcription) -> None:
-    runtime.get().bus.publish({"id": job.id, "deleted": True, "sequence": job.sequence + 1})
+    runtime.get().bus.publish(DeletedEvent(id=job.id, sequence=job.sequence + 1).model_dump(mode="json"))
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def stuck(older_than: dt.timedelta) -> tuple[list[Media], list[Transcription]]:
+    """Media and jobs that made no progress for ``older_than``: their message may be lost.
+
+    A message is lost only if a process died between committing a state change and
+    enqueueing the next stage; re-enqueueing is safe because every stage is idempotent.
+    """
+    cutoff = utcnow() - older_than
+    with connection():
+        media = list(Media.select(Media.id, Media.trace_context).where(Media.state == MediaState.PROCESSING,
+                                                                       Media.update_time < cutoff))
+        waiting = (Transcription.state == JobState.QUEUED) & Transcription.stage.in_(
+            [Stage.WAITING, Stage.DIARIZING]) & (Transcription.update_time < cutoff)
+        running = (Transcription.state == JobState.RUNNING) & (Transcription.heartbeat_time < cutoff)
+        finishing = (Transcription.stage == Stage.FINALIZING) & (Transcription.update_time < cutoff)
+        found = list(Transcription.select(Transcription.id, Transcription.priority, Transcription.stage,
+                                          Transcription.trace_context).where(waiting | running | finishing))
+    return media, found

@@ -10,7 +10,9 @@ import dataclasses
 import json
 import math
 import textwrap
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+
+from mp4totext.contracts import Segment, TranscriptResult, Word
 
 FORMATS = {
     "txt": ("text/plain; charset=utf-8", "txt"),
@@ -37,8 +39,11 @@ class Cue:
     label: bool = False  # show "[SPEAKER]" (first caption of a speaker's turn, if it fits)
 
 
-def _has_speakers(result: dict[str, Any]) -> bool:
-    return bool(result.get("speakers"))
+Result = TranscriptResult | Mapping[str, Any]  # a stored (JSON) result is read as a TranscriptResult
+
+
+def _has_speakers(result: TranscriptResult) -> bool:
+    return bool(result.speakers)
 
 
 def _clean(text: str) -> str:
@@ -53,15 +58,16 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width=width, break_long_words=True, break_on_hyphens=False) or [""]
 
 
-def cues(result: dict[str, Any], opts: SubtitleOptions = SubtitleOptions()) -> list[Cue]:
+def cues(result: Result, opts: SubtitleOptions = SubtitleOptions()) -> list[Cue]:
+    result = TranscriptResult.from_json(result)
     with_speakers = _has_speakers(result)
     out: list[Cue] = []
-    for seg in result.get("segments", []):
-        words = [w for w in seg.get("words", []) if w.get("word", "").strip()]
+    for seg in result.segments:
+        words = [w for w in seg.words if w.word.strip()]
         prev = out[-1].speaker if out else None
         if words:
             out.extend(_cues_from_words(words, opts, with_speakers, prev))
-        elif _clean(seg.get("text", "")):
+        elif _clean(seg.text):
             out.extend(_cues_from_segment(seg, opts, with_speakers, prev))
     # Strictly increasing, non-overlapping, positive durations (players and parsers demand it).
     fixed: list[Cue] = []
@@ -76,30 +82,30 @@ def _prefix(speaker: str, label: bool) -> str:
     return f"[{speaker}] " if label and speaker else ""
 
 
-def _cues_from_words(words: list[dict[str, Any]], opts: SubtitleOptions, with_speakers: bool,
+def _cues_from_words(words: list[Word], opts: SubtitleOptions, with_speakers: bool,
                      prev_speaker: str | None) -> list[Cue]:
     out: list[Cue] = []
-    cur: list[dict[str, Any]] = []
+    cur: list[Word] = []
     label = [False]
 
-    def start_cue(w: dict[str, Any]) -> None:
-        spk = w.get("speaker") or ""
+    def start_cue(w: Word) -> None:
+        spk = w.speaker or ""
         before = out[-1].speaker if out else prev_speaker
         # Label the first caption of a speaker's turn, unless the label itself would not fit.
-        label[0] = with_speakers and bool(spk) and spk != before and _fits(_clean(w["word"]), opts, _prefix(spk, True))
+        label[0] = with_speakers and bool(spk) and spk != before and _fits(_clean(w.word), opts, _prefix(spk, True))
         cur.append(w)
 
     def flush() -> None:
         if cur:
-            out.append(Cue(cur[0]["start"], cur[-1]["end"], _clean("".join(w["word"] for w in cur)),
-                           cur[0].get("speaker") or "", label[0]))
+            out.append(Cue(cur[0].start, cur[-1].end, _clean("".join(w.word for w in cur)), cur[0].speaker or "",
+                           label[0]))
             cur.clear()
 
     for w in words:
         if cur:
-            spk = cur[0].get("speaker") or ""
-            text = _clean("".join(x["word"] for x in cur) + w["word"])
-            if ((w.get("speaker") or "") != spk or w["end"] - cur[0]["start"] > opts.max_duration_s
+            spk = cur[0].speaker or ""
+            text = _clean("".join(x.word for x in cur) + w.word)
+            if ((w.speaker or "") != spk or w.end - cur[0].start > opts.max_duration_s
                     or not _fits(text, opts, _prefix(spk, label[0]))):
                 flush()
         if cur:
@@ -110,10 +116,10 @@ def _cues_from_words(words: list[dict[str, Any]], opts: SubtitleOptions, with_sp
     return out
 
 
-def _cues_from_segment(seg: dict[str, Any], opts: SubtitleOptions, with_speakers: bool,
+def _cues_from_segment(seg: Segment, opts: SubtitleOptions, with_speakers: bool,
                        prev_speaker: str | None) -> list[Cue]:
-    speaker = seg.get("speaker") or ""
-    words = _clean(seg["text"]).split(" ")
+    speaker = seg.speaker or ""
+    words = _clean(seg.text).split(" ")
     label = (with_speakers and bool(speaker) and speaker != prev_speaker
              and _fits(words[0], opts, _prefix(speaker, True)))
     pieces: list[str] = []
@@ -124,7 +130,7 @@ def _cues_from_segment(seg: dict[str, Any], opts: SubtitleOptions, with_speakers
         else:
             pieces.append(word)
     total = sum(len(p) for p in pieces) or 1
-    start, span = seg["start"], max(seg["end"] - seg["start"], 0.05)
+    start, span = seg.start, max(seg.end - seg.start, 0.05)
     out = []
     for i, p in enumerate(pieces):
         end = start + span * len(p) / total
@@ -158,12 +164,12 @@ def _ts(seconds: float, sep: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
-def to_srt(result: dict[str, Any], opts: SubtitleOptions = SubtitleOptions()) -> Iterator[str]:
+def to_srt(result: TranscriptResult, opts: SubtitleOptions = SubtitleOptions()) -> Iterator[str]:
     for i, c in enumerate(cues(result, opts), start=1):
         yield f"{i}\n{_ts(c.start, ',')} --> {_ts(c.end, ',')}\n{_lines(c, opts)}\n\n"
 
 
-def to_vtt(result: dict[str, Any], opts: SubtitleOptions = SubtitleOptions()) -> Iterator[str]:
+def to_vtt(result: TranscriptResult, opts: SubtitleOptions = SubtitleOptions()) -> Iterator[str]:
     yield "WEBVTT\n\n"
     for i, c in enumerate(cues(result, opts), start=1):
         # Speaker as a WebVTT voice span; the prefix is kept out of the wrapped text.
@@ -173,42 +179,49 @@ def to_vtt(result: dict[str, Any], opts: SubtitleOptions = SubtitleOptions()) ->
         yield f"{i}\n{_ts(c.start, '.')} --> {_ts(c.end, '.')}\n{body}\n\n"
 
 
-def to_txt(result: dict[str, Any]) -> Iterator[str]:
+def to_txt(result: TranscriptResult) -> Iterator[str]:
     if not _has_speakers(result):
-        for seg in result.get("segments", []):
-            if _clean(seg.get("text", "")):
-                yield _clean(seg["text"]) + "\n"
+        for seg in result.segments:
+            if _clean(seg.text):
+                yield _clean(seg.text) + "\n"
         return
     speaker, parts = None, []
-    for seg in result.get("segments", []):
-        text = _clean(seg.get("text", ""))
+    for seg in result.segments:
+        text = _clean(seg.text)
         if not text:
             continue
-        if seg.get("speaker") != speaker and parts:
+        if seg.speaker != speaker and parts:
             yield f"{speaker or 'UNKNOWN'}: {' '.join(parts)}\n\n"
             parts = []
-        speaker = seg.get("speaker")
+        speaker = seg.speaker
         parts.append(text)
     if parts:
         yield f"{speaker or 'UNKNOWN'}: {' '.join(parts)}\n"
 
 
-def to_tsv(result: dict[str, Any]) -> Iterator[str]:
+def to_tsv(result: TranscriptResult) -> Iterator[str]:
     yield "start_ms\tend_ms\tspeaker\ttext\n"
-    for seg in result.get("segments", []):
-        text = _clean(seg.get("text", "")).replace("\t", " ")
+    for seg in result.segments:
+        text = _clean(seg.text).replace("\t", " ")
         if text:
-            start_ms, end_ms = int(round(seg["start"] * 1000)), int(round(seg["end"] * 1000))
-            yield f"{start_ms}\t{end_ms}\t{seg.get('speaker') or ''}\t{text}\n"
+            start_ms, end_ms = int(round(seg.start * 1000)), int(round(seg.end * 1000))
+            yield f"{start_ms}\t{end_ms}\t{seg.speaker or ''}\t{text}\n"
 
 
 def to_json(document: dict[str, Any]) -> Iterator[str]:
     yield json.dumps(document, ensure_ascii=False, indent=2) + "\n"
 
 
-def export(fmt: str, result: dict[str, Any], opts: SubtitleOptions = SubtitleOptions(),
+def export(fmt: str, result: Result, opts: SubtitleOptions = SubtitleOptions(),
            document: dict[str, Any] | None = None) -> Iterator[str]:
-    """Text pieces of the document in ``fmt`` (txt, srt, vtt, json, tsv)."""
+    """Text pieces of the document in ``fmt`` (txt, srt, vtt, json, tsv).
+
+    ``document`` is what JSON exports (the API's view of the transcription); without it,
+    the result itself.
+    """
+    if fmt == "json":
+        return to_json(document if document is not None else TranscriptResult.from_json(result).to_json())
+    result = TranscriptResult.from_json(result)
     if fmt == "srt":
         return to_srt(result, opts)
     if fmt == "vtt":
@@ -217,8 +230,6 @@ def export(fmt: str, result: dict[str, Any], opts: SubtitleOptions = SubtitleOpt
         return to_txt(result)
     if fmt == "tsv":
         return to_tsv(result)
-    if fmt == "json":
-        return to_json(document if document is not None else result)
     raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 

@@ -1,0 +1,54 @@
+"""The queue interface both sides use: the Dramatiq broker, and sending work by actor name.
+
+Servers enqueue without loading any worker code: a message names its actor and goes to the
+actor's queue (``core.plan.ROUTES``); workers register the actors that consume it.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.brokers.stub import StubBroker
+
+from core.plan import QUEUES, ROUTES
+from mp4totext.config import Settings
+from mp4totext.contracts import BROKER_MAX_PRIORITY
+from observability import middleware, tracing
+from storage.db import database
+
+_broker: dramatiq.Broker | None = None
+
+
+def make_broker(settings: Settings) -> dramatiq.Broker:
+    """Create the broker (RabbitMQ, or in-process for embedded mode) and make it the global one."""
+    global _broker
+    broker: dramatiq.Broker
+    if settings.broker_url == "memory":
+        broker = StubBroker()
+        broker.emit_after("process_boot")
+    else:
+        broker = RabbitmqBroker(url=settings.broker_url, confirm_delivery=True, max_priority=BROKER_MAX_PRIORITY)
+    middleware.install(broker, database)
+    for queue in QUEUES:
+        broker.declare_queue(queue)
+    dramatiq.set_broker(broker)
+    _broker = broker
+    return broker
+
+
+def get_broker() -> dramatiq.Broker:
+    if _broker is None:
+        raise RuntimeError("broker not set up: call core.queue.make_broker() at start-up")
+    return _broker
+
+
+def enqueue(actor: str, object_id: str, priority: int, trace_context: Mapping[str, str] | None = None) -> None:
+    """Send ``actor(object_id)`` at broker ``priority`` (publish confirmed by RabbitMQ).
+
+    ``trace_context`` (a job's stored context) parents the message's PRODUCER span.
+    """
+    message = dramatiq.Message(queue_name=ROUTES[actor], actor_name=actor, args=(object_id,), kwargs={},
+                               options={"broker_priority": priority})
+    with tracing.attached(trace_context):
+        get_broker().enqueue(message)

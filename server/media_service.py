@@ -1,0 +1,135 @@
+"""mp4totext.v1.MediaService: streaming upload into object storage, then media preparation."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import grpc
+import peewee as pw
+import structlog
+
+from core import runtime
+from core.jobs import connection
+from mp4totext.contracts import MediaState, Priority, broker_priority
+from mp4totext.v1 import media_pb2, media_pb2_grpc
+from observability import metrics, tracing
+from server import convert
+from server.auth import current_tenant
+from server.errors import ApiError, failed_precondition, invalid
+from server.paging import page_size, paged
+from server.resources import delete_transcription, enqueue_or_unavailable, get_media, media_by_request_id
+from server.upload import ClientGone, UploadReader, UploadRejected
+from server.validation import UploadSpec, upload_metadata
+from storage.db import Media, Transcription, new_id
+
+log = structlog.get_logger(__name__)
+
+
+def _response(media: Media) -> media_pb2.UploadMediaResponse:
+    return media_pb2.UploadMediaResponse(media=convert.media_to_proto(media), committed_size=media.size_bytes)
+
+
+def _store(spec: UploadSpec, key: str, requests: Iterator[Any], context: grpc.ServicerContext) -> UploadReader:
+    """Stream the chunks into the object store under ``key``; nothing is left there on failure."""
+    rt = runtime.get()
+    reader = UploadReader(requests, rt.settings.max_upload_bytes, spec.size_bytes, spec.sha256, context.is_active)
+    try:
+        rt.store.put_stream(key, reader, spec.content_type or "application/octet-stream")
+    except UploadRejected as exc:
+        metrics.UPLOADS.labels("rejected").inc()
+        raise invalid(str(exc)) from None
+    except (grpc.RpcError, ClientGone):
+        metrics.UPLOADS.labels("cancelled").inc()
+        log.info("upload_aborted_by_client", received=reader.received)
+        raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client") from None
+    except Exception as exc:
+        metrics.UPLOADS.labels("storage_error").inc()
+        raise ApiError(grpc.StatusCode.UNAVAILABLE, f"object storage failed ({exc}); retry the upload") from exc
+    if not context.is_active():  # cancelled after the last byte: the client will retry (request_id)
+        metrics.UPLOADS.labels("cancelled").inc()
+        rt.store.delete(key)
+        raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client")
+    return reader
+
+
+def _record(spec: UploadSpec, media_id: str, key: str, reader: UploadReader) -> Media:
+    """The media row of a stored upload, then its preparation enqueued (or nothing at all)."""
+    store, tenant = runtime.get().store, current_tenant.get()
+    try:
+        with connection():
+            media = Media.create(id=media_id, tenant=tenant, request_id=spec.request_id or None,
+                                 filename=spec.filename, content_type=spec.content_type,
+                                 size_bytes=reader.received, sha256=reader.sha256, object_key=key,
+                                 trace_context=tracing.inject())
+    except pw.IntegrityError:  # the same request_id won a race
+        store.delete(key)
+        with connection():
+            return Media.get(Media.tenant == tenant, Media.request_id == spec.request_id)
+    except Exception:
+        store.delete(key)
+        raise
+    try:
+        enqueue_or_unavailable("prepare_media", media_id, broker_priority(Priority.NORMAL))
+    except ApiError:
+        with connection():
+            media.delete_instance()
+        store.delete(key)
+        raise
+    return media
+
+
+class MediaService(media_pb2_grpc.MediaServiceServicer):
+    def UploadMedia(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext):
+        spec = upload_metadata(next(request_iterator, None), runtime.get().settings.max_upload_bytes)
+        if spec.request_id:
+            existing = media_by_request_id(current_tenant.get(), spec.request_id)
+            if existing is not None:
+                return _response(existing)
+        media_id = new_id()
+        key = f"media/{current_tenant.get()}/{media_id}/original"
+        started = time.monotonic()
+        tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.upload.declared_bytes": spec.size_bytes})
+        reader = _store(spec, key, request_iterator, context)
+        elapsed = time.monotonic() - started
+        media = _record(spec, media_id, key, reader)
+        if media.id != media_id:  # a concurrent retry of the same request_id stored it first
+            return _response(media)
+        size = reader.received
+        metrics.UPLOADS.labels("stored").inc()
+        metrics.UPLOAD_BYTES.inc(size)
+        metrics.UPLOAD_SIZE.observe(size)
+        metrics.UPLOAD_THROUGHPUT.observe(size / max(elapsed, 1e-6))
+        tracing.set_attributes(**{"mp4t.upload.bytes": size, "mp4t.upload.seconds": round(elapsed, 3)})
+        log.info("upload_stored", media_id=media_id, size_bytes=size, seconds=round(elapsed, 3),
+                 mib_per_s=round(size / 1048576 / max(elapsed, 1e-6), 1))
+        return _response(media)
+
+    def GetMedia(self, request: media_pb2.GetMediaRequest, context: grpc.ServicerContext):
+        return convert.media_to_proto(get_media(request.name))
+
+    def ListMedia(self, request: media_pb2.ListMediaRequest, context: grpc.ServicerContext):
+        q = Media.select().where(Media.tenant == current_tenant.get())
+        filters: dict[str, Any] = {}
+        if request.state:
+            state = MediaState(media_pb2.MediaState.Name(request.state).removeprefix("MEDIA_STATE_"))
+            q = q.where(Media.state == state)
+            filters["state"] = str(state)
+        rows, nxt = paged(q, Media, page_size(request.page_size), request.page_token, filters)
+        return media_pb2.ListMediaResponse(media=[convert.media_to_proto(m) for m in rows], next_page_token=nxt)
+
+    def DeleteMedia(self, request: media_pb2.DeleteMediaRequest, context: grpc.ServicerContext):
+        media = get_media(request.name)
+        with connection():
+            children = list(Transcription.select().where(Transcription.media == media.id))
+        if children and not request.force:
+            raise failed_precondition(f"media/{media.id} has {len(children)} transcription(s); delete them first "
+                                      "or set force=true to delete them with it")
+        for job in children:
+            delete_transcription(job)
+        store = runtime.get().store
+        for key in (media.object_key, media.audio_key):
+            if key:
+                store.delete(key)
+        with connection():
+            Media.delete().where(Media.id == media.id).execute()
+        return media_pb2.DeleteMediaResponse(deleted_transcriptions=len(children))

@@ -1,0 +1,48 @@
+"""List paging: page sizes and opaque page tokens bound to the listing's filters (keyset paging)."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+from typing import Any
+
+import peewee as pw
+
+from core.jobs import connection
+from server.errors import invalid
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+
+
+def page_size(n: int) -> int:
+    if n < 0:
+        raise invalid("page_size must not be negative")
+    return min(n or DEFAULT_PAGE, MAX_PAGE)
+
+
+def encode_token(row: Any, filters: dict[str, Any]) -> str:
+    payload = {"t": row.create_time.isoformat(), "id": row.id, "f": filters}
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+def apply_token(query: pw.ModelSelect, model: Any, token: str, filters: dict[str, Any]) -> pw.ModelSelect:
+    if not token:
+        return query
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        t, last_id = dt.datetime.fromisoformat(data["t"]), data["id"]
+    except Exception:
+        raise invalid("page_token is not valid; pass next_page_token from a previous response") from None
+    if data.get("f") != filters:
+        raise invalid("page_token was issued for different filters; restart the listing without it")
+    return query.where((model.create_time < t) | ((model.create_time == t) & (model.id < last_id)))
+
+
+def paged(query: pw.ModelSelect, model: Any, size: int, token: str, filters: dict[str, Any]) -> tuple[list, str]:
+    """One page of ``query`` (newest first) and the token of the next page ("" at the end)."""
+    q = apply_token(query, model, token, filters).order_by(model.create_time.desc(), model.id.desc())
+    with connection():
+        rows = list(q.limit(size + 1))
+    nxt = encode_token(rows[size - 1], filters) if len(rows) > size else ""
+    return rows[:size], nxt

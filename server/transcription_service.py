@@ -1,0 +1,136 @@
+"""mp4totext.v1.TranscriptionService: create, read, watch, cancel, delete and export transcriptions."""
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import peewee as pw
+import structlog
+from google.protobuf import json_format
+
+from core import export, jobs, plan, registry, runtime
+from core.jobs import connection
+from mp4totext.contracts import JobState, MediaState, Stage, TranscriptResult
+from mp4totext.v1 import transcription_pb2 as tpb, transcription_pb2_grpc
+from observability import tracing
+from server import convert
+from server.auth import current_tenant
+from server.errors import failed_precondition, invalid
+from server.paging import page_size, paged
+from server.resources import delete_transcription, enqueue_or_unavailable, get_job, get_media, job_by_request_id
+from server.validation import EXPORT_FORMATS, english_only, export_options, job_config, parse_name, request_id
+from server.watch import watch_events
+from storage.db import Media, Transcription
+
+log = structlog.get_logger(__name__)
+
+FIRST_ACTOR = plan.actor_for(Stage.WAITING)  # what runs a job once its media is READY
+
+
+def _idempotent_hit(job: Transcription, media: Media) -> tpb.Transcription:
+    """The answer to a retried CreateTranscription (same request_id)."""
+    if job.media_id != media.id:
+        raise invalid(f"request_id was already used for transcriptions/{job.id} of media/{job.media_id}; "
+                      "use a new request_id for a different media")
+    if job.state == JobState.QUEUED and job.stage == Stage.WAITING:
+        # A retry after a lost response may also follow a lost enqueue: a duplicate is harmless.
+        enqueue_or_unavailable(FIRST_ACTOR, job.id, job.priority)
+    return convert.transcription_to_proto(job)
+
+
+class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
+    def CreateTranscription(self, request: tpb.CreateTranscriptionRequest, context: grpc.ServicerContext):
+        tenant = current_tenant.get()
+        rid = request_id(request.request_id)
+        media = get_media(request.media, field="media")
+        existing = job_by_request_id(tenant, rid) if rid else None
+        if existing is not None:
+            return _idempotent_hit(existing, media)
+        config, priority = job_config(request.config, runtime.get().settings.model_label,
+                                      registry.diarization_status)
+        if media.state == MediaState.FAILED:
+            raise failed_precondition(f"media/{media.id} cannot be transcribed: {media.error_message}")
+        try:
+            with connection():
+                job = Transcription.create(tenant=tenant, media=media.id, request_id=rid or None,
+                                           config=config.to_json(), priority=priority, duration_s=media.duration_s,
+                                           trace_context=tracing.inject())
+        except pw.IntegrityError:
+            existing = job_by_request_id(tenant, rid)
+            if existing is None:
+                raise
+            return _idempotent_hit(existing, media)
+        # The media may have become READY while we inserted: exactly one of us and
+        # prepare_media wins the PREPARING_MEDIA -> WAITING transition and enqueues.
+        moved = jobs.to_waiting(job.id)
+        if moved is not None:
+            try:
+                enqueue_or_unavailable(FIRST_ACTOR, job.id, priority)
+            except Exception:
+                with connection():
+                    job.delete_instance()
+                raise
+            job = moved
+        tracing.set_attributes(**{"mp4t.job_id": job.id, "mp4t.media_id": media.id, "mp4t.priority": priority,
+                                  "mp4t.media.duration_s": media.duration_s})
+        log.info("transcription_created", job_id=job.id, media_id=media.id, priority=priority)
+        return convert.transcription_to_proto(job)
+
+    def GetTranscription(self, request: tpb.GetTranscriptionRequest, context: grpc.ServicerContext):
+        return convert.transcription_to_proto(get_job(request.name),
+                                              full=request.view != tpb.TRANSCRIPTION_VIEW_BASIC)
+
+    def ListTranscriptions(self, request: tpb.ListTranscriptionsRequest, context: grpc.ServicerContext):
+        q = Transcription.select().where(Transcription.tenant == current_tenant.get())
+        filters: dict[str, Any] = {}
+        if request.state:
+            state = JobState(tpb.TranscriptionState.Name(request.state).removeprefix("TRANSCRIPTION_STATE_"))
+            q = q.where(Transcription.state == state)
+            filters["state"] = str(state)
+        if request.media:
+            media_id = parse_name(request.media, "media", "media")
+            q = q.where(Transcription.media == media_id)
+            filters["media"] = media_id
+        rows, nxt = paged(q, Transcription, page_size(request.page_size), request.page_token, filters)
+        return tpb.ListTranscriptionsResponse(
+            transcriptions=[convert.transcription_to_proto(j, full=False) for j in rows], next_page_token=nxt)
+
+    def CancelTranscription(self, request: tpb.CancelTranscriptionRequest, context: grpc.ServicerContext):
+        return convert.transcription_to_proto(jobs.request_cancel(get_job(request.name)))
+
+    def DeleteTranscription(self, request: tpb.DeleteTranscriptionRequest, context: grpc.ServicerContext):
+        delete_transcription(get_job(request.name))
+        return tpb.DeleteTranscriptionResponse()
+
+    def WatchTranscription(self, request: tpb.WatchTranscriptionRequest, context: grpc.ServicerContext):
+        job = get_job(request.name)
+        rt = runtime.get()
+        events = watch_events(job.id, request.after_sequence, subscribe=rt.bus.subscribe, read=jobs.current_event,
+                              is_active=context.is_active, heartbeat_s=rt.settings.watch_heartbeat_s)
+        return (convert.event_to_proto(ev) for ev in events)
+
+    def ExportTranscription(self, request: tpb.ExportTranscriptionRequest, context: grpc.ServicerContext):
+        job = get_job(request.name)
+        fmt, opts = export_options(request)
+        if job.state != JobState.SUCCEEDED or job.result is None:
+            raise failed_precondition(f"transcriptions/{job.id} is {job.state}; only a SUCCEEDED transcription "
+                                      "can be exported")
+        document = None
+        if fmt == "json":
+            document = json_format.MessageToDict(convert.transcription_to_proto(job), preserving_proto_field_name=True)
+        content_type, ext = export.FORMATS[fmt]
+        blocks = export.chunks(export.export(fmt, TranscriptResult.from_json(job.result), opts, document))
+        first = next(blocks, b"")  # an empty transcript still tells the client what it got
+        yield tpb.ExportTranscriptionResponse(data=first, content_type=content_type, filename=f"{job.id}.{ext}")
+        for block in blocks:
+            yield tpb.ExportTranscriptionResponse(data=block)
+
+    def GetCapabilities(self, request: tpb.GetCapabilitiesRequest, context: grpc.ServicerContext):
+        s = runtime.get().settings
+        available, reason = registry.diarization_status()
+        multilingual = not english_only(s.model_label)
+        return convert._set(tpb.Capabilities(
+            model=s.model_label, multilingual=multilingual, translation_available=multilingual,
+            diarization_available=available, diarization_unavailable_reason=reason,
+            export_formats=sorted(EXPORT_FORMATS), max_upload_bytes=s.max_upload_bytes, max_beam_size=10),
+            max_media_duration=convert.dur(s.max_media_duration_s))

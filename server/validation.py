@@ -1,0 +1,172 @@
+"""Requests -> typed options: every check that answers INVALID_ARGUMENT naming the field.
+
+Pure functions (no database, no settings object): what they need is passed in, so the unit
+tests check them directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+from core.export import FORMATS, SubtitleOptions
+from core.languages import whisper_language
+from mp4totext.contracts import DiarizationOptions, JobConfig, broker_priority
+from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
+from server.errors import failed_precondition, invalid
+
+_ID = re.compile(r"^[0-9a-f]{32}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+MAX_PROMPT = 1000
+MAX_HOTWORDS = 50
+MAX_SPEAKERS = 20
+MAX_REQUEST_ID = 128
+EXPORT_FORMATS = {tpb.EXPORT_FORMAT_TXT: "txt", tpb.EXPORT_FORMAT_SRT: "srt", tpb.EXPORT_FORMAT_VTT: "vtt",
+                  tpb.EXPORT_FORMAT_JSON: "json", tpb.EXPORT_FORMAT_TSV: "tsv"}
+assert set(EXPORT_FORMATS.values()) == set(FORMATS)
+
+
+def parse_name(name: str, collection: str, field: str = "name") -> str:
+    """The id in ``<collection>/<id>``."""
+    prefix = collection + "/"
+    if not name:
+        raise invalid(f"{field} is required, e.g. {prefix}<id>")
+    if not name.startswith(prefix) or not _ID.match(name[len(prefix):]):
+        raise invalid(f"{field}={name!r} is not a valid resource name; expected {prefix}<32 hex characters>")
+    return name[len(prefix):]
+
+
+def is_name(name: str, collection: str) -> bool:
+    prefix = collection + "/"
+    return name.startswith(prefix) and bool(_ID.match(name[len(prefix):]))
+
+
+def request_id(value: str, field: str = "request_id") -> str:
+    if len(value) > MAX_REQUEST_ID:
+        raise invalid(f"{field} must be at most {MAX_REQUEST_ID} characters")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadSpec:
+    filename: str
+    content_type: str
+    size_bytes: int  # 0 = not declared
+    sha256: str  # "" = not declared
+    request_id: str
+
+
+def upload_metadata(first: media_pb2.UploadMediaRequest | None, max_upload_bytes: int) -> UploadSpec:
+    """The first message of an upload stream, checked."""
+    if first is None or first.WhichOneof("payload") != "metadata":
+        raise invalid("the first UploadMediaRequest must carry metadata (filename, size_bytes, sha256)")
+    md = first.metadata
+    if not md.filename or len(md.filename) > 1024:
+        raise invalid("metadata.filename is required (at most 1024 characters)")
+    if md.size_bytes < 0:
+        raise invalid("metadata.size_bytes must not be negative")
+    if md.size_bytes > max_upload_bytes:
+        raise invalid(f"metadata.size_bytes={md.size_bytes} is over the upload limit of {max_upload_bytes} bytes")
+    sha = md.sha256.lower()
+    if sha and not _SHA.match(sha):
+        raise invalid("metadata.sha256 must be 64 hex characters")
+    return UploadSpec(md.filename, md.content_type, md.size_bytes, sha,
+                      request_id(md.request_id, "metadata.request_id"))
+
+
+def english_only(model: str) -> bool:
+    return model.endswith(".en")
+
+
+def _language(code: str) -> str | None:
+    try:
+        return whisper_language(code)
+    except ValueError:
+        raise invalid(f"config.language_code={code!r} is not a language Whisper knows; use a BCP-47 code "
+                      "such as 'en' or 'tr-TR', or 'auto'") from None
+
+
+def _hotwords(words: list[str]) -> list[str]:
+    if len(words) > MAX_HOTWORDS:
+        raise invalid(f"config.hotwords has {len(words)} entries; at most {MAX_HOTWORDS}")
+    out = []
+    for i, word in enumerate(words):
+        word = " ".join(word.split())
+        if not 1 <= len(word) <= 100:
+            raise invalid(f"config.hotwords[{i}] must be 1..100 characters (got {len(word)})")
+        out.append(word)
+    return out
+
+
+def _diarization(dia: tpb.DiarizationConfig, status: Callable[[], tuple[bool, str]]) -> DiarizationOptions:
+    lo, hi = dia.min_speaker_count, dia.max_speaker_count
+    for field, n in (("min_speaker_count", lo), ("max_speaker_count", hi)):
+        if not 0 <= n <= MAX_SPEAKERS:
+            raise invalid(f"config.diarization_config.{field}={n} is out of range; use 1..{MAX_SPEAKERS} "
+                          "(0 = unknown)")
+    if lo and hi and lo > hi:
+        raise invalid(f"config.diarization_config.min_speaker_count={lo} is above max_speaker_count={hi}")
+    if (lo or hi) and not dia.enable_speaker_diarization:
+        raise invalid("config.diarization_config: speaker counts are set but enable_speaker_diarization is false")
+    if dia.enable_speaker_diarization:
+        available, reason = status()
+        if not available:
+            raise failed_precondition(reason)
+    return DiarizationOptions(enabled=bool(dia.enable_speaker_diarization), min_speakers=lo or None,
+                              max_speakers=hi or None)
+
+
+def job_config(cfg: tpb.TranscriptionConfig, model: str,
+               diarization_status: Callable[[], tuple[bool, str]]) -> tuple[JobConfig, int]:
+    """Check every option and return the stored config and the broker priority.
+
+    ``model`` is the server's model label; ``diarization_status`` says whether speaker
+    recognition can run now (and why not).
+    """
+    language = _language(cfg.language_code)
+    if language not in (None, "en") and english_only(model):
+        raise invalid(f"config.language_code={cfg.language_code!r}: the server's model {model} only recognises "
+                      "English; use 'en' or ask the operator for a multilingual model")
+    if not 0 <= cfg.beam_size <= 10:
+        raise invalid(f"config.beam_size={cfg.beam_size} is out of range; use 1..10 (0 = default)")
+    try:
+        priority = broker_priority(cfg.priority)
+    except ValueError:
+        raise invalid(f"config.priority={cfg.priority} is not a known Priority") from None
+    if cfg.task not in (tpb.TRANSCRIPTION_TASK_UNSPECIFIED, tpb.TRANSCRIPTION_TASK_TRANSCRIBE,
+                        tpb.TRANSCRIPTION_TASK_TRANSLATE):
+        raise invalid(f"config.task={cfg.task} is not a known TranscriptionTask")
+    task = "translate" if cfg.task == tpb.TRANSCRIPTION_TASK_TRANSLATE else "transcribe"
+    if task == "translate" and english_only(model):
+        raise invalid(f"config.task=TRANSLATE needs a multilingual model; the server's model {model} is "
+                      "English-only (its output is already English). Use TRANSCRIBE, or ask the operator for a "
+                      "multilingual model (MP4T_WHISPER_MODEL)")
+    if len(cfg.initial_prompt) > MAX_PROMPT:
+        raise invalid(f"config.initial_prompt has {len(cfg.initial_prompt)} characters; at most {MAX_PROMPT}")
+    hotwords = _hotwords(list(cfg.hotwords))
+    diarization = _diarization(cfg.diarization_config, diarization_status)
+    config = JobConfig(
+        language_code=cfg.language_code, language=language, beam_size=cfg.beam_size or None,
+        vad=cfg.enable_vad if cfg.HasField("enable_vad") else True,
+        word_timestamps=cfg.enable_word_time_offsets if cfg.HasField("enable_word_time_offsets") else True,
+        task=task, initial_prompt=cfg.initial_prompt or None, hotwords=hotwords, diarization=diarization)
+    return config, priority
+
+
+def export_options(request: tpb.ExportTranscriptionRequest) -> tuple[str, SubtitleOptions]:
+    """(format, subtitle options) of an export request."""
+    fmt = EXPORT_FORMATS.get(request.format)
+    if fmt is None:
+        raise invalid("format is required: one of TXT, SRT, VTT, JSON, TSV")
+    line = request.max_line_length or 42
+    lines = request.max_lines_per_caption or 2
+    max_dur = (request.max_caption_duration.ToTimedelta().total_seconds()
+               if request.HasField("max_caption_duration") else 0.0) or 6.0
+    if not 10 <= line <= 200:
+        raise invalid(f"max_line_length={line} is out of range; use 10..200 (0 = 42)")
+    if not 1 <= lines <= 3:
+        raise invalid(f"max_lines_per_caption={lines} is out of range; use 1..3 (0 = 2)")
+    if not 1.0 <= max_dur <= 30.0:
+        raise invalid(f"max_caption_duration={max_dur:g}s is out of range; use 1..30 s (0 = 6 s)")
+    return fmt, SubtitleOptions(max_line_length=line, max_lines=lines, max_duration_s=max_dur)
+

@@ -1,0 +1,47 @@
+"""The low-queue maintenance sweep, and the scheduler that enqueues it on low-queue workers."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import structlog
+
+from core import jobs, plan, registry, runtime
+from core.queue import enqueue
+from mp4totext.contracts import Priority, broker_priority
+
+log = structlog.get_logger(__name__)
+
+
+def sweep(_unused: str = "") -> None:
+    """Abort stale multipart uploads, forget dead workers, re-enqueue work whose message was lost."""
+    rt = runtime.get()
+    s = rt.settings
+    structlog.contextvars.bind_contextvars(stage="maintenance")
+    aborted = rt.store.abort_stale_uploads(dt.timedelta(seconds=s.stale_upload_s))
+    stuck_media, stuck_jobs = jobs.stuck(dt.timedelta(seconds=s.stuck_after_s))
+    registry.forget_dead_workers()
+    # Recovered work continues the trace it belongs to.
+    for m in stuck_media:
+        enqueue("prepare_media", m.id, broker_priority(Priority.NORMAL), m.trace_context)
+    for j in stuck_jobs:
+        enqueue(plan.actor_for(j.stage), j.id, j.priority, j.trace_context)
+    log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted,
+             requeued=len(stuck_media) + len(stuck_jobs))
+
+
+def schedule(interval_s: float, stop: threading.Event) -> threading.Thread:
+    """Enqueue the sweep every ``interval_s`` until ``stop`` (several schedulers are harmless)."""
+
+    def loop() -> None:
+        while True:
+            try:
+                enqueue("maintenance", "", 0)
+            except Exception as exc:
+                log.warning("maintenance_enqueue_failed", error=str(exc))
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=loop, name="maintenance-scheduler", daemon=True)
+    thread.start()
+    return thread
