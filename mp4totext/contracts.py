@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,6 +85,15 @@ def api_priority(broker: int) -> Priority:
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-able form stored in the database."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        """An instance from its stored form (``None`` or ``{}``: the defaults); instances pass through."""
+        return data if isinstance(data, cls) else cls.model_validate(data or {})
+
 
 # ---------------------------------------------------------------- a job's options
 
@@ -107,15 +116,6 @@ class JobConfig(_Model):
     initial_prompt: str | None = None
     hotwords: list[str] = Field(default_factory=list)
     diarization: DiarizationOptions = Field(default_factory=DiarizationOptions)
-
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_json(cls, data: "JobConfig | dict[str, Any] | None") -> "JobConfig":
-        if isinstance(data, JobConfig):
-            return data
-        return cls.model_validate(data or {})
 
 
 # ---------------------------------------------------------------- the transcription result
@@ -176,14 +176,6 @@ class TranscriptResult(_Model):
     speaker_count: int = 0
     diarization: DiarizationInfo = Field(default_factory=DiarizationInfo)
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_json(cls, data: "TranscriptResult | dict[str, Any] | None") -> "TranscriptResult":
-        if isinstance(data, TranscriptResult):
-            return data
-        return cls.model_validate(data or {})
 
     def without_speakers(self, error: str) -> "TranscriptResult":
         """This result, marked: speaker recognition failed for good (the transcript stays)."""

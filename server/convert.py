@@ -106,22 +106,17 @@ STATE = {s.value: tpb.TranscriptionState.Value(f"TRANSCRIPTION_STATE_{s}") for s
 STAGE = {s.value: tpb.TranscriptionStage.Value(f"TRANSCRIPTION_STAGE_{s}") for s in Stage}
 
 
+def _status(x: Transcription | ProgressEvent) -> dict[str, Any]:
+    """The fields a Transcription and a Watch event share (a row and an event name them alike)."""
+    return {"sequence": x.sequence, "state": STATE[x.state], "stage": STAGE[x.stage], "progress_percent": x.progress,
+            "attempt_count": x.attempts, "error_message": x.error_message}
+
+
 def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcription:
     msg = tpb.Transcription(
-        name=f"transcriptions/{j.id}",
-        media=f"media/{j.media_id}",
-        config=config_to_proto(JobConfig.from_json(j.config), j.priority),
-        state=STATE[j.state],
-        stage=STAGE[j.stage],
-        progress_percent=j.progress,
-        attempt_count=j.attempts,
-        error_message=j.error_message,
-        error_reason=j.error_reason,
-        request_id=j.request_id or "",
-        cancel_requested=j.cancel_requested,
-        sequence=j.sequence,
-        warnings=j.warnings or [],
-    )
+        name=f"transcriptions/{j.id}", media=f"media/{j.media_id}",
+        config=config_to_proto(JobConfig.from_json(j.config), j.priority), error_reason=j.error_reason,
+        request_id=j.request_id or "", cancel_requested=j.cancel_requested, warnings=j.warnings or [], **_status(j))
     _set(msg, processed_duration=dur(j.processed_s), create_time=ts(j.create_time), update_time=ts(j.update_time),
          start_time=ts(j.start_time), end_time=ts(j.end_time))
     if full and j.result is not None and j.state == JobState.SUCCEEDED:
@@ -130,14 +125,6 @@ def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcrip
 
 
 def event_to_proto(ev: ProgressEvent) -> tpb.WatchTranscriptionResponse:
-    msg = tpb.WatchTranscriptionResponse(
-        sequence=ev.sequence,
-        state=STATE[ev.state],
-        stage=STAGE[ev.stage],
-        progress_percent=ev.progress,
-        heartbeat=ev.heartbeat,
-        error_message=ev.error_message,
-        attempt_count=ev.attempts,
-    )
+    msg = tpb.WatchTranscriptionResponse(heartbeat=ev.heartbeat, **_status(ev))
     return _set(msg, processed_duration=dur(ev.processed_s), media_duration=dur(ev.duration_s),
                 event_time=ts(ev.time))

@@ -10,13 +10,13 @@ import structlog
 
 from core import runtime
 from core.jobs import connection
-from mp4totext.contracts import MediaState, Priority, broker_priority
+from mp4totext.contracts import Priority, broker_priority
 from mp4totext.v1 import media_pb2, media_pb2_grpc
 from observability import metrics, tracing
 from server import convert
 from server.auth import current_tenant
 from server.errors import ApiError, failed_precondition, invalid
-from server.paging import page_size, paged
+from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, enqueue_or_unavailable, get_media, media_by_request_id
 from server.upload import ClientGone, UploadReader, UploadRejected
 from server.validation import UploadSpec, upload_metadata
@@ -108,12 +108,8 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
         return convert.media_to_proto(get_media(request.name))
 
     def ListMedia(self, request: media_pb2.ListMediaRequest, context: grpc.ServicerContext):
-        q = Media.select().where(Media.tenant == current_tenant.get())
-        filters: dict[str, Any] = {}
-        if request.state:
-            state = MediaState(media_pb2.MediaState.Name(request.state).removeprefix("MEDIA_STATE_"))
-            q = q.where(Media.state == state)
-            filters["state"] = str(state)
+        state = media_pb2.MediaState.Name(request.state).removeprefix("MEDIA_STATE_") if request.state else None
+        q, filters = tenant_listing(Media, current_tenant.get(), state)
         rows, nxt = paged(q, Media, page_size(request.page_size), request.page_token, filters)
         return media_pb2.ListMediaResponse(media=[convert.media_to_proto(m) for m in rows], next_page_token=nxt)
 

@@ -46,3 +46,11 @@ def paged(query: pw.ModelSelect, model: Any, size: int, token: str, filters: dic
         rows = list(q.limit(size + 1))
     nxt = encode_token(rows[size - 1], filters) if len(rows) > size else ""
     return rows[:size], nxt
+
+
+def tenant_listing(model: Any, tenant: str, state: str | None) -> tuple[pw.ModelSelect, dict[str, Any]]:
+    """A tenant's rows of ``model`` (in ``state`` if given) and the filters a page token is bound to."""
+    query = model.select().where(model.tenant == tenant)
+    if state is None:
+        return query, {}
+    return query.where(model.state == state), {"state": state}

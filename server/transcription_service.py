@@ -1,8 +1,6 @@
 """mp4totext.v1.TranscriptionService: create, read, watch, cancel, delete and export transcriptions."""
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 import peewee as pw
 import structlog
@@ -16,7 +14,7 @@ from observability import tracing
 from server import convert
 from server.auth import current_tenant
 from server.errors import failed_precondition, invalid
-from server.paging import page_size, paged
+from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, enqueue_or_unavailable, get_job, get_media, job_by_request_id
 from server.validation import EXPORT_FORMATS, english_only, export_options, job_config, parse_name, request_id
 from server.watch import watch_events
@@ -81,12 +79,9 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
                                               full=request.view != tpb.TRANSCRIPTION_VIEW_BASIC)
 
     def ListTranscriptions(self, request: tpb.ListTranscriptionsRequest, context: grpc.ServicerContext):
-        q = Transcription.select().where(Transcription.tenant == current_tenant.get())
-        filters: dict[str, Any] = {}
-        if request.state:
-            state = JobState(tpb.TranscriptionState.Name(request.state).removeprefix("TRANSCRIPTION_STATE_"))
-            q = q.where(Transcription.state == state)
-            filters["state"] = str(state)
+        state = (tpb.TranscriptionState.Name(request.state).removeprefix("TRANSCRIPTION_STATE_")
+                 if request.state else None)
+        q, filters = tenant_listing(Transcription, current_tenant.get(), state)
         if request.media:
             media_id = parse_name(request.media, "media", "media")
             q = q.where(Transcription.media == media_id)

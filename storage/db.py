@@ -49,6 +49,11 @@ class BaseModel(pw.Model):
         legacy_table_names = False
 
 
+# A tenant's resources: idempotent creation (request_id), newest-first paging, listing by state.
+TENANT_INDEXES = ((("tenant", "request_id"), True), (("tenant", "create_time", "id"), False),
+                  (("tenant", "state"), False))
+
+
 class Tenant(BaseModel):
     id = pw.CharField(primary_key=True, max_length=32, default=new_id)
     name = pw.CharField(max_length=200, unique=True)
@@ -88,11 +93,7 @@ class Media(BaseModel):
     update_time = pw.DateTimeField(default=utcnow)
 
     class Meta:
-        indexes = (
-            (("tenant", "request_id"), True),
-            (("tenant", "create_time", "id"), False),
-            (("tenant", "state"), False),
-        )
+        indexes = TENANT_INDEXES
 
 
 class Transcription(BaseModel):
@@ -126,12 +127,7 @@ class Transcription(BaseModel):
     end_time = pw.DateTimeField(null=True)
 
     class Meta:
-        indexes = (
-            (("tenant", "request_id"), True),
-            (("tenant", "create_time", "id"), False),
-            (("tenant", "state"), False),
-            (("media", "state"), False),
-        )
+        indexes = (*TENANT_INDEXES, (("media", "state"), False))
 
 
 class TranscriptionEvent(BaseModel):

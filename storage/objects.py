@@ -149,14 +149,8 @@ class S3Store(ObjectStore):
             maxsize=32,
             retries=urllib3.Retry(total=3, backoff_factor=0.3, status_forcelist=[500, 502, 503, 504]),
         )
-        self.client = Minio(
-            endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=secure,
-            region=region or None,
-            http_client=http,
-        )
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
+                            region=region or None, http_client=http)
         self.bucket = bucket
         self.part_size = max(part_size, 5 * 1024 * 1024)
         self.parallel_uploads = parallel_uploads

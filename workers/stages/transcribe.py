@@ -46,14 +46,8 @@ def load_model(model: str, device: str = "auto", compute_type: str = "default", 
                download_root: str = "", local_files_only: bool = True) -> Any:
     """Load a WhisperModel once per process (cached by its settings)."""
     try:
-        return WhisperModel(
-            model,
-            device=device,
-            compute_type=compute_type,
-            cpu_threads=cpu_threads,
-            download_root=download_root or None,
-            local_files_only=local_files_only,
-        )
+        return WhisperModel(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads,
+                            download_root=download_root or None, local_files_only=local_files_only)
     except Exception as exc:
         raise ModelUnavailable(
             f"cannot load whisper model {model!r} ({exc}); set MP4T_WHISPER_MODEL to a CTranslate2 "
