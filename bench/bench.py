@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from mp4totext import config, samples  # noqa: E402
 from mp4totext.client import Client  # noqa: E402
-from tests.conftest import PeakRss, Proc, free_port, grpc_ready, port_open, wait_for  # noqa: E402
+from tests.support import CLI, PeakRss, Proc, free_port, grpc_ready, haproxy_config, port_open, wait_for  # noqa: E402
 
 MiB = 1024 * 1024
 PY = sys.executable
@@ -73,7 +73,7 @@ def end_to_end(target: str, key: str, path: str, repeat: int) -> float:
 def create_key(env: dict[str, str]) -> str:
     import json
 
-    out = subprocess.run([PY, "-m", "mp4totext.cli", "create-key", "--tenant", "bench"], env=env,
+    out = subprocess.run([*CLI, "create-key", "--tenant", "bench"], env=env,
                          capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout)["api_key"]
 
@@ -146,11 +146,11 @@ def main() -> int:
                         "benchsecret", "MP4T_S3_BUCKET": "bench", "MP4T_GRPC_LISTEN": f"127.0.0.1:{port}",
                         "MP4T_HTTP_LISTEN": f"127.0.0.1:{http_port}", "MP4T_AGENT_LISTEN": f"127.0.0.1:{agent_port}",
                         }
-                server = Proc("server", [PY, "-m", "mp4totext.cli", "serve"], denv, log_dir)
+                server = Proc("server", [*CLI, "serve"], denv, log_dir)
                 procs.append(server)
                 wenv = {k: v for k, v in denv.items() if k not in ("MP4T_HTTP_LISTEN", "MP4T_AGENT_LISTEN")}
                 for q in ("critical,low", "high"):
-                    procs.append(Proc(f"worker-{q}", [PY, "-m", "mp4totext.cli", "worker", "--queues", q], wenv,
+                    procs.append(Proc(f"worker-{q}", [*CLI, "worker", "--queues", q], wenv,
                                       log_dir))
                 target = f"127.0.0.1:{port}"
                 grpc_ready(target)
@@ -187,7 +187,7 @@ def main() -> int:
 def embedded_figures(env: dict[str, str], tmp: pathlib.Path, log_dir: pathlib.Path, speech: str, bare: float,
                      repeat: int) -> list[tuple[str, str]]:
     port = free_port()
-    emb = Proc("embedded", [PY, "-m", "mp4totext.cli", "embedded", "--serve", "--listen", f"127.0.0.1:{port}",
+    emb = Proc("embedded", [*CLI, "embedded", "--serve", "--listen", f"127.0.0.1:{port}",
                             "--data-dir", str(tmp / "embedded")], env, log_dir)
     try:
         grpc_ready(f"127.0.0.1:{port}")
@@ -238,7 +238,7 @@ def diarization_figures(env: dict[str, str], target: str, key: str, tmp: pathlib
 
     pipeline_dir = build(tmp / "pipeline")
     dialogue, _truth = samples.make_dialogue(str(tmp / "dialogue.m4a"))
-    worker = Proc("worker-diarize", [PY, "-m", "mp4totext.cli", "worker", "--queues", "diarize"],
+    worker = Proc("worker-diarize", [*CLI, "worker", "--queues", "diarize"],
                   {**env, "MP4T_DIARIZATION_PIPELINE": str(pipeline_dir)}, log_dir)
     procs.append(worker)
     wait_for(lambda: "worker_started" in worker.log() or not worker.alive(), 180, "diarize worker")
@@ -276,12 +276,11 @@ def haproxy_figures(env: dict[str, str], first: tuple[int, int, int], key: str, 
                     log_dir: pathlib.Path, procs: list[Proc], args: argparse.Namespace) -> list[tuple[str, str]]:
     """Same operations straight to one server and through HAProxy + two replicas, interleaved."""
     from mp4totext.v1 import media_pb2
-    from tests.test_haproxy import haproxy_config
 
     second = (free_port(), free_port(), free_port())
     env2 = {**env, "MP4T_GRPC_LISTEN": f"127.0.0.1:{second[0]}", "MP4T_HTTP_LISTEN": f"127.0.0.1:{second[1]}",
             "MP4T_AGENT_LISTEN": f"127.0.0.1:{second[2]}"}
-    procs.append(Proc("server2", [PY, "-m", "mp4totext.cli", "serve"], env2, log_dir))
+    procs.append(Proc("server2", [*CLI, "serve"], env2, log_dir))
     grpc_ready(f"127.0.0.1:{second[0]}")
     cfg = tmp / "haproxy.cfg"
     cfg.write_text(haproxy_config([("s1", *first), ("s2", *second)]))

@@ -18,7 +18,7 @@ import srt
 
 from mp4totext import samples
 from mp4totext.v1 import transcription_pb2 as tpb
-from tests.conftest import Stack, need, wait_for
+from tests.support import Stack, need, wait_for
 
 
 def secs(d: Any) -> float:

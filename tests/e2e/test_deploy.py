@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, need
+from tests.support import ROOT, need
 
 COMPOSE = ROOT / "docker-compose.yml"
 DASHBOARDS = ROOT / "observability" / "grafana" / "dashboards"

@@ -6,7 +6,7 @@ from typing import Any
 
 from mp4totext.client import Client
 from mp4totext.v1 import transcription_pb2 as tpb
-from tests.conftest import Stack, wait_for
+from tests.support import Stack, wait_for
 
 
 def _events(db: Any, job_id: str, state: str) -> int:

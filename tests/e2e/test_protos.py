@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.conftest import ROOT, Stack
+from tests.support import ROOT, Stack
 
 
 def test_generated_stubs_match_protos() -> None:

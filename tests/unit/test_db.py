@@ -1,9 +1,7 @@
-"""Schema creation and forward migration without data loss (SQLite and PostgreSQL)."""
+"""Schema creation and forward migration without data loss (SQLite; PostgreSQL is in e2e/test_db_postgres.py)."""
 from __future__ import annotations
 
 import pathlib
-
-import peewee as pw
 
 from storage import db as dbmod
 
@@ -24,12 +22,3 @@ def test_sqlite_pragmas_and_migration_keeps_data(tmp_path: pathlib.Path) -> None
         assert "audio_codec" in cols
         assert dbmod.Media.get_by_id(media.id).object_key == "k"
         assert dbmod.SchemaInfo.select().count() == 1
-
-
-def test_postgres_schema(pg_url: str) -> None:
-    database = dbmod.init_db(pg_url, pool_size=2)
-    assert isinstance(database, pw.PostgresqlDatabase)
-    dbmod.init_db(pg_url, pool_size=2)  # idempotent
-    with dbmod.database.connection_context():
-        indexes = {i.name for i in dbmod.database.get_indexes("transcription")}
-        assert any("tenant_id_request_id" in i for i in indexes)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import OtlpReceiver, Stack, metric, wait_for
+from tests.support import OtlpReceiver, Stack, metric, wait_for
 
 SERVER, PRODUCER, CONSUMER, INTERNAL = 2, 4, 5, 1
 

@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 from typing import Any, Iterator
 
 import grpc
@@ -16,7 +15,7 @@ import webvtt
 
 from mp4totext import samples
 from mp4totext.v1 import transcription_pb2 as tpb
-from tests.conftest import ROOT, SPEECH_TEXT, Stack
+from tests.support import CLI, ROOT, SPEECH_TEXT, Stack
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +128,7 @@ def test_cli_export_writes_any_format(stack: Stack, key_a: str, finished: Any, t
     env = {**os.environ, "MP4T_SERVER": stack.target, "MP4T_API_KEY": key_a}
     for fmt in ("srt", "vtt", "txt", "json", "tsv"):
         out = tmp_path / f"t.{fmt}"
-        proc = subprocess.run([sys.executable, "-m", "mp4totext.cli", "export", finished.name, "--format", fmt,
+        proc = subprocess.run([*CLI, "export", finished.name, "--format", fmt,
                                "-o", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert out.stat().st_size > 50

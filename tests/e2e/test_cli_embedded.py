@@ -5,12 +5,9 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 
 from mp4totext import samples
-from tests.conftest import ROOT, SPEECH_TEXT, Stack
-
-CLI = [sys.executable, "-m", "mp4totext.cli"]
+from tests.support import CLI, ROOT, SPEECH_TEXT, Stack
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:

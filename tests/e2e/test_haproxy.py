@@ -24,19 +24,10 @@ import pytest
 
 from mp4totext.client import Client
 from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
-from tests.conftest import SPEECH_TEXT, ROOT, Proc, Stack, free_port, metric, need, wait_for
+from tests.support import SPEECH_TEXT, ROOT, Proc, Stack, free_port, haproxy_config, metric, need, wait_for
 
 INACTIVITY_S = 3  # HAProxy client/server timeout in these tests
 HEARTBEAT_S = 1
-
-
-def haproxy_config(servers: list[tuple[str, int, int, int]]) -> str:
-    text = (ROOT / "haproxy" / "haproxy.cfg").read_text()
-    lines = "\n".join(f"    server {name} 127.0.0.1:{port} check port {http} agent-port {agent}"
-                      for name, port, http, agent in servers)
-    new, n = re.subn(r"^\s*server-template .*$", lines, text, flags=re.M)
-    assert n == 1, "haproxy.cfg must have exactly one server-template line"
-    return new
 
 
 class Edge:

@@ -1,0 +1,49 @@
+"""What RabbitMQ holds for a test vhost: per-queue message counts and dead letters."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.parse
+
+
+def vhost_of(broker_url: str) -> str:
+    path = urllib.parse.urlparse(broker_url).path
+    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def queue_counts(broker_url: str) -> dict[str, tuple[int, int]]:
+    """{queue: (ready, unacknowledged)} for every queue of the URL's vhost (rabbitmqctl).
+
+    Unacknowledged messages are delivered to a consumer and not yet acked: a message a worker
+    is still processing (or has prefetched) counts there until it is done with it.
+    """
+    ctl = shutil.which("rabbitmqctl")
+    assert ctl is not None, "rabbitmqctl not found"
+    out = subprocess.run([ctl, "list_queues", "-p", vhost_of(broker_url), "name", "messages_ready",
+                          "messages_unacknowledged", "--no-table-headers", "-q"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            counts[parts[0]] = (int(parts[1]), int(parts[2]))
+    return counts
+
+
+def queues_drained(broker_url: str, *queues: str) -> bool:
+    """True when none of ``queues`` (and their delay queues, ``<queue>.DQ``) holds a message,
+    ready or unacknowledged: nothing is waiting to run or running."""
+    counts = queue_counts(broker_url)
+    names = [q for queue in queues for q in (queue, f"{queue}.DQ")]
+    return all(counts.get(name, (0, 0)) == (0, 0) for name in names)
+
+
+def dead_letters(broker_url: str, queue: str) -> int:
+    """Messages in ``queue``'s dead-letter queue (``<queue>.XQ``)."""
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        return conn.channel().queue_declare(f"{queue}.XQ", passive=True).method.message_count
+    finally:
+        conn.close()
