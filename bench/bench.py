@@ -234,7 +234,7 @@ def diarization_figures(env: dict[str, str], target: str, key: str, tmp: pathlib
     from mp4totext.v1 import transcription_pb2 as tpb
     from workers.stages.diarize import load_pipeline
     from workers.stages.media import extract_audio, load_wav
-    from workers.stages.untrained_pipeline import build
+    from tests.support.untrained_pipeline import build
 
     pipeline_dir = build(tmp / "pipeline")
     dialogue, _truth = samples.make_dialogue(str(tmp / "dialogue.m4a"))

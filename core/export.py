@@ -220,7 +220,9 @@ def export(fmt: str, result: Result, opts: SubtitleOptions = SubtitleOptions(),
     the result itself.
     """
     if fmt == "json":
-        return to_json(document if document is not None else TranscriptResult.from_json(result).to_json())
+        if document is None:
+            document = result.to_json() if isinstance(result, TranscriptResult) else dict(result)
+        return to_json(document)
     result = TranscriptResult.from_json(result)
     if fmt == "srt":
         return to_srt(result, opts)

@@ -58,7 +58,7 @@ def test_speakers_refused_when_no_diarization_worker(client: Any, speech_mp4: pa
 @pytest.fixture(scope="module")
 def diarize_worker(stack: Stack, tmp_path_factory: pytest.TempPathFactory, client: Any) -> Iterator[Any]:
     need(importlib.util.find_spec("pyannote.audio") is not None, "pyannote.audio (pip install -e '.[diarize]')")
-    from workers.stages.untrained_pipeline import build
+    from tests.support.untrained_pipeline import build
 
     pipeline_dir = build(tmp_path_factory.mktemp("pipeline") / "untrained-community-1-layout")
     proc = stack.start_worker("diarize", MP4T_DIARIZATION_PIPELINE=str(pipeline_dir))

@@ -52,7 +52,7 @@ def test_transcribe_real_speech_with_progress(speech_mp4: pathlib.Path, tmp_path
     model = load_model(s.whisper_model, "cpu", "int8")
     assert load_model(s.whisper_model, "cpu", "int8") is model  # loaded once per process
     seen: list[float] = []
-    result = transcribe(model, load_wav(str(wav)), TranscribeOptions(), seen.append, "tiny.en")
+    result = transcribe(model, load_wav(str(wav)), TranscribeOptions(), seen.append, "tiny.en").to_json()
     assert samples.word_error_rate(SPEECH_TEXT, result["text"]) < 0.35, result["text"]
     assert seen == sorted(seen) and seen[-1] <= result["duration"]
     assert result["language"] == "en"

@@ -17,7 +17,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # The one place that names the product's entry point: every test and the benchmark launch
 # the CLI as [*CLI, "serve" | "worker" | ...].
-CLI = [sys.executable, "-m", "mp4totext.cli"]
+CLI = [sys.executable, "-m", "launch"]
 
 SPEECH_TEXT = " ".join(samples.SENTENCES[:5])
 

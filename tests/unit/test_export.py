@@ -10,7 +10,7 @@ import pytest
 import srt
 import webvtt
 
-from workers.stages.export import SubtitleOptions, chunks, cues, export
+from core.export import SubtitleOptions, chunks, cues, export
 
 
 def words_of(text: str, start: float, step: float, speaker: str | None = None) -> list[dict[str, Any]]:

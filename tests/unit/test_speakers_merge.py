@@ -3,7 +3,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.stages.diarize import Turn, assign_speakers, relabel, speaker_for, speaking_time
+from mp4totext.contracts import TranscriptResult
+from workers.stages import diarize
+from workers.stages.diarize import Turn, relabel, speaker_for, speaking_time
+
+
+def assign_speakers(result: dict[str, Any], turns: list[Turn]) -> dict[str, Any]:
+    """The stage on a stored (JSON) result, returning the stored form the assertions read."""
+    return diarize.assign_speakers(TranscriptResult.from_json(result), turns).to_json()
 
 
 def w(word: str, start: float, end: float) -> dict[str, Any]:

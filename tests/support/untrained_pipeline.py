@@ -15,7 +15,7 @@ import pathlib
 from typing import Any
 
 CONFIG = """\
-# UNTRAINED pipeline built by workers/stages/untrained_pipeline.py (tests/benchmarks only).
+# UNTRAINED pipeline built by tests/support/untrained_pipeline.py (tests/benchmarks only).
 dependencies:
   pyannote.audio: {version}
 pipeline:
