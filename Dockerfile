@@ -6,6 +6,8 @@ ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mp4totext ./mp4totext
+COPY core ./core
+COPY launch ./launch
 COPY server ./server
 COPY workers ./workers
 COPY storage ./storage

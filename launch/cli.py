@@ -4,6 +4,7 @@
     mp4totext serve                      gRPC server (production)
     mp4totext worker --queues high       Dramatiq worker for some queues
     mp4totext create-key --tenant NAME   create an API key (printed once)
+    mp4totext revoke-key PREFIX          revoke it (its first 12 characters)
     mp4totext transcribe FILE            upload, watch, print the transcript (--speakers, --format srt...)
     mp4totext export transcriptions/ID   download as txt, srt, vtt, json or tsv
     mp4totext list|get|cancel|delete     manage media and transcriptions
@@ -24,7 +25,7 @@ from mp4totext import cli, config
 from observability.logging import setup_logging
 from observability.tracing import setup_tracing
 from server.app import Server, install_signal_handlers
-from server.auth import create_key
+from server.auth import create_key, revoke_key
 from workers import main as worker_main
 
 
@@ -33,6 +34,13 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     key, tenant = create_key(args.tenant, args.label)
     print(json.dumps({"tenant": tenant.name, "tenant_id": tenant.id, "api_key": key}))
     return 0
+
+
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    runtime.init()
+    n = revoke_key(args.prefix)
+    print(f"revoked {n} key(s) starting {args.prefix!r}; servers stop accepting them within 30 s")
+    return 0 if n else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -64,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--tenant", required=True)
     sp.add_argument("--label", default="")
     sp.set_defaults(fn=cmd_create_key)
+
+    sp = sub.add_parser("revoke-key", help="revoke an API key by its prefix (the first 12 characters)")
+    sp.add_argument("prefix")
+    sp.set_defaults(fn=cmd_revoke_key)
 
     sp = sub.add_parser("serve", help="run the gRPC server (configured by MP4T_* variables)")
     sp.set_defaults(fn=cmd_serve)

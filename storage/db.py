@@ -221,11 +221,6 @@ def _add_missing_columns(db: pw.Database) -> None:
         migrate(*ops)
 
 
-def close_db() -> None:
-    if database.obj is not None and not database.is_closed():
-        database.close()
-
-
 def add_event(job: Transcription, detail: str = "") -> None:
     TranscriptionEvent.create(
         transcription_id=job.id, sequence=job.sequence, state=job.state, stage=job.stage, detail=detail

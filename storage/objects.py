@@ -217,9 +217,6 @@ class S3Store(ObjectStore):
         except Exception as exc:
             raise StorageError(f"object storage at {self.client._base_url.host} unusable: {exc}") from exc
 
-    def list_keys(self, prefix: str = "") -> list[str]:
-        return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
-
     def abort_stale_uploads(self, older_than: dt.timedelta) -> int:
         # minio-py keeps ListMultipartUploads private; this uses its documented-in-source helper.
         cutoff = dt.datetime.now(dt.timezone.utc) - older_than

@@ -44,6 +44,14 @@ def long_speech(media_dir: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(samples.make_media(samples.lecture_text(150), str(media_dir / "lecture.m4a"), video=False))
 
 
+@pytest.fixture(scope="session")
+def longer_speech(media_dir: pathlib.Path) -> pathlib.Path:
+    """About 330 s of speech: a dozen 30 s recognition windows, so a fast machine still reports
+    progress many times during one transcription."""
+    return pathlib.Path(samples.make_media(samples.lecture_text(330), str(media_dir / "long-lecture.m4a"),
+                                           video=False))
+
+
 # ---------------------------------------------------------------- services
 
 

@@ -362,10 +362,10 @@ def test_delete_removes_rows_and_objects(client: Client, speech_mp4: Any, s3_cli
 # ---------------------------------------------------------------- watch
 
 
-def test_watch_from_two_servers_and_resume(stack: Stack, key_a: str, long_speech: Any) -> None:
+def test_watch_from_two_servers_and_resume(stack: Stack, key_a: str, longer_speech: Any) -> None:
     clients = [Client(t, key_a) for t in stack.targets]
     try:
-        media = clients[0].upload(str(long_speech))
+        media = clients[0].upload(str(longer_speech))
         job = clients[0].create(media.name)
         results: dict[int, list[Any]] = {}
 

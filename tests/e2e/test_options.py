@@ -15,7 +15,7 @@ import webvtt
 
 from mp4totext import samples
 from mp4totext.v1 import transcription_pb2 as tpb
-from tests.support import CLI, ROOT, SPEECH_TEXT, Stack
+from tests.support import CLI, ROOT, SPEECH_TEXT, Stack, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_bad_options_are_invalid_argument_naming_the_field(client: Any, media: A
         assert "English-only" in err.value.details()
 
 
-def test_options_reach_the_recognizer_and_are_kept(client: Any, media: Any) -> None:
+def test_options_reach_the_recognizer_and_are_kept(client: Any, media: Any, otlp: Any) -> None:
     job = client.create(media.name, initial_prompt="A lecture about Dramatiq and RabbitMQ.",
                         hotwords=["Dramatiq", "RabbitMQ"], enable_vad=False, beam_size=2, language_code="en-US",
                         task=tpb.TRANSCRIPTION_TASK_TRANSCRIBE, enable_word_time_offsets=False)
@@ -70,6 +70,18 @@ def test_options_reach_the_recognizer_and_are_kept(client: Any, media: Any) -> N
     assert r.diarization.state == tpb.DIARIZATION_STATE_NOT_REQUESTED
     assert all(not s.words for s in r.segments)  # word timestamps off
     assert samples.word_error_rate(SPEECH_TEXT, r.text) < 0.35, r.text
+    # What the worker called faster-whisper with (its "whisper transcribe" span records the options).
+    job_id = job.name.split("/")[1]
+
+    def recognizer_span() -> dict[str, Any] | None:
+        consumers = {sp["span_id"] for sp in otlp.find(**{"mp4t.job_id": job_id}) if sp["name"] == "transcribe process"}
+        spans = [sp for sp in otlp.find() if sp["name"] == "whisper transcribe" and sp["parent_id"] in consumers]
+        return spans[0] if spans else None
+
+    called = wait_for(recognizer_span, 30, "the worker's whisper transcribe span")["attributes"]
+    assert (called["mp4t.beam_size"], called["mp4t.vad"], called["mp4t.language"]) == (2, False, "en")
+    assert (called["mp4t.word_timestamps"], called["mp4t.task"], called["mp4t.hotwords"]) == (False, "transcribe", 2)
+    assert called["mp4t.initial_prompt_chars"] == len("A lecture about Dramatiq and RabbitMQ.")
 
 
 @pytest.fixture(scope="module")

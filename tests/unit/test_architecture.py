@@ -122,3 +122,9 @@ def test_module_and_function_sizes() -> None:
                 if lines > MAX_FUNCTION_LINES:
                     too_long.append((f"{name}.{node.name}", lines))
     assert too_long == []
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_every_package_goes_into_the_images(dockerfile: str) -> None:
+    copied = {line.split()[1] for line in (ROOT / dockerfile).read_text().splitlines() if line.startswith("COPY ")}
+    assert set(PACKAGES) <= copied
