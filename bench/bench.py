@@ -232,9 +232,9 @@ def diarization_figures(env: dict[str, str], target: str, key: str, tmp: pathlib
     if importlib.util.find_spec("pyannote.audio") is None:
         return [("speaker recognition", "skipped: pip install -e '.[diarize]'")]
     from mp4totext.v1 import transcription_pb2 as tpb
+    from tests.support.untrained_pipeline import build
     from workers.stages.diarize import load_pipeline
     from workers.stages.media import extract_audio, load_wav
-    from tests.support.untrained_pipeline import build
 
     pipeline_dir = build(tmp / "pipeline")
     dialogue, _truth = samples.make_dialogue(str(tmp / "dialogue.m4a"))

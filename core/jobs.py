@@ -17,10 +17,18 @@ import peewee as pw
 
 from core import plan, runtime
 from core.plan import STAGE_PERCENT
-from mp4totext.contracts import (TERMINAL_STATES, ClaimOutcome, DeletedEvent, JobState, MediaState, ProgressEvent,
-                                 Stage, TranscriptResult)
+from mp4totext.contracts import (
+    TERMINAL_STATES,
+    ClaimOutcome,
+    DeletedEvent,
+    JobState,
+    MediaState,
+    ProgressEvent,
+    Stage,
+    TranscriptResult,
+)
 from observability.metrics import JOBS_FINISHED
-from storage.db import Media, Transcription, add_event, database, utcnow
+from storage.db import Media, Transcription, add_event, connection, database, utcnow
 
 
 class LostClaim(Exception):
@@ -31,17 +39,6 @@ class LostClaim(Exception):
 class Claim:
     outcome: ClaimOutcome
     job: Any = None  # the Transcription or Media row (None when it does not exist)
-
-
-@contextlib.contextmanager
-def connection() -> Iterator[None]:
-    """Use the connection this thread already holds (a message's, see DbConnections), else one
-    from the pool for the block."""
-    if not database.is_closed():
-        yield
-        return
-    with database.connection_context():
-        yield
 
 
 @contextlib.contextmanager

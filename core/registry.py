@@ -14,8 +14,7 @@ from typing import Any
 
 import structlog
 
-from core.jobs import connection
-from storage.db import WorkerInfo, utcnow
+from storage.db import WorkerInfo, connection, utcnow
 
 log = structlog.get_logger(__name__)
 

@@ -10,7 +10,6 @@ In a terminal, progress shows as bars with speed and time left (rich); elsewhere
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -19,12 +18,20 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from mp4totext import config
 from mp4totext.client import Client
-from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
+from mp4totext.v1 import media_pb2
+from mp4totext.v1 import transcription_pb2 as tpb
 
 KEY_FILE = "api.key"
 

@@ -11,7 +11,8 @@ from typing import Any, Callable, Iterator
 import grpc
 from google.protobuf import duration_pb2
 
-from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
+from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2_grpc
+from mp4totext.v1 import transcription_pb2 as tpb
 
 CHUNK = 1024 * 1024  # the server's per-message limit
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)

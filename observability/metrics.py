@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 import pika
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, REGISTRY
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
 log = structlog.get_logger(__name__)
 

@@ -7,7 +7,8 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from mp4totext.contracts import JobConfig, JobState, ProgressEvent, Stage, TranscriptResult, api_priority
-from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
+from mp4totext.v1 import media_pb2
+from mp4totext.v1 import transcription_pb2 as tpb
 from storage.db import Media, Transcription
 
 

@@ -7,9 +7,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2
 
 from core import runtime
-from core.jobs import connection
 from mp4totext.v1 import media_pb2, transcription_pb2
-from storage.db import database
+from storage.db import connection, database
 
 log = structlog.get_logger(__name__)
 

@@ -9,7 +9,6 @@ import peewee as pw
 import structlog
 
 from core import runtime
-from core.jobs import connection
 from mp4totext.contracts import Priority, broker_priority
 from mp4totext.v1 import media_pb2, media_pb2_grpc
 from observability import metrics, tracing
@@ -20,7 +19,7 @@ from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, enqueue_or_unavailable, get_media, media_by_request_id
 from server.upload import ClientGone, UploadReader, UploadRejected
 from server.validation import UploadSpec, upload_metadata
-from storage.db import Media, Transcription, new_id
+from storage.db import Media, Transcription, connection, new_id
 
 log = structlog.get_logger(__name__)
 

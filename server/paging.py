@@ -8,8 +8,8 @@ from typing import Any
 
 import peewee as pw
 
-from core.jobs import connection
 from server.errors import invalid
+from storage.db import connection
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 50

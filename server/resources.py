@@ -4,12 +4,11 @@ from __future__ import annotations
 from typing import Any
 
 from core import jobs
-from core.jobs import connection
 from core.queue import enqueue
 from server.auth import current_tenant
 from server.errors import not_found, unavailable
 from server.validation import is_name, parse_name
-from storage.db import Media, Transcription, utcnow
+from storage.db import Media, Transcription, connection, utcnow
 
 # A CreateTranscription without a client trace context continues its media's upload trace
 # when the upload is this recent (older uploads start a new trace: a trace spanning days

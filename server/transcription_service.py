@@ -7,9 +7,9 @@ import structlog
 from google.protobuf import json_format
 
 from core import export, jobs, plan, registry, runtime
-from core.jobs import connection
 from mp4totext.contracts import JobState, MediaState, Stage, TranscriptResult
-from mp4totext.v1 import transcription_pb2 as tpb, transcription_pb2_grpc
+from mp4totext.v1 import transcription_pb2 as tpb
+from mp4totext.v1 import transcription_pb2_grpc
 from observability import tracing
 from server import convert
 from server.auth import current_tenant
@@ -18,7 +18,7 @@ from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, enqueue_or_unavailable, get_job, get_media, job_by_request_id
 from server.validation import EXPORT_FORMATS, english_only, export_options, job_config, parse_name, request_id
 from server.watch import watch_events
-from storage.db import Media, Transcription
+from storage.db import Media, Transcription, connection
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,8 @@ from typing import Callable
 from core.export import FORMATS, SubtitleOptions
 from core.languages import whisper_language
 from mp4totext.contracts import DiarizationOptions, JobConfig, broker_priority
-from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
+from mp4totext.v1 import media_pb2
+from mp4totext.v1 import transcription_pb2 as tpb
 from server.errors import failed_precondition, invalid
 
 _ID = re.compile(r"^[0-9a-f]{32}$")

@@ -6,11 +6,12 @@ when ``MP4T_DATABASE_URL`` starts with ``postgresql://``. The schema is created
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import pathlib
 import uuid
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 import peewee as pw
@@ -22,7 +23,7 @@ from mp4totext.contracts import JobState, MediaState, Priority, Stage, broker_pr
 database = pw.DatabaseProxy()
 
 __all__ = ["JobState", "MediaState", "Stage", "Tenant", "ApiKey", "Media", "Transcription", "TranscriptionEvent",
-           "WorkerInfo", "database", "init_db", "utcnow", "new_id"]
+           "WorkerInfo", "connection", "database", "init_db", "utcnow", "new_id"]
 
 SCHEMA_VERSION = 1
 
@@ -219,6 +220,17 @@ def _add_missing_columns(db: pw.Database) -> None:
                 ops.append(migrator.add_column(model._meta.table_name, field.column_name, field))
     if ops:
         migrate(*ops)
+
+
+@contextlib.contextmanager
+def connection() -> Iterator[None]:
+    """Use the connection this thread already holds (a message's: observability's DbConnections
+    middleware opens one per message), else one from the pool for the block."""
+    if not database.is_closed():
+        yield
+        return
+    with database.connection_context():
+        yield
 
 
 def add_event(job: Transcription, detail: str = "") -> None:

@@ -1,1 +1,2 @@
-"""Dramatiq workers: the stage runner (workers.pipeline), actor declarations (workers.actors), pure stages (workers.stages), the worker process (workers.main)."""
+"""Dramatiq workers: the stage runner (pipeline), actor declarations (actors), pure stages (stages),
+the worker process (main)."""

@@ -21,8 +21,17 @@ from observability import tracing
 from storage.db import Media
 from storage.objects import ObjectStore
 from workers import maintenance
-from workers.pipeline import (JobFailed, JobStage, Output, PreparedMedia, Skip, StageRun, finalize, run_job_stage,
-                              run_media_stage)
+from workers.pipeline import (
+    JobFailed,
+    JobStage,
+    Output,
+    PreparedMedia,
+    Skip,
+    StageRun,
+    finalize,
+    run_job_stage,
+    run_media_stage,
+)
 from workers.stages.diarize import DiarizationUnavailable, load_pipeline, pipeline_label, run_stage
 from workers.stages.media import MediaError, check_duration, extract_audio, probe
 from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
@@ -103,8 +112,8 @@ DIARIZE = JobStage(
     model=lambda s: pipeline_label(s.diarization_pipeline), what="speaker recognition", done="diarized",
     # a misconfigured worker: retrying here will not help
     permanent=((DiarizationUnavailable, "UNAVAILABLE"),),
-    optional=Skip(mark=TranscriptResult.without_speakers, warning="speaker recognition failed, the transcript has no speaker labels",
-                  detail="DIARIZATION_FAILED"))
+    optional=Skip(mark=TranscriptResult.without_speakers, detail="DIARIZATION_FAILED",
+                  warning="speaker recognition failed, the transcript has no speaker labels"))
 
 
 def _job_actor(spec: JobStage) -> Callable[[str], None]:

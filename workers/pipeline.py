@@ -34,7 +34,7 @@ from core.queue import enqueue
 from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, TranscriptResult
 from observability import metrics, tracing
-from storage.db import Media, Transcription
+from storage.db import Media, Transcription, connection
 from storage.objects import ObjectStore
 from workers.stages.media import SAMPLE_RATE, MediaError, load_wav
 
@@ -127,7 +127,7 @@ class StageRun:
 
     def audio(self) -> np.ndarray:
         """The job's media as 16 kHz mono float32 (prepared by the prepare_media stage)."""
-        with jobs.connection():
+        with connection():
             media = Media.get_by_id(self.job.media_id)
         with tracing.stage_span("load audio"), tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
             wav = os.path.join(tmp, "audio.wav")

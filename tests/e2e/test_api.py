@@ -13,7 +13,8 @@ import pytest
 
 from mp4totext import samples
 from mp4totext.client import Client
-from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
+from mp4totext.v1 import media_pb2
+from mp4totext.v1 import transcription_pb2 as tpb
 from tests.support import SPEECH_TEXT, PeakRss, Stack, wait_for
 
 MiB = 1024 * 1024

@@ -23,8 +23,9 @@ import grpc
 import pytest
 
 from mp4totext.client import Client
-from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2 as tpb, transcription_pb2_grpc
-from tests.support import SPEECH_TEXT, ROOT, Proc, Stack, free_port, haproxy_config, metric, need, wait_for
+from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2_grpc
+from mp4totext.v1 import transcription_pb2 as tpb
+from tests.support import ROOT, SPEECH_TEXT, Proc, Stack, free_port, haproxy_config, metric, need, wait_for
 
 INACTIVITY_S = 3  # HAProxy client/server timeout in these tests
 HEARTBEAT_S = 1

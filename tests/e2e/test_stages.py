@@ -7,9 +7,9 @@ import pathlib
 import pytest
 
 from mp4totext import config, samples
+from tests.support import SPEECH_TEXT
 from workers.stages.media import MediaError, extract_audio, load_wav, probe
 from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
-from tests.support import SPEECH_TEXT
 
 
 def test_probe_and_extract(speech_mp4: pathlib.Path, tmp_path: pathlib.Path) -> None:

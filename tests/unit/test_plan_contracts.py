@@ -6,8 +6,16 @@ from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from core import plan
 from core.languages import WHISPER_LANGUAGES, whisper_language
-from mp4totext.contracts import (JobConfig, Priority, ProgressEvent, Stage, TranscriptResult, api_priority,
-                                 broker_priority, parse_event)
+from mp4totext.contracts import (
+    JobConfig,
+    Priority,
+    ProgressEvent,
+    Stage,
+    TranscriptResult,
+    api_priority,
+    broker_priority,
+    parse_event,
+)
 from mp4totext.v1 import transcription_pb2 as tpb
 
 

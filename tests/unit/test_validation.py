@@ -9,7 +9,8 @@ from google.protobuf import duration_pb2
 
 from core.export import SubtitleOptions
 from mp4totext.contracts import JobConfig, Priority, broker_priority
-from mp4totext.v1 import media_pb2, transcription_pb2 as tpb
+from mp4totext.v1 import media_pb2
+from mp4totext.v1 import transcription_pb2 as tpb
 from server.errors import ApiError
 from server.validation import export_options, job_config, parse_name, upload_metadata
 
