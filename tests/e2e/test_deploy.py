@@ -155,7 +155,7 @@ def _exported_names() -> set[str]:
     for fam in REGISTRY.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(fam.type, [""])
         names.update(fam.name + s for s in suffixes)
-    for cls, args in ((metrics.JobStateCollector, ()), (metrics.QueueDepthCollector, ("amqp://", []))):
+    for cls, args in ((metrics.JobStateCollector, (dict,)), (metrics.QueueDepthCollector, ("amqp://", []))):
         collector = cls(*args)
         collector.cache.value, collector.cache.at = {}, time.monotonic()
         names.update(f.name for f in collector.collect())
