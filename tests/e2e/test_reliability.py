@@ -51,6 +51,7 @@ def test_sigkill_worker_mid_transcription_completes_exactly_once(stack: Stack, c
     broker_url = stack.env["MP4T_BROKER_URL"]
     wait_for(lambda: queues_drained(broker_url, "high", "critical"), 120,
              "the high and critical queues to hold no ready or unacked message", 1)
+    # (a process started in this test: its counter counts only what it consumed since)
     assert metric(stack.metrics(high), "mp4t_messages_total", actor="transcribe") >= 1
     # the redelivered message must not run again after success
     assert _events(db, job_id, "SUCCEEDED") == 1
