@@ -15,7 +15,7 @@ from mp4totext import samples
 from mp4totext.client import Client
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
-from tests.support import SPEECH_TEXT, PeakRss, Stack, wait_for
+from tests.support import SPEECH_TEXT, PeakRss, Stack, dead_letters, metric, wait_for
 
 MiB = 1024 * 1024
 
@@ -213,8 +213,12 @@ def test_large_upload_with_bounded_server_memory(stack: Stack, client: Client, m
 
 def test_poison_media_fails_with_reason_and_is_dead_lettered(client: Client, stack: Stack, media_dir: Any,
                                                              speech_mp4: Any) -> None:
-    import pika
-
+    # critical.XQ and the worker's dead-letter counter are shared with every other test of the
+    # session: measure what this test adds to them.
+    broker_url = stack.env["MP4T_BROKER_URL"]
+    critical = stack.workers["critical,low"]
+    dead_before = dead_letters(broker_url, "critical")
+    counted_before = metric(stack.metrics(critical), "mp4t_dead_letters_total", actor="prepare_media")
     bad = media_dir / "notes.mp4"
     bad.write_bytes(b"this is not a video at all\n" * 1000)
     truncated = media_dir / "truncated.mp4"
@@ -239,12 +243,12 @@ def test_poison_media_fails_with_reason_and_is_dead_lettered(client: Client, sta
         with pytest.raises(grpc.RpcError) as exc:
             client.create(media.name)
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    conn = pika.BlockingConnection(pika.URLParameters(stack.env["MP4T_BROKER_URL"]))
-    try:
-        dead = conn.channel().queue_declare("critical.XQ", passive=True).method.message_count
-    finally:
-        conn.close()
-    assert dead >= 3
+    # The job is FAILED before its message is nacked into critical.XQ: wait for the three.
+    wait_for(lambda: dead_letters(broker_url, "critical") - dead_before >= 3, 30,
+             "three new dead letters in critical.XQ", 0.5)
+    assert dead_letters(broker_url, "critical") - dead_before >= 3
+    counted = metric(stack.metrics(critical), "mp4t_dead_letters_total", actor="prepare_media") - counted_before
+    assert counted >= 3
 
 
 # ---------------------------------------------------------------- auth and isolation

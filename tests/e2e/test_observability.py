@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import time
 import uuid
 from typing import Any
 
 import pytest
 
-from tests.support import OtlpReceiver, Stack, metric, wait_for
+from tests.support import OtlpReceiver, Stack, metric, metric_delta, wait_for
 
 SERVER, PRODUCER, CONSUMER, INTERNAL = 2, 4, 5, 1
 
@@ -25,9 +26,40 @@ def _complete(spans: list[dict[str, Any]]) -> bool:
     return {"finalize process", "whisper transcribe"} <= names
 
 
+# What one job adds to the counters of the processes it went through: (process, sample name,
+# labels, least change). Other tests bump the same counters, so the checks are on the change
+# measured around the job, never on the absolute value.
+JOB_COUNTERS: list[tuple[str, str, dict[str, str], float]] = [
+    ("server", "grpc_server_handled_total", {"grpc_method": "UploadMedia", "grpc_code": "OK"}, 1),
+    ("server", "grpc_server_handling_seconds_count", {"grpc_method": "CreateTranscription"}, 1),
+    ("server", "mp4t_upload_bytes_total", {}, -1),  # -1: the size of the uploaded file
+    ("server", "mp4t_upload_throughput_bytes_per_second_count", {}, 1),
+    ("server", "mp4t_jobs", {"state": "SUCCEEDED"}, 1),  # a gauge of the whole system: one more
+    ("high", "mp4t_stage_duration_seconds_count", {"stage": "transcribe", "outcome": "transcribed"}, 1),
+    ("high", "mp4t_realtime_factor_count", {"stage": "transcribe", "model": "tiny.en"}, 1),
+    ("high", "mp4t_messages_total", {"actor": "transcribe", "outcome": "ok"}, 1),
+    ("high", "mp4t_messages_enqueued_total", {"actor": "finalize"}, 1),
+    ("critical", "mp4t_messages_total", {"actor": "prepare_media", "queue": "critical", "outcome": "ok"}, 1),
+    ("critical", "mp4t_jobs_finished_total", {"state": "SUCCEEDED"}, 1),
+]
+
+
+def _job_procs(stack: Stack) -> dict[str, Any]:
+    return {"server": stack.servers[0], "high": stack.workers["high"], "critical": stack.workers["critical,low"]}
+
+
+def _least(want: float, upload_size: int) -> float:
+    return upload_size if want < 0 else want
+
+
 @pytest.fixture(scope="module")
 def traced_job(stack: Stack, client: Any, speech_mp4: pathlib.Path, otlp: OtlpReceiver) -> dict[str, Any]:
-    """Upload + create + wait, with no client trace context: the server links them itself."""
+    """Upload + create + wait, with no client trace context: the server links them itself.
+
+    The processes' metrics are scraped just before and just after the job (``metrics_before``,
+    ``metrics_after``), so tests can check what this job, and only it, added."""
+    procs = _job_procs(stack)
+    before = {k: stack.metrics(p) for k, p in procs.items()}
     media = client.upload(str(speech_mp4), content_type="video/mp4")
     job = client.create(media.name)
     done = client.wait(job.name, timeout=300)
@@ -40,7 +72,18 @@ def traced_job(stack: Stack, client: Any, speech_mp4: pathlib.Path, otlp: OtlpRe
     trace_id = upload["trace_id"]
     spans = wait_for(lambda: (lambda sp: sp if _complete(sp) else None)(otlp.trace(trace_id)), 60,
                      "every stage's spans of the job's trace")
-    return {"trace_id": trace_id, "spans": spans, "media_id": media_id, "job_id": job_id}
+    # Counters move when a message or an RPC is done, a moment after its span; the jobs gauge is
+    # cached for 5 s. Scrape until the job shows everywhere (or 30 s: the test then says what is missing).
+    size = speech_mp4.stat().st_size
+    deadline = time.monotonic() + 30
+    while True:
+        after = {k: stack.metrics(p) for k, p in procs.items()}
+        if all(metric_delta(before[proc], after[proc], name, **labels) >= _least(want, size)
+               for proc, name, labels, want in JOB_COUNTERS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return {"trace_id": trace_id, "spans": spans, "media_id": media_id, "job_id": job_id,
+            "metrics_before": before, "metrics_after": after}
 
 
 @pytest.fixture(scope="module")
@@ -139,24 +182,15 @@ def test_logs_carry_trace_and_job_ids(stack: Stack, traced_job: dict[str, Any]) 
 
 
 def test_metrics_after_a_job(stack: Stack, traced_job: dict[str, Any], speech_mp4: pathlib.Path) -> None:
-    server = stack.metrics(stack.servers[0])
-    assert metric(server, "grpc_server_handled_total", grpc_method="UploadMedia", grpc_code="OK") >= 1
-    assert metric(server, "grpc_server_handling_seconds_count", grpc_method="CreateTranscription") >= 1
-    assert metric(server, "mp4t_upload_bytes_total") >= speech_mp4.stat().st_size
-    assert metric(server, "mp4t_upload_throughput_bytes_per_second_count") >= 1
-    assert metric(server, "mp4t_jobs", state="SUCCEEDED") >= 1
+    before, after = traced_job["metrics_before"], traced_job["metrics_after"]
+    for proc, name, labels, want in JOB_COUNTERS:
+        change = metric_delta(before[proc], after[proc], name, **labels)
+        assert change >= _least(want, speech_mp4.stat().st_size), (proc, name, labels, change)
+    speech = metric_delta(before["high"], after["high"], "mp4t_media_seconds_processed_total", stage="transcribe")
+    assert speech > 5, speech
+    assert metric(after["high"], "mp4t_model_load_seconds", kind="whisper") > 0  # a gauge: the last load's time
 
-    high = stack.metrics(stack.workers["high"])
-    assert metric(high, "mp4t_stage_duration_seconds_count", stage="transcribe", outcome="transcribed") >= 1
-    assert metric(high, "mp4t_realtime_factor_count", stage="transcribe", model="tiny.en") >= 1
-    assert metric(high, "mp4t_media_seconds_processed_total", stage="transcribe") > 5
-    assert metric(high, "mp4t_model_load_seconds", kind="whisper") > 0
-    assert metric(high, "mp4t_messages_total", actor="transcribe", outcome="ok") >= 1
-    assert metric(high, "mp4t_messages_enqueued_total", actor="finalize") >= 1
-
-    critical = stack.metrics(stack.workers["critical,low"])
-    assert metric(critical, "mp4t_messages_total", actor="prepare_media", queue="critical", outcome="ok") >= 1
-    assert metric(critical, "mp4t_jobs_finished_total", state="SUCCEEDED") >= 1
+    critical = after["critical"]
     for queue in ("critical", "high", "default", "low"):
         for kind in ("ready", "delayed", "dead"):
             assert (("mp4t_queue_messages", (("kind", kind), ("queue", queue))) in critical), (queue, kind)

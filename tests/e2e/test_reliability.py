@@ -6,7 +6,7 @@ from typing import Any
 
 from mp4totext.client import Client
 from mp4totext.v1 import transcription_pb2 as tpb
-from tests.support import Stack, wait_for
+from tests.support import Stack, log_lines, metric, queues_drained, wait_for
 
 
 def _events(db: Any, job_id: str, state: str) -> int:
@@ -17,16 +17,23 @@ def _events(db: Any, job_id: str, state: str) -> int:
                                                  TranscriptionEvent.state == state).count()
 
 
+def _stage_lines(proc: Any, job_id: str) -> list[dict[str, Any]]:
+    """The worker's stage_finished log lines for the transcribe stage of ``job_id``."""
+    return [ln for ln in log_lines(proc) if ln.get("event") == "stage_finished" and ln.get("job_id") == job_id
+            and ln.get("stage") == "transcribe"]
+
+
 def test_sigkill_worker_mid_transcription_completes_exactly_once(stack: Stack, client: Client, db: Any,
                                                                  long_speech: Any) -> None:
     media = client.upload(str(long_speech))
     job = client.create(media.name)
     job_id = job.name.split("/")[1]
     wait_for(lambda: client.get(job.name).progress_percent > 15, 180, "transcription progress", 0.2)
-    stack.workers["high"].kill(signal.SIGKILL)
+    killed = stack.workers["high"]
+    killed.kill(signal.SIGKILL)
     killed_at = client.get(job.name)
     assert killed_at.state == tpb.TRANSCRIPTION_STATE_RUNNING and killed_at.attempt_count == 1
-    stack.start_worker("high")
+    high = stack.start_worker("high")
     final = client.wait(job.name, timeout=300)
     assert final.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED, final.error_message
     assert final.result.text.count("quick brown fox") >= 1
@@ -36,8 +43,21 @@ def test_sigkill_worker_mid_transcription_completes_exactly_once(stack: Stack, c
     with db.connection_context():
         row = Transcription.get_by_id(job_id)
     assert row.total_attempts >= 2  # the killed attempt was counted and redelivered
+    # The redelivered message was consumed by the new worker: it ran the stage to its end...
+    wait_for(lambda: _stage_lines(high, job_id), 60, "the new worker's stage_finished line for the job")
+    # ...and nothing is left for it to run again: every message of the transcribe and finalize
+    # queues (the redelivery, any duplicate the maintenance re-enqueued, their retries) has been
+    # processed and acked. Only now is "still one success" evidence of anything.
+    broker_url = stack.env["MP4T_BROKER_URL"]
+    wait_for(lambda: queues_drained(broker_url, "high", "critical"), 120,
+             "the high and critical queues to hold no ready or unacked message", 1)
+    # (a process started in this test: its counter counts only what it consumed since)
+    assert metric(stack.metrics(high), "mp4t_messages_total", actor="transcribe") >= 1
     # the redelivered message must not run again after success
     assert _events(db, job_id, "SUCCEEDED") == 1
+    transcribed = [ln for proc in (killed, high) for ln in _stage_lines(proc, job_id)
+                   if ln.get("outcome") == "transcribed"]
+    assert len(transcribed) == 1, transcribed  # the killed attempt never finished; the redelivery did, once
 
 
 def test_job_that_keeps_crashing_its_worker_fails_after_max_attempts(stack: Stack, client: Client, db: Any,

@@ -34,6 +34,8 @@ def queues_drained(broker_url: str, *queues: str) -> bool:
     """True when none of ``queues`` (and their delay queues, ``<queue>.DQ``) holds a message,
     ready or unacknowledged: nothing is waiting to run or running."""
     counts = queue_counts(broker_url)
+    if not all(queue in counts for queue in queues):  # not declared (or not listed): nothing to conclude
+        return False
     names = [q for queue in queues for q in (queue, f"{queue}.DQ")]
     return all(counts.get(name, (0, 0)) == (0, 0) for name in names)
 
