@@ -207,3 +207,25 @@ def test_health_endpoints(stack: Stack) -> None:
         assert r.status == 200
     with socket.create_connection(("127.0.0.1", stack.agent_ports[proc]), timeout=5) as s:
         assert s.recv(100).decode().strip() == "up ready"
+
+
+def test_watch_that_ends_with_its_job_is_ok_not_cancelled(stack: Stack, key_a: str,
+                                                           speech_mp4: pathlib.Path) -> None:
+    """The client closes the call as soon as it has the terminal event: that is a normal end."""
+    from mp4totext.client import Client
+    from mp4totext.v1 import transcription_pb2 as tpb
+
+    server = stack.servers[0]
+    watch = {"grpc_method": "WatchTranscription"}
+    with Client(stack.targets[0], key_a) as client:
+        job = client.create(client.upload(str(speech_mp4)).name)
+        before = stack.metrics(server)
+        events = list(client.watch(job.name))
+    assert events[-1].state == tpb.TRANSCRIPTION_STATE_SUCCEEDED
+    def counted() -> dict[Any, float] | None:
+        now = stack.metrics(server)
+        return now if metric_delta(before, now, "grpc_server_handled_total", **watch) >= 1 else None
+
+    after = wait_for(counted, 30, "the Watch call to be counted")
+    assert metric_delta(before, after, "grpc_server_handled_total", grpc_code="OK", **watch) == 1
+    assert metric_delta(before, after, "grpc_server_handled_total", grpc_code="CANCELLED", **watch) == 0
