@@ -2,7 +2,6 @@
 metrics are scraped over HTTP, logs are the processes' own JSON lines."""
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 import uuid
@@ -10,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import OtlpReceiver, Stack, metric, metric_delta, wait_for
+from tests.support import OtlpReceiver, Stack, log_lines, metric, metric_delta, wait_for
 
 SERVER, PRODUCER, CONSUMER, INTERNAL = 2, 4, 5, 1
 
@@ -160,16 +159,7 @@ def test_client_trace_context_is_honoured(stack: Stack, client: Any, speech_mp4:
 
 
 def test_logs_carry_trace_and_job_ids(stack: Stack, traced_job: dict[str, Any]) -> None:
-    def lines(proc: Any) -> list[dict[str, Any]]:
-        out = []
-        for line in proc.log().splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
-
+    lines = log_lines
     server_lines = [ln for p in stack.servers for ln in lines(p)]
     rpc = [ln for ln in server_lines if ln.get("event") == "rpc" and ln.get("rpc", "").endswith("/UploadMedia")
            and ln.get("trace_id") == traced_job["trace_id"]]

@@ -6,6 +6,7 @@ import functools
 import time
 from typing import Any, Callable
 
+import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
 
@@ -45,6 +46,10 @@ class ModelUnavailable(RuntimeError):
 def load_model(model: str, device: str = "auto", compute_type: str = "default", cpu_threads: int = 0,
                download_root: str = "", local_files_only: bool = True) -> Any:
     """Load a WhisperModel once per process (cached by its settings)."""
+    on_cpu = device == "cpu" or (device == "auto" and ctranslate2.get_cuda_device_count() == 0)
+    if compute_type == "default" and on_cpu and "float16" not in ctranslate2.get_supported_compute_types("cpu"):
+        # What CTranslate2 does anyway with float16 weights on a CPU, without its warning on stderr.
+        compute_type = "float32"
     try:
         return WhisperModel(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads,
                             download_root=download_root or None, local_files_only=local_files_only)
