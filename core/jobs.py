@@ -8,14 +8,13 @@ worked on, with a fresh heartbeat, is a duplicate and is dropped.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import peewee as pw
 
-from core import plan, runtime
+from core import outbox, plan, runtime
 from core.plan import STAGE_PERCENT
 from mp4totext.contracts import (
     TERMINAL_STATES,
@@ -27,8 +26,9 @@ from mp4totext.contracts import (
     Stage,
     TranscriptResult,
 )
+from observability import tracing
 from observability.metrics import JOBS_FINISHED
-from storage.db import Media, Transcription, add_event, connection, database, utcnow
+from storage.db import Media, Transcription, add_event, connection, database, locked, utcnow
 
 
 class LostClaim(Exception):
@@ -39,18 +39,6 @@ class LostClaim(Exception):
 class Claim:
     outcome: ClaimOutcome
     job: Any = None  # the Transcription or Media row (None when it does not exist)
-
-
-@contextlib.contextmanager
-def locked() -> Iterator[None]:
-    """A write transaction that serialises with other writers (IMMEDIATE on SQLite)."""
-    with connection():
-        if isinstance(database.obj, pw.SqliteDatabase):
-            with database.atomic("IMMEDIATE"):
-                yield
-        else:
-            with database.atomic():
-                yield
 
 
 def _for_update(query: pw.ModelSelect) -> pw.ModelSelect:
@@ -95,6 +83,13 @@ def _bump(job: Transcription, detail: str = "", event: bool = True) -> None:
     job.save()
     if event:
         add_event(job, detail)
+
+
+def _send_next(job: Transcription, trace_context: dict[str, str] | None) -> None:
+    """The message that runs the job's current stage, committed with the change (core.outbox);
+    ``trace_context`` parents its PRODUCER span."""
+    if job.stage in plan.ACTOR_FOR_STAGE:
+        outbox.add(plan.actor_for(job.stage), job.id, job.priority, trace_context)
 
 
 def _get_locked(job_id: str) -> Transcription | None:
@@ -166,7 +161,7 @@ def jobs_to_start(media_id: str) -> list[Transcription]:
 
 
 def to_waiting(job_id: str) -> Transcription | None:
-    """PREPARING_MEDIA -> WAITING. Exactly one caller wins and must enqueue the transcribe step."""
+    """PREPARING_MEDIA -> WAITING. Exactly one caller wins; the transcribe message goes to the outbox."""
     with locked():
         job = _get_locked(job_id)
         if job is None or job.state != JobState.QUEUED or job.stage != Stage.PREPARING_MEDIA:
@@ -179,6 +174,7 @@ def to_waiting(job_id: str) -> Transcription | None:
         job.progress = STAGE_PERCENT[Stage.WAITING]
         job.attempts = 0
         _bump(job)
+        _send_next(job, job.trace_context)  # the job's own trace (the RPC that created it)
     publish(job)
     return job
 
@@ -255,7 +251,7 @@ def report_progress(job_id: str, message_id: str, processed_s: float, duration_s
 
 
 def stage_done(job_id: str, message_id: str, next_stage: str, **fields: Any) -> Transcription | None:
-    """Finish the claimed stage and move to ``next_stage`` (caller enqueues it). None if not ours."""
+    """Finish the claimed stage and move to ``next_stage`` (its message goes to the outbox). None if not ours."""
     with locked():
         job = _get_locked(job_id)
         if job is None or job.claim_message_id != message_id or job.state != JobState.RUNNING:
@@ -267,6 +263,7 @@ def stage_done(job_id: str, message_id: str, next_stage: str, **fields: Any) -> 
         job.attempts = 0
         job.progress = max(job.progress, STAGE_PERCENT[next_stage])
         _bump(job)
+        _send_next(job, tracing.inject() or job.trace_context)
     publish(job)
     return job
 
@@ -274,7 +271,7 @@ def stage_done(job_id: str, message_id: str, next_stage: str, **fields: Any) -> 
 def skip_stage(job_id: str, message_id: str | None, stage: str, mark: Callable[[TranscriptResult], TranscriptResult],
                warning: str, detail: str) -> Transcription | None:
     """An optional stage failed for good: keep the job's work, record why (``mark`` the result,
-    add ``warning``) and move on to the stage after it (the caller enqueues it).
+    add ``warning``) and move on to the stage after it (its message goes to the outbox).
 
     Returns the job, or None if it is not in ``stage`` (or, with a ``message_id``, not claimed by it).
     """
@@ -293,12 +290,18 @@ def skip_stage(job_id: str, message_id: str | None, stage: str, mark: Callable[[
         job.error_message = ""
         job.progress = max(job.progress, STAGE_PERCENT[job.stage])
         _bump(job, detail=detail)
+        _send_next(job, tracing.inject() or job.trace_context)
     publish(job)
     return job
 
 
-def release_for_retry(job_id: str, message_id: str, waiting_stage: str, error: str) -> None:
-    """A transient failure: give the job back so the retried message can claim it."""
+def release_for_retry(job_id: str, message_id: str, waiting_stage: str, error: str,
+                      outage: bool = False) -> None:
+    """A transient failure: give the job back so the retried message can claim it.
+
+    With ``outage`` (a service we depend on failed, not the work) the attempt is not counted:
+    the attempt counter is for crash loops.
+    """
     with locked():
         job = _get_locked(job_id)
         if job is None or job.claim_message_id != message_id or job.state in TERMINAL_STATES:
@@ -306,9 +309,22 @@ def release_for_retry(job_id: str, message_id: str, waiting_stage: str, error: s
         job.state = JobState.QUEUED
         job.stage = waiting_stage
         job.claim_message_id = None
-        job.error_message = f"attempt {job.attempts} failed, will retry: {error}"
+        if outage:
+            job.attempts = max(job.attempts - 1, 0)
+            job.error_message = f"waiting for a service to come back, will retry: {error}"
+        else:
+            job.error_message = f"attempt {job.attempts} failed, will retry: {error}"
         _bump(job)
     publish(job)
+
+
+def release_media(media_id: str, message_id: str) -> None:
+    """Preparing media met an outage: give it back without counting the attempt."""
+    with locked():
+        # The claim counted an attempt before the work started: take it back.
+        Media.update(attempts=Media.attempts - 1, claim_message_id=None, update_time=utcnow()).where(
+            Media.id == media_id, Media.claim_message_id == message_id, Media.state == MediaState.PROCESSING,
+            Media.attempts > 0).execute()
 
 
 def finish(job_id: str, state: str, reason: str = "", message: str = "", only_stage: str | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from mp4totext.contracts import JobConfig, Stage
+from mp4totext.contracts import BROKER_MAX_PRIORITY, JobConfig, Stage
 
 # Queue names and their max priority are fixed: RabbitMQ refuses to redeclare an existing queue
 # with another x-max-priority (PRECONDITION_FAILED), so changing them needs a migration.
@@ -78,3 +78,13 @@ def percent_span(config: Config, stage: Stage) -> tuple[float, float]:
 
 def actor_for(stage: str) -> str:
     return ACTOR_FOR_STAGE.get(Stage(stage), "transcribe")
+
+
+# Messages that finish work already done go first on their queue: a job whose transcript is
+# ready must not wait behind a backlog of new uploads' media preparation on "critical".
+FINISHING_ACTORS = frozenset({"finalize"})
+
+
+def message_priority(actor: str, job_priority: int) -> int:
+    """The broker priority of ``actor``'s message for a job of ``job_priority``."""
+    return BROKER_MAX_PRIORITY if actor in FINISHING_ACTORS else job_priority

@@ -61,8 +61,13 @@ class Settings:
     max_attempts: int = 3
     retry_min_backoff_ms: int = 1000
     retry_max_backoff_ms: int = 10 * 60 * 1000
+    # An outage of the database, object storage or broker shorter than this never fails valid
+    # work: its stages wait and retry (at most every outage_retry_max_s), uncounted as attempts.
+    outage_budget_s: float = 300.0
+    outage_retry_max_s: float = 30.0
     job_time_limit_s: int = 4 * 3600
     prepare_time_limit_s: int = 3600
+    outbox_interval_s: float = 1.0  # servers and workers publish committed-but-unsent messages this often
     progress_interval_s: float = 1.0  # progress DB write + live event at most this often per job
     lease_s: float = 600.0
     maintenance_interval_s: float = 900.0  # low-queue workers enqueue maintenance this often

@@ -14,7 +14,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core import jobs, runtime
+from core import jobs, outbox, runtime
 from mp4totext.v1 import media_pb2_grpc, transcription_pb2_grpc
 from observability import metrics, tracing
 from server.auth import Authenticator
@@ -77,6 +77,7 @@ class Server:
         self.monitor = HealthMonitor(self.health)
         self._stopped = threading.Event()
         self.http: metrics.HttpEndpoint | None = None
+        self.relay: outbox.Relay | None = None
         self.agent: metrics.AgentCheck | None = None
 
     # -- what HAProxy sees
@@ -105,6 +106,7 @@ class Server:
 
     def start(self) -> "Server":
         runtime.get().bus.start()
+        self.relay = outbox.Relay(self.settings.outbox_interval_s)
         self.monitor.update()
         threading.Thread(target=self.monitor.run, name="health", daemon=True).start()
         if self.settings.http_listen:
@@ -132,6 +134,8 @@ class Server:
         if self.settings.grpc_drain_s:
             time.sleep(self.settings.grpc_drain_s)
         self.grpc_server.stop(self.settings.grpc_grace_s).wait()
+        if self.relay:
+            self.relay.close()
         runtime.get().bus.close()
         if self.agent:
             self.agent.close()

@@ -8,7 +8,7 @@ import grpc
 import peewee as pw
 import structlog
 
-from core import runtime
+from core import outbox, runtime
 from mp4totext.contracts import Priority, broker_priority
 from mp4totext.v1 import media_pb2, media_pb2_grpc
 from observability import metrics, tracing
@@ -16,10 +16,10 @@ from server import convert
 from server.auth import current_tenant
 from server.errors import ApiError, failed_precondition, invalid
 from server.paging import page_size, paged, tenant_listing
-from server.resources import delete_transcription, enqueue_or_unavailable, get_media, media_by_request_id
+from server.resources import delete_transcription, get_media, media_by_request_id
 from server.upload import ClientGone, UploadReader, UploadRejected
 from server.validation import UploadSpec, upload_metadata
-from storage.db import Media, Transcription, connection, new_id
+from storage.db import Media, Transcription, connection, locked, new_id
 
 log = structlog.get_logger(__name__)
 
@@ -52,26 +52,20 @@ def _store(spec: UploadSpec, key: str, requests: Iterator[Any], context: grpc.Se
 
 
 def _record(spec: UploadSpec, media_id: str, key: str, reader: UploadReader) -> Media:
-    """The media row of a stored upload, then its preparation enqueued (or nothing at all)."""
+    """The media row of a stored upload, committed with its preparation message (core.outbox)."""
     store, tenant = runtime.get().store, current_tenant.get()
     try:
-        with connection():
+        with outbox.sending(), locked():
             media = Media.create(id=media_id, tenant=tenant, request_id=spec.request_id or None,
                                  filename=spec.filename, content_type=spec.content_type,
                                  size_bytes=reader.received, sha256=reader.sha256, object_key=key,
                                  trace_context=tracing.inject())
+            outbox.add("prepare_media", media_id, broker_priority(Priority.NORMAL), tracing.inject())
     except pw.IntegrityError:  # the same request_id won a race
         store.delete(key)
         with connection():
             return Media.get(Media.tenant == tenant, Media.request_id == spec.request_id)
     except Exception:
-        store.delete(key)
-        raise
-    try:
-        enqueue_or_unavailable("prepare_media", media_id, broker_priority(Priority.NORMAL))
-    except ApiError:
-        with connection():
-            media.delete_instance()
         store.delete(key)
         raise
     return media

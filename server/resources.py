@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from core import jobs
-from core.queue import enqueue
 from server.auth import current_tenant
-from server.errors import not_found, unavailable
+from server.errors import not_found
 from server.validation import is_name, parse_name
 from storage.db import Media, Transcription, connection, utcnow
 
@@ -66,10 +65,3 @@ def trace_parent_for(method: str, request: Any) -> dict[str, str] | None:
         return None
     return row.trace_context
 
-
-def enqueue_or_unavailable(actor: str, object_id: str, priority: int) -> None:
-    """Enqueue, or tell the client to retry (the work is recorded; nothing was started)."""
-    try:
-        enqueue(actor, object_id, priority)
-    except Exception as exc:
-        raise unavailable(f"the job queue is unavailable ({exc}); retry shortly") from exc

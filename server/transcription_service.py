@@ -6,8 +6,8 @@ import peewee as pw
 import structlog
 from google.protobuf import json_format
 
-from core import export, jobs, plan, registry, runtime
-from mp4totext.contracts import JobState, MediaState, Stage, TranscriptResult
+from core import export, jobs, outbox, registry, runtime
+from mp4totext.contracts import JobState, MediaState, TranscriptResult
 from mp4totext.v1 import transcription_pb2 as tpb
 from mp4totext.v1 import transcription_pb2_grpc
 from observability import tracing
@@ -15,24 +15,18 @@ from server import convert
 from server.auth import current_tenant
 from server.errors import failed_precondition, invalid
 from server.paging import page_size, paged, tenant_listing
-from server.resources import delete_transcription, enqueue_or_unavailable, get_job, get_media, job_by_request_id
+from server.resources import delete_transcription, get_job, get_media, job_by_request_id
 from server.validation import EXPORT_FORMATS, english_only, export_options, job_config, parse_name, request_id
 from server.watch import watch_events
 from storage.db import Media, Transcription, connection
 
 log = structlog.get_logger(__name__)
 
-FIRST_ACTOR = plan.actor_for(Stage.WAITING)  # what runs a job once its media is READY
-
-
 def _idempotent_hit(job: Transcription, media: Media) -> tpb.Transcription:
     """The answer to a retried CreateTranscription (same request_id)."""
     if job.media_id != media.id:
         raise invalid(f"request_id was already used for transcriptions/{job.id} of media/{job.media_id}; "
                       "use a new request_id for a different media")
-    if job.state == JobState.QUEUED and job.stage == Stage.WAITING:
-        # A retry after a lost response may also follow a lost enqueue: a duplicate is harmless.
-        enqueue_or_unavailable(FIRST_ACTOR, job.id, job.priority)
     return convert.transcription_to_proto(job)
 
 
@@ -59,16 +53,9 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
                 raise
             return _idempotent_hit(existing, media)
         # The media may have become READY while we inserted: exactly one of us and
-        # prepare_media wins the PREPARING_MEDIA -> WAITING transition and enqueues.
-        moved = jobs.to_waiting(job.id)
-        if moved is not None:
-            try:
-                enqueue_or_unavailable(FIRST_ACTOR, job.id, priority)
-            except Exception:
-                with connection():
-                    job.delete_instance()
-                raise
-            job = moved
+        # prepare_media wins the PREPARING_MEDIA -> WAITING transition (and sends its message).
+        with outbox.sending():
+            job = jobs.to_waiting(job.id) or job
         tracing.set_attributes(**{"mp4t.job_id": job.id, "mp4t.media_id": media.id, "mp4t.priority": priority,
                                   "mp4t.media.duration_s": media.duration_s})
         log.info("transcription_created", job_id=job.id, media_id=media.id, priority=priority)

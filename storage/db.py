@@ -23,7 +23,7 @@ from mp4totext.contracts import JobState, MediaState, Priority, Stage, broker_pr
 database = pw.DatabaseProxy()
 
 __all__ = ["JobState", "MediaState", "Stage", "Tenant", "ApiKey", "Media", "Transcription", "TranscriptionEvent",
-           "WorkerInfo", "connection", "database", "init_db", "utcnow", "new_id"]
+           "WorkerInfo", "OutboxMessage", "connection", "locked", "database", "init_db", "utcnow", "new_id"]
 
 SCHEMA_VERSION = 1
 
@@ -153,11 +153,26 @@ class WorkerInfo(BaseModel):
     heartbeat_time = pw.DateTimeField(default=utcnow, index=True)
 
 
+class OutboxMessage(BaseModel):
+    """A message to publish, committed in the same transaction as the state change that needs it.
+
+    A relay (core.outbox) publishes it with confirms and deletes it, so a crash or a broker
+    outage between the commit and the publish delays the next stage by seconds, never loses it.
+    """
+
+    id = pw.AutoField()
+    actor = pw.CharField(max_length=64)
+    object_id = pw.CharField(max_length=32)
+    priority = pw.IntegerField()
+    trace_context = JSONField(null=True)
+    create_time = pw.DateTimeField(default=utcnow)
+
+
 class SchemaInfo(BaseModel):
     version = pw.IntegerField()
 
 
-MODELS = [Tenant, ApiKey, Media, Transcription, TranscriptionEvent, WorkerInfo, SchemaInfo]
+MODELS = [Tenant, ApiKey, Media, Transcription, TranscriptionEvent, WorkerInfo, OutboxMessage, SchemaInfo]
 
 
 def make_database(url: str, pool_size: int = 20) -> pw.Database:
@@ -231,6 +246,18 @@ def connection() -> Iterator[None]:
         return
     with database.connection_context():
         yield
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """A write transaction that serialises with other writers (IMMEDIATE on SQLite)."""
+    with connection():
+        if isinstance(database.obj, pw.SqliteDatabase):
+            with database.atomic("IMMEDIATE"):
+                yield
+        else:
+            with database.atomic():
+                yield
 
 
 def add_event(job: Transcription, detail: str = "") -> None:

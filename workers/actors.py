@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import dramatiq
 
+from core.failures import is_infrastructure, outage_retries
 from core.plan import ROUTES
 from mp4totext.config import Settings
 from mp4totext.contracts import Stage, TranscriptResult
@@ -24,6 +25,7 @@ from workers import maintenance
 from workers.pipeline import (
     JobFailed,
     JobStage,
+    OutageRetry,
     Output,
     PreparedMedia,
     Skip,
@@ -132,11 +134,18 @@ def register(broker: dramatiq.Broker, s: Settings) -> dict[str, dramatiq.Actor]:
     """Declare every actor on ``broker`` with its queue, time limit and retry policy.
 
     Retries: Dramatiq's own, with backoff; the job's attempt counter decides when to stop
-    (``max_attempts``), ``max_retries`` only stops a message looping forever. ``JobFailed``
-    (recorded on the job already) is never retried.
+    (``max_attempts``). An outage (core.failures) is retried apart from it, long enough to
+    wait out ``outage_budget_s``. ``JobFailed`` (recorded on the job already) is never retried.
     """
-    retry = {"max_retries": s.max_attempts + 2, "min_backoff": s.retry_min_backoff_ms,
-             "max_backoff": s.retry_max_backoff_ms, "throws": (JobFailed,)}
+    outage = outage_retries(s.outage_budget_s, s.retry_min_backoff_ms, int(s.outage_retry_max_s * 1000))
+
+    def retry_when(retries: int, exc: BaseException) -> bool:
+        if isinstance(exc, OutageRetry) or is_infrastructure(exc):
+            return retries < outage  # waits out an outage of outage_budget_s
+        return retries < s.max_attempts + 2
+
+    retry = {"retry_when": retry_when, "min_backoff": s.retry_min_backoff_ms, "max_backoff": s.retry_max_backoff_ms,
+             "throws": (JobFailed,)}
     limits_s = {"prepare_media": s.prepare_time_limit_s, "transcribe": s.job_time_limit_s + 60,
                 "diarize": s.diarization_time_limit_s + 60, "finalize": 60, "maintenance": 600}
     functions: dict[str, Callable[[str], None]] = {

@@ -9,7 +9,7 @@ from typing import Any
 import dramatiq
 import structlog
 
-from core import registry, runtime
+from core import outbox, registry, runtime
 from core.plan import QUEUES
 from core.queue import make_broker
 from mp4totext.config import Settings
@@ -93,6 +93,7 @@ def run(settings: Settings, queues: list[str], threads: int) -> None:
             metrics.install_collector("queues", metrics.QueueDepthCollector(settings.broker_url, QUEUES))
         http = metrics.HttpEndpoint(settings.http_listen)
     worker = Worker(broker, settings, queues, threads)
+    relay = outbox.Relay(settings.outbox_interval_s)
     stop = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
@@ -103,6 +104,7 @@ def run(settings: Settings, queues: list[str], threads: int) -> None:
     signal.signal(signal.SIGINT, handler)
     stop.wait()
     worker.stop(settings.worker_shutdown_s)
+    relay.close()
     runtime.get().bus.close()
     if http is not None:
         http.close()

@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import tempfile
 import time
 from typing import Any, Callable
 
+import dramatiq
 import numpy as np
 import structlog
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from core import jobs, plan, runtime
+from core import jobs, outbox, plan, runtime
+from core.failures import is_infrastructure
 from core.queue import enqueue
 from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, TranscriptResult
@@ -51,6 +54,19 @@ class Cancelled(Exception):
 
 class JobTimeout(Exception):
     """The stage ran past its deadline (checked at every progress report)."""
+
+
+class OutageRetry(dramatiq.Retry):
+    """A service we depend on failed: retry after ``delay`` ms, outside the attempt budget."""
+
+
+def outage_retry(s: Settings) -> OutageRetry:
+    """The retry of the current message after an outage: backoff doubling up to ``outage_retry_max_s``."""
+    msg = CurrentMessage.get_current_message()
+    retries = int(msg.options.get("retries", 0)) if msg is not None else 0
+    cap_ms = s.outage_retry_max_s * 1000
+    delay = min(s.retry_min_backoff_ms * 2 ** min(retries, 32), cap_ms)
+    return OutageRetry(delay=int(delay / 2 + random.uniform(0, delay / 2)))
 
 
 def message_id() -> str:
@@ -228,6 +244,11 @@ def _failed(spec: JobStage, run: StageRun, exc: BaseException, msg_id: str, star
     if isinstance(exc, jobs.LostClaim):
         finished(spec.actor, "lost_claim", started)
         return
+    if is_infrastructure(exc):
+        error = f"{type(exc).__name__}: {exc}"
+        jobs.release_for_retry(job.id, msg_id, spec.accepts[0], error, outage=True)
+        finished(spec.actor, "outage", started, level="warning", error=error, retrying=True)
+        raise outage_retry(s) from exc
     final = _permanent(spec, exc, s)
     if final is None:
         error = f"{type(exc).__name__}: {exc}"
@@ -250,16 +271,16 @@ def _failed(spec: JobStage, run: StageRun, exc: BaseException, msg_id: str, star
 def _skip(spec: JobStage, job_id: str, msg_id: str | None, error: str) -> None:
     """An optional stage failed for good: the job keeps its work and goes on to the next stage."""
     assert spec.optional is not None
-    kept = jobs.skip_stage(job_id, msg_id, spec.stage, mark=lambda r: spec.optional.mark(r, error),
-                           warning=f"{spec.optional.warning}: {error}", detail=spec.optional.detail)
-    if kept is not None:
-        enqueue(plan.actor_for(kept.stage), job_id, kept.priority)
+    with outbox.sending():
+        jobs.skip_stage(job_id, msg_id, spec.stage, mark=lambda r: spec.optional.mark(r, error),
+                        warning=f"{spec.optional.warning}: {error}", detail=spec.optional.detail)
 
 
 def _succeeded(spec: JobStage, run: StageRun, out: Output, msg_id: str, started: float) -> None:
     job, s = run.job, run.settings
     nxt = plan.next_stage(job.config, spec.stage)
-    done = jobs.stage_done(job.id, msg_id, nxt, result=out.result.to_json(), **out.fields)
+    with outbox.sending():
+        done = jobs.stage_done(job.id, msg_id, nxt, result=out.result.to_json(), **out.fields)
     if done is None:
         finished(spec.actor, "lost_claim", started)
         return
@@ -267,7 +288,6 @@ def _succeeded(spec: JobStage, run: StageRun, out: Output, msg_id: str, started:
     tracing.set_attributes(**{"mp4t.rtf": round(rtf, 4)})
     finished(spec.actor, spec.done, started, media_duration_s=round(out.media_s, 3), rtf=round(rtf, 4),
              model=spec.model(s), **out.log)
-    enqueue(plan.actor_for(nxt), job.id, done.priority)
 
 
 # ---------------------------------------------------------------- media preparation
@@ -283,9 +303,9 @@ class PreparedMedia:
 
 def start_waiting_jobs(media_id: str) -> None:
     # Each job continues the trace of the RPC that created it (the upload's, unless the
-    # client sent its own context).
-    for job in jobs.jobs_to_start(media_id):
-        enqueue(plan.actor_for(Stage.WAITING), job.id, job.priority, job.trace_context)
+    # client sent its own context): its outbox message carries that context.
+    with outbox.sending():
+        jobs.jobs_to_start(media_id)
 
 
 def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMedia], media_id: str) -> None:
@@ -321,6 +341,12 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
         tracing.set_attributes(**{"mp4t.error": str(exc)})
         finished("prepare_media", "media_invalid", started, error=str(exc))
         raise JobFailed(str(exc)) from exc
+    except Exception as exc:
+        if not is_infrastructure(exc):
+            raise  # retried by Dramatiq; the attempt counts
+        jobs.release_media(media_id, msg_id)
+        finished("prepare_media", "outage", started, level="warning", error=f"{type(exc).__name__}: {exc}")
+        raise outage_retry(s) from exc
     if jobs.media_ready(media_id, msg_id, duration_s=out.duration_s, format_name=out.format_name,
                         audio_codec=out.audio_codec, audio_key=out.audio_key):
         start_waiting_jobs(media_id)
