@@ -91,6 +91,8 @@ class Server:
             return 200, "DRAINING"
         if self.monitor.problems:
             return 503, "NOT_SERVING: " + "; ".join(self.monitor.problems)
+        if self.monitor.degraded:  # reads keep working: keep receiving traffic
+            return 200, "DEGRADED: " + "; ".join(self.monitor.degraded)
         return 200, "SERVING"
 
     def readiness(self) -> tuple[int, str]:

