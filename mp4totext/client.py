@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterator
 
 import grpc
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2_grpc
 from mp4totext.v1 import transcription_pb2 as tpb
@@ -19,12 +21,30 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TERMINAL = (tpb.TRANSCRIPTION_STATE_SUCCEEDED, tpb.TRANSCRIPTION_STATE_FAILED, tpb.TRANSCRIPTION_STATE_CANCELLED)
 
 
-def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
+RETRY_BUDGET_S = 60.0  # outlasts a broker or server restart (seen: the API back 7-14 s after RabbitMQ)
+
+
+def backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
+def server_retry_delay(exc: grpc.RpcError) -> float | None:
+    """The delay a server asked for in the status's google.rpc.RetryInfo, if any."""
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (AttributeError, ValueError):
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
+
+
 class Client:
-    def __init__(self, target: str, api_key: str, retries: int = 6, timeout: float = 30.0) -> None:
+    def __init__(self, target: str, api_key: str, retries: int | None = None, timeout: float = 30.0,
+                 retry_budget_s: float = RETRY_BUDGET_S) -> None:
+        """``retries`` caps the retries of one call (None: as many as ``retry_budget_s`` allows)."""
         self.channel = grpc.insecure_channel(
             target,
             options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -34,6 +54,7 @@ class Client:
         self.transcriptions = transcription_pb2_grpc.TranscriptionServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),)
         self.retries = retries
+        self.retry_budget_s = retry_budget_s
         self.timeout = timeout
 
     def close(self) -> None:
@@ -59,15 +80,21 @@ class Client:
         return self.metadata
 
     def _retrying(self, attempt_once: Callable[[], Any]) -> Any:
-        """Run ``attempt_once`` again after UNAVAILABLE/RESOURCE_EXHAUSTED, with jittered backoff."""
-        for attempt in range(self.retries + 1):
+        """Run ``attempt_once`` again after UNAVAILABLE/RESOURCE_EXHAUSTED, waiting what the server
+        asked for (RetryInfo) or a jittered backoff, for up to ``retry_budget_s``."""
+        deadline = time.monotonic() + self.retry_budget_s
+        attempt = 0
+        while True:
             try:
                 return attempt_once()
             except grpc.RpcError as exc:
-                if exc.code() not in RETRYABLE or attempt == self.retries:
+                if exc.code() not in RETRYABLE or (self.retries is not None and attempt >= self.retries):
                     raise
-                time.sleep(backoff(attempt))
-        raise AssertionError("unreachable")
+                delay = server_retry_delay(exc) or backoff(attempt)
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                attempt += 1
 
     def call(self, method: Callable, request: Any, timeout: float | None = None) -> Any:
         """Unary call with retry on UNAVAILABLE (safe: our mutating RPCs are idempotent or request_id-keyed)."""

@@ -54,6 +54,11 @@ class Settings:
     http_listen: str = ""  # /metrics (+ /healthz, /readyz on servers), e.g. 0.0.0.0:9100; empty = off
     agent_listen: str = ""  # servers: HAProxy agent-check (up/drain/down), e.g. 0.0.0.0:9101; empty = off
     max_upload_bytes: int = 2 * GiB
+    # Upload backpressure: RESOURCE_EXHAUSTED (with RetryInfo) while this many of a tenant's
+    # uploads, or of all uploads, are still waiting to be prepared.
+    max_preparing_per_tenant: int = 50
+    max_preparing_total: int = 2000
+    backpressure_retry_s: float = 5.0
     watch_heartbeat_s: float = 10.0
     # -- workers
     worker_queues: str = "critical,high,default,low"

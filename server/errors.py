@@ -2,13 +2,28 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 
 class ApiError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """A status for the client; ``retry_after_s`` adds a google.rpc.RetryInfo to it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
+
+    def status(self) -> grpc.Status:
+        """The rich status (with RetryInfo) for ``context.abort_with_status``."""
+        detail = any_pb2.Any()
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromNanoseconds(int((self.retry_after_s or 0) * 1e9))
+        detail.Pack(info)
+        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
+                                                      details=[detail]))
 
 
 def invalid(msg: str) -> ApiError:
@@ -23,5 +38,9 @@ def failed_precondition(msg: str) -> ApiError:
     return ApiError(grpc.StatusCode.FAILED_PRECONDITION, msg)
 
 
-def unavailable(msg: str) -> ApiError:
-    return ApiError(grpc.StatusCode.UNAVAILABLE, msg)
+def unavailable(msg: str, retry_after_s: float = 1.0) -> ApiError:
+    return ApiError(grpc.StatusCode.UNAVAILABLE, msg, retry_after_s)
+
+
+def exhausted(msg: str, retry_after_s: float) -> ApiError:
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, msg, retry_after_s)

@@ -134,6 +134,8 @@ class _Call:
 
     def fail(self, exc: BaseException) -> None:
         """Abort with the status ``exc`` stands for (raises), unless the handler already set one."""
+        if isinstance(exc, ApiError) and exc.retry_after_s is not None:
+            self.context.abort_with_status(exc.status())
         if isinstance(exc, ApiError):
             self.context.abort(exc.code, exc.message)
         if self.context.code is not None:  # context.abort raised after setting the code

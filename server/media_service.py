@@ -9,12 +9,12 @@ import peewee as pw
 import structlog
 
 from core import outbox, runtime
-from mp4totext.contracts import Priority, broker_priority
+from mp4totext.contracts import MediaState, Priority, broker_priority
 from mp4totext.v1 import media_pb2, media_pb2_grpc
 from observability import metrics, tracing
 from server import convert
 from server.auth import current_tenant
-from server.errors import ApiError, failed_precondition, invalid
+from server.errors import ApiError, exhausted, failed_precondition, invalid, unavailable
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_media, media_by_request_id
 from server.upload import ClientGone, UploadReader, UploadRejected
@@ -43,7 +43,7 @@ def _store(spec: UploadSpec, key: str, requests: Iterator[Any], context: grpc.Se
         raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client") from None
     except Exception as exc:
         metrics.UPLOADS.labels("storage_error").inc()
-        raise ApiError(grpc.StatusCode.UNAVAILABLE, f"object storage failed ({exc}); retry the upload") from exc
+        raise unavailable(f"object storage failed ({exc}); retry the upload", retry_after_s=5.0) from exc
     if not context.is_active():  # cancelled after the last byte: the client will retry (request_id)
         metrics.UPLOADS.labels("cancelled").inc()
         rt.store.delete(key)
@@ -71,6 +71,22 @@ def _record(spec: UploadSpec, media_id: str, key: str, reader: UploadReader) -> 
     return media
 
 
+def _backpressure(tenant: str) -> None:
+    """Refuse a new upload while the workers have too much preparing to do (before any byte is sent)."""
+    s = runtime.get().settings
+    with connection():
+        mine = Media.select().where(Media.tenant == tenant, Media.state == MediaState.PROCESSING).count()
+        total = Media.select().where(Media.state == MediaState.PROCESSING).count()
+    if mine >= s.max_preparing_per_tenant:
+        metrics.UPLOADS.labels("backpressure").inc()
+        raise exhausted(f"{mine} of your uploads are still being prepared (at most {s.max_preparing_per_tenant}); "
+                        f"retry in {s.backpressure_retry_s:g} s", s.backpressure_retry_s)
+    if total >= s.max_preparing_total:
+        metrics.UPLOADS.labels("backpressure").inc()
+        raise exhausted(f"the service is preparing {total} uploads; retry in {s.backpressure_retry_s:g} s",
+                        s.backpressure_retry_s)
+
+
 class MediaService(media_pb2_grpc.MediaServiceServicer):
     def UploadMedia(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext):
         spec = upload_metadata(next(request_iterator, None), runtime.get().settings.max_upload_bytes)
@@ -78,6 +94,7 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
             existing = media_by_request_id(current_tenant.get(), spec.request_id)
             if existing is not None:
                 return _response(existing)
+        _backpressure(current_tenant.get())
         media_id = new_id()
         key = f"media/{current_tenant.get()}/{media_id}/original"
         started = time.monotonic()

@@ -105,3 +105,34 @@ def test_s3_outage_while_preparing_media_waits_instead_of_failing(stack: Stack, 
     assert client.get_media(media.name).state == media_pb2.MEDIA_STATE_READY
     assert succeeded_events(db, job.name.split("/")[1]) == 1
     assert recovery_s < 90
+
+
+def test_uploads_get_backpressure_before_the_backlog_grows(stack: Stack, db: Any, speech_mp4: Any) -> None:
+    import uuid
+
+    import grpc
+    import pytest
+
+    from mp4totext.client import server_retry_delay
+    from server.auth import create_key
+
+    key = create_key(f"backpressure-{uuid.uuid4().hex[:6]}")[0]  # a tenant of its own
+    server, target = stack.launch_server(MP4T_MAX_PREPARING_PER_TENANT="2")
+    stack.workers.pop("critical,low").stop()  # nothing gets prepared: the backlog grows
+    try:
+        with Client(target, key, retries=0) as c:
+            first = [c.upload(str(speech_mp4)) for _ in range(2)]
+            with pytest.raises(grpc.RpcError) as err:
+                c.upload(str(speech_mp4))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 of your uploads are still being prepared" in err.value.details()
+        assert server_retry_delay(err.value) == 5.0  # RetryInfo: when to come back
+    finally:
+        stack.start_worker("critical,low")
+    try:
+        with Client(target, key) as c:  # the client waits as told and gets through once the backlog drains
+            third = c.upload(str(speech_mp4))
+            assert wait_for(lambda: all(c.get_media(m.name).state == media_pb2.MEDIA_STATE_READY
+                                        for m in [*first, third]), 120, "every upload to be prepared", 0.5)
+    finally:
+        server.stop()
