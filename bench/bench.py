@@ -286,7 +286,8 @@ def haproxy_figures(env: dict[str, str], first: tuple[int, int, int], key: str, 
     cfg.write_text(haproxy_config([("s1", *first), ("s2", *second)]))
     edge_port, stats_port = free_port(), free_port()
     henv = {**os.environ, "MP4T_HAPROXY_GRPC_BIND": f"127.0.0.1:{edge_port}",
-            "MP4T_HAPROXY_STATS_BIND": f"127.0.0.1:{stats_port}", "MP4T_RATE_LIMIT_PER_S": "100000"}
+            "MP4T_HAPROXY_STATS_BIND": f"127.0.0.1:{stats_port}", "MP4T_RATE_LIMIT_PER_S": "100000",
+            "MP4T_RATE_LIMIT_PER_KEY_S": "100000"}
     procs.append(Proc("haproxy", ["haproxy", "-db", "-f", str(cfg)], henv, log_dir))
     direct, edge = f"127.0.0.1:{first[0]}", f"127.0.0.1:{edge_port}"
     grpc_ready(edge)

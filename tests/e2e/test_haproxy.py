@@ -62,13 +62,14 @@ class Edge:
         self.procs[i] = proc
         return proc
 
-    def start_haproxy(self, rate_limit: int) -> None:
+    def start_haproxy(self, rate_limit: int, key_limit: int | None = None) -> None:
         cfg = self.tmp / f"haproxy-{uuid.uuid4().hex[:6]}.cfg"
         cfg.write_text(haproxy_config(self.slots))
         for attempt in range(5):  # a port picked by free_port() may be taken before HAProxy binds it
             env = {**os.environ, "MP4T_HAPROXY_GRPC_BIND": f"127.0.0.1:{self.port}",
                    "MP4T_HAPROXY_STATS_BIND": f"127.0.0.1:{self.stats_port}",
-                   "MP4T_HAPROXY_TIMEOUT": f"{INACTIVITY_S}s", "MP4T_RATE_LIMIT_PER_S": str(rate_limit)}
+                   "MP4T_HAPROXY_TIMEOUT": f"{INACTIVITY_S}s", "MP4T_RATE_LIMIT_PER_S": str(rate_limit),
+                   "MP4T_RATE_LIMIT_PER_KEY_S": str(key_limit or rate_limit)}
             self.haproxy = Proc("haproxy", ["haproxy", "-db", "-f", str(cfg)], env, self.stack.log_dir)
             time.sleep(0.3)
             if self.haproxy.alive() or attempt == 4:
@@ -312,3 +313,40 @@ def test_rate_limit_answers_429_as_unavailable(edge: Edge, key_a: str, tmp_path:
         assert limited.haproxy is not None
         limited.haproxy.stop()
 
+
+
+def test_per_key_limit_and_uploads_are_never_cut(edge: Edge, key_a: str, key_b: str,
+                                                         tmp_path: pathlib.Path, speech_mp4: pathlib.Path) -> None:
+    limited = Edge.__new__(Edge)  # an HAProxy with a low per-key limit in front of the same servers
+    limited.stack, limited.tmp, limited.slots, limited.procs = edge.stack, tmp_path, edge.slots, edge.procs
+    limited.port, limited.stats_port = free_port(), free_port()
+    limited.start_haproxy(rate_limit=100000, key_limit=5)
+    data = speech_mp4.read_bytes()
+
+    def upload_request() -> Iterator[media_pb2.UploadMediaRequest]:
+        yield media_pb2.UploadMediaRequest(metadata=media_pb2.UploadMetadata(filename="s.mp4", size_bytes=len(data)))
+        for i in range(0, len(data), 64 * 1024):
+            yield media_pb2.UploadMediaRequest(chunk=media_pb2.UploadChunk(data=data[i:i + 64 * 1024]))
+
+    try:
+        with grpc.insecure_channel(limited.target) as ch:
+            stub = media_pb2_grpc.MediaServiceStub(ch)
+            md_a, md_b = (("authorization", f"Bearer {key_a}"),), (("authorization", f"Bearer {key_b}"),)
+            codes = []
+            for _ in range(20):  # key A over its limit...
+                try:
+                    stub.ListMedia(media_pb2.ListMediaRequest(page_size=1), metadata=md_a, timeout=10)
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+            stub.ListMedia(media_pb2.ListMediaRequest(page_size=1), metadata=md_b, timeout=10)  # ...B is not
+            # An upload of A while A is over its call limit is not cut in the middle of its stream
+            # (uploads are bounded by the servers' backpressure instead).
+            uploaded = stub.UploadMedia(upload_request(), metadata=md_a, timeout=30)
+        assert codes.count(grpc.StatusCode.UNAVAILABLE) >= 10, codes
+        assert uploaded.media.size_bytes == len(data)
+        with Client(limited.target, key_a) as c:  # limited calls: the client library retries them through
+            assert len([c.get_media(uploaded.media.name) for _ in range(20)]) == 20
+    finally:
+        assert limited.haproxy is not None
+        limited.haproxy.stop()
