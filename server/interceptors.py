@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterator
 import grpc
 import structlog
 
+from core.failures import is_infrastructure
 from mp4totext.contracts import TERMINAL_STATES
 from mp4totext.v1 import transcription_pb2 as tpb
 from observability import metrics, tracing
 from server.auth import Authenticator, current_tenant
-from server.errors import ApiError
+from server.errors import ApiError, unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -140,6 +141,9 @@ class _Call:
             self.context.abort(exc.code, exc.message)
         if self.context.code is not None:  # context.abort raised after setting the code
             raise exc
+        if is_infrastructure(exc):  # a dependency failed, not the request: the client retries
+            log.warning("rpc_dependency_unavailable", error=f"{type(exc).__name__}: {exc}")
+            self.fail(unavailable(f"a service this call needs is unreachable ({type(exc).__name__}); retry shortly"))
         log.exception("rpc_internal_error")
         self.context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged")
 

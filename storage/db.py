@@ -248,6 +248,13 @@ def connection() -> Iterator[None]:
         yield
 
 
+def drop_broken_connection() -> None:
+    """After an error: let go of this thread's connection if the server closed it, so the next
+    statement gets a fresh one from the pool (psycopg2 marks a connection the server dropped)."""
+    if not database.is_closed() and getattr(database.connection(), "closed", 0):
+        database.close()
+
+
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
     """A write transaction that serialises with other writers (IMMEDIATE on SQLite)."""

@@ -37,7 +37,7 @@ from core.queue import enqueue
 from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, TranscriptResult
 from observability import metrics, tracing
-from storage.db import Media, Transcription, connection
+from storage.db import Media, Transcription, connection, drop_broken_connection
 from storage.objects import ObjectStore
 from workers.stages.media import SAMPLE_RATE, MediaError, load_wav
 
@@ -246,6 +246,7 @@ def _failed(spec: JobStage, run: StageRun, exc: BaseException, msg_id: str, star
         return
     if is_infrastructure(exc):
         error = f"{type(exc).__name__}: {exc}"
+        drop_broken_connection()
         jobs.release_for_retry(job.id, msg_id, spec.accepts[0], error, outage=True)
         finished(spec.actor, "outage", started, level="warning", error=error, retrying=True)
         raise outage_retry(s) from exc
@@ -344,6 +345,7 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
     except Exception as exc:
         if not is_infrastructure(exc):
             raise  # retried by Dramatiq; the attempt counts
+        drop_broken_connection()
         jobs.release_media(media_id, msg_id)
         finished("prepare_media", "outage", started, level="warning", error=f"{type(exc).__name__}: {exc}")
         raise outage_retry(s) from exc

@@ -136,3 +136,54 @@ def test_uploads_get_backpressure_before_the_backlog_grows(stack: Stack, db: Any
                                         for m in [*first, third]), 120, "every upload to be prepared", 0.5)
     finally:
         server.stop()
+
+
+def test_uploads_during_an_s3_outage_are_refused_cleanly_and_succeed_after(stack: Stack, client: Client, db: Any,
+                                                                          key_a: str, speech_mp4: Any,
+                                                                          s3_server: SeaweedS3) -> None:
+    import grpc
+    import pytest
+
+    from mp4totext.client import server_retry_delay
+    from storage.db import Media
+
+    def rows() -> int:
+        with db.connection_context():
+            return Media.select().count()
+
+    before = rows()
+    s3_server.kill()
+    try:
+        with Client(stack.target, key_a, retries=0) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.upload(str(speech_mp4))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "object storage" in err.value.details()
+        assert server_retry_delay(err.value) == 5.0
+        assert rows() == before  # nothing half-written: no media row for the refused upload
+        assert client.call(client.media.ListMedia, media_pb2.ListMediaRequest(page_size=1)) is not None  # reads work
+    finally:
+        s3_server.start()
+    media = client.upload(str(speech_mp4))  # the same client, after the outage
+    assert media.size_bytes == speech_mp4.stat().st_size and rows() == before + 1
+
+
+def test_database_connections_killed_mid_transcription(stack: Stack, client: Client, db: Any,
+                                                       long_speech: Any) -> None:
+    import psycopg2
+
+    media = client.upload(str(long_speech))
+    job = client.create(media.name)
+    wait_for(lambda: client.get(job.name, basic=True).progress_percent > 15, 180, "transcription progress", 0.2)
+    db.close_all()  # our own pooled connections too: none is left to be killed under us
+    name = stack.env["MP4T_DATABASE_URL"].rsplit("/", 1)[1]
+    with psycopg2.connect(stack.env["MP4T_DATABASE_URL"].rsplit("/", 1)[0] + "/postgres") as admin:
+        admin.autocommit = True
+        cur = admin.cursor()
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        killed = cur.fetchone()[0]
+    assert killed >= 3  # servers, workers
+    done = client.wait(job.name, timeout=300)
+    assert done.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED, done.error_message
+    assert succeeded_events(db, job.name.split("/")[1]) == 1
+    print(f"database connections killed mid-transcription: {killed} killed, lost 0, duplicated 0")
