@@ -77,11 +77,6 @@ def publish(ids: Iterable[int] | None = None) -> int:
         return 0
 
 
-def pending() -> int:
-    with locked():
-        return OutboxMessage.select().count()
-
-
 class Relay:
     """Publishes pending outbox rows every ``interval_s`` until closed."""
 
