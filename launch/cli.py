@@ -20,13 +20,13 @@ import sys
 
 from core import runtime
 from core.queue import make_broker
-from launch.embedded import run_embedded
 from mp4totext import cli, config
 from observability.logging import setup_logging
 from observability.tracing import setup_tracing
-from server.app import Server, install_signal_handlers
 from server.auth import create_key, revoke_key
-from workers import main as worker_main
+
+# Each command imports the side it runs inside its function: a server process must not load the
+# workers' models and libraries (faster-whisper, CTranslate2, PyAV), nor the user's commands either.
 
 
 def cmd_create_key(args: argparse.Namespace) -> int:
@@ -44,6 +44,8 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import Server, install_signal_handlers  # the server side only (see above)
+
     s = config.settings()
     setup_logging(s.log_level, s.log_format, "server")
     setup_tracing("mp4totext-server")
@@ -56,11 +58,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from workers import main as worker_main  # the worker side only (see above)
+
     s = config.settings()
     queues = [q.strip() for q in (args.queues or s.worker_queues).split(",") if q.strip()]
     setup_logging(s.log_level, s.log_format, "worker")
     worker_main.run(s, queues, args.threads or s.worker_threads)
     return 0
+
+
+def cmd_embedded(args: argparse.Namespace) -> int:
+    from launch.embedded import run_embedded  # both sides, in one process (see above)
+
+    return run_embedded(args)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--serve", action="store_true", help="keep serving after FILE/--demo")
     sp.add_argument("--listen", default=None, help="host:port (default MP4T_GRPC_LISTEN or 127.0.0.1:50051)")
     sp.add_argument("--data-dir", default=None, help="default MP4T_DATA_DIR or ./data")
-    sp.set_defaults(fn=run_embedded)
+    sp.set_defaults(fn=cmd_embedded)
     return p
 
 

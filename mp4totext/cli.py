@@ -5,7 +5,8 @@
     mp4totext list|get|cancel|delete     manage media and transcriptions
 
 ``launch.cli`` adds the commands that run the service (serve, worker, embedded, create-key).
-In a terminal, progress shows as bars with speed and time left (rich); elsewhere as plain lines.
+In a terminal, progress shows as bars with speed and time left (rich); elsewhere only the
+status lines (uploaded, created, the result's summary) are printed, to stderr.
 """
 from __future__ import annotations
 

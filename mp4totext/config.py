@@ -65,11 +65,10 @@ class Settings:
     worker_threads: int = 1
     max_attempts: int = 3
     retry_min_backoff_ms: int = 1000
-    retry_max_backoff_ms: int = 10 * 60 * 1000
+    retry_max_backoff_ms: int = 30 * 1000  # work resumes within this long after an outage ends
     # An outage of the database, object storage or broker shorter than this never fails valid
-    # work: its stages wait and retry (at most every outage_retry_max_s), uncounted as attempts.
+    # work: its stages wait and retry, uncounted as attempts (core.failures).
     outage_budget_s: float = 300.0
-    outage_retry_max_s: float = 30.0
     job_time_limit_s: int = 4 * 3600
     prepare_time_limit_s: int = 3600
     outbox_interval_s: float = 1.0  # servers and workers publish committed-but-unsent messages this often

@@ -86,8 +86,8 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON-able form stored in the database."""
-        return self.model_dump(mode="json")
+        """The JSON-able form stored in the database (unset optional values left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
     @classmethod
     def from_json(cls, data: Any) -> Self:

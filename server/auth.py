@@ -9,7 +9,7 @@ import time
 
 import peewee as pw
 
-from storage.db import ApiKey, Tenant, database
+from storage.db import ApiKey, Tenant, connection, database
 
 KEY_PREFIX = "m2t_"
 CACHE_TTL_S = 30.0  # a revoked key stops working within this time
@@ -25,7 +25,7 @@ def hash_key(key: str) -> str:
 def create_key(tenant_name: str, label: str = "") -> tuple[str, Tenant]:
     """Create (or reuse) the tenant and a new key for it. The key is shown once, stored hashed."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    with database.connection_context(), database.atomic():
+    with connection(), database.atomic():
         try:
             tenant, _ = Tenant.get_or_create(name=tenant_name)
         except pw.IntegrityError:
@@ -35,7 +35,7 @@ def create_key(tenant_name: str, label: str = "") -> tuple[str, Tenant]:
 
 
 def revoke_key(key_prefix: str) -> int:
-    with database.connection_context():
+    with connection():
         return ApiKey.update(revoked=True).where(ApiKey.prefix == key_prefix).execute()
 
 
@@ -57,7 +57,7 @@ class Authenticator:
             hit = self._cache.get(digest)
             if hit and hit[1] > now:
                 return hit[0]
-        with database.connection_context():
+        with connection():
             row = (
                 ApiKey.select(ApiKey.tenant)
                 .where(ApiKey.key_hash == digest, ApiKey.revoked == False)  # noqa: E712

@@ -40,21 +40,21 @@ class RecordingContext:
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self._context = context
-        self.code: grpc.StatusCode | None = None
+        self.recorded_code: grpc.StatusCode | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.code = code
+        self.recorded_code = code
         self._context.abort(code, details)
 
     def abort_with_status(self, status: Any) -> None:
-        self.code = status.code
+        self.recorded_code = status.code
         self._context.abort_with_status(status)
 
     def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
+        self.recorded_code = code
         self._context.set_code(code)
 
 
@@ -121,10 +121,10 @@ class _Call:
         self.labels = [service, name, kind]
         self.started = time.monotonic()
         self.context = RecordingContext(context)
-        metrics.RPC_STARTED.labels(*self.labels).inc()
-        metrics.RPC_IN_FLIGHT.labels(kind).inc()
         self.span = tracing.start_server_span(method, dict(context.invocation_metadata()), context.peer(),
                                               fallback_parent=parent)
+        metrics.RPC_STARTED.labels(*self.labels).inc()
+        metrics.RPC_IN_FLIGHT.labels(kind).inc()
         # Rebind: handler threads are reused.
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(rpc=method, peer=context.peer())
@@ -139,7 +139,7 @@ class _Call:
             self.context.abort_with_status(exc.status())
         if isinstance(exc, ApiError):
             self.context.abort(exc.code, exc.message)
-        if self.context.code is not None:  # context.abort raised after setting the code
+        if self.context.recorded_code is not None:  # context.abort raised after setting the code
             raise exc
         if is_infrastructure(exc):  # a dependency failed, not the request: the client retries
             log.warning("rpc_dependency_unavailable", error=f"{type(exc).__name__}: {exc}")
@@ -148,7 +148,8 @@ class _Call:
         self.context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged")
 
     def end(self, code: str | None = None, **fields: Any) -> None:
-        code = code or (self.context.code.name if self.context.code is not None else "OK")
+        recorded = self.context.recorded_code
+        code = code or (recorded.name if recorded is not None else "OK")
         elapsed = time.monotonic() - self.started
         metrics.RPC_IN_FLIGHT.labels(self.labels[2]).dec()
         metrics.RPC_HANDLED.labels(*self.labels, code).inc()

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from core import jobs
 from server.auth import current_tenant
 from server.errors import not_found
 from server.validation import is_name, parse_name
 from storage.db import Media, Transcription, connection, utcnow
+
+log = structlog.get_logger(__name__)
 
 # A CreateTranscription without a client trace context continues its media's upload trace
 # when the upload is this recent (older uploads start a new trace: a trace spanning days
@@ -51,14 +55,19 @@ def delete_transcription(job: Transcription) -> None:
 
 
 def trace_parent_for(method: str, request: Any) -> dict[str, str] | None:
-    """The stored upload trace a CreateTranscription continues (None for other RPCs)."""
+    """The stored upload trace a CreateTranscription continues (None for other RPCs, and when it
+    cannot be read: a trace parent is never worth failing a call for)."""
     if request is None or not method.endswith("/CreateTranscription"):
         return None
     name = getattr(request, "media", "")
     if not is_name(name, "media"):
         return None
-    with connection():
-        row = Media.select(Media.trace_context, Media.create_time).where(Media.id == name[6:]).first()
+    try:
+        with connection():
+            row = Media.select(Media.trace_context, Media.create_time).where(Media.id == name[6:]).first()
+    except Exception as exc:
+        log.warning("trace_parent_unavailable", error=f"{type(exc).__name__}: {exc}")
+        return None
     if row is None or not row.trace_context:
         return None
     if (utcnow() - row.create_time).total_seconds() > TRACE_CONTINUE_S:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import dramatiq
 
-from core.failures import is_infrastructure, outage_retries
+from core.failures import outage_retries
 from core.plan import ROUTES
 from mp4totext.config import Settings
 from mp4totext.contracts import Stage, TranscriptResult
@@ -25,7 +25,6 @@ from workers import maintenance
 from workers.pipeline import (
     JobFailed,
     JobStage,
-    OutageRetry,
     Output,
     PreparedMedia,
     Skip,
@@ -137,14 +136,10 @@ def register(broker: dramatiq.Broker, s: Settings) -> dict[str, dramatiq.Actor]:
     (``max_attempts``). An outage (core.failures) is retried apart from it, long enough to
     wait out ``outage_budget_s``. ``JobFailed`` (recorded on the job already) is never retried.
     """
-    outage = outage_retries(s.outage_budget_s, s.retry_min_backoff_ms, int(s.outage_retry_max_s * 1000))
-
-    def retry_when(retries: int, exc: BaseException) -> bool:
-        if isinstance(exc, OutageRetry) or is_infrastructure(exc):
-            return retries < outage  # waits out an outage of outage_budget_s
-        return retries < s.max_attempts + 2
-
-    retry = {"retry_when": retry_when, "min_backoff": s.retry_min_backoff_ms, "max_backoff": s.retry_max_backoff_ms,
+    # Enough retries to wait out an outage, plus the job's own attempts (its attempt counter, not
+    # this bound, ends a crash loop with JobFailed).
+    max_retries = outage_retries(s.outage_budget_s, s.retry_min_backoff_ms, s.retry_max_backoff_ms) + s.max_attempts + 2
+    retry = {"max_retries": max_retries, "min_backoff": s.retry_min_backoff_ms, "max_backoff": s.retry_max_backoff_ms,
              "throws": (JobFailed,)}
     limits_s = {"prepare_media": s.prepare_time_limit_s, "transcribe": s.job_time_limit_s + 60,
                 "diarize": s.diarization_time_limit_s + 60, "finalize": 60, "maintenance": 600}

@@ -62,6 +62,10 @@ class Worker:
         unknown = set(queues) - set(QUEUES)
         if unknown:
             raise SystemExit(f"unknown queue(s) {sorted(unknown)}; choose from {', '.join(QUEUES)}")
+        if not settings.resolved_database_url.startswith("sqlite") and threads + 2 > settings.database_pool_size:
+            raise SystemExit(f"{threads} worker threads need a database pool of at least {threads + 2} connections "
+                             "(each thread holds one for a whole message; the heartbeat and outbox relay use more): "
+                             "raise MP4T_DATABASE_POOL_SIZE or lower MP4T_WORKER_THREADS")
         actors.register(broker, settings)
         queues, capabilities = _capabilities(settings, queues, optional_diarization)
         self.worker = dramatiq.Worker(broker, queues=set(queues), worker_threads=threads)

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import tempfile
 import time
 from typing import Any, Callable
 
-import dramatiq
 import numpy as np
 import structlog
 from dramatiq.middleware import CurrentMessage
@@ -54,19 +52,6 @@ class Cancelled(Exception):
 
 class JobTimeout(Exception):
     """The stage ran past its deadline (checked at every progress report)."""
-
-
-class OutageRetry(dramatiq.Retry):
-    """A service we depend on failed: retry after ``delay`` ms, outside the attempt budget."""
-
-
-def outage_retry(s: Settings) -> OutageRetry:
-    """The retry of the current message after an outage: backoff doubling up to ``outage_retry_max_s``."""
-    msg = CurrentMessage.get_current_message()
-    retries = int(msg.options.get("retries", 0)) if msg is not None else 0
-    cap_ms = s.outage_retry_max_s * 1000
-    delay = min(s.retry_min_backoff_ms * 2 ** min(retries, 32), cap_ms)
-    return OutageRetry(delay=int(delay / 2 + random.uniform(0, delay / 2)))
 
 
 def message_id() -> str:
@@ -249,7 +234,7 @@ def _failed(spec: JobStage, run: StageRun, exc: BaseException, msg_id: str, star
         drop_broken_connection()
         jobs.release_for_retry(job.id, msg_id, spec.accepts[0], error, outage=True)
         finished(spec.actor, "outage", started, level="warning", error=error, retrying=True)
-        raise outage_retry(s) from exc
+        raise exc  # Dramatiq retries it with backoff; the attempt was not counted
     final = _permanent(spec, exc, s)
     if final is None:
         error = f"{type(exc).__name__}: {exc}"
@@ -348,7 +333,7 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
         drop_broken_connection()
         jobs.release_media(media_id, msg_id)
         finished("prepare_media", "outage", started, level="warning", error=f"{type(exc).__name__}: {exc}")
-        raise outage_retry(s) from exc
+        raise  # Dramatiq retries it with backoff; the attempt was not counted
     if jobs.media_ready(media_id, msg_id, duration_s=out.duration_s, format_name=out.format_name,
                         audio_codec=out.audio_codec, audio_key=out.audio_key):
         start_waiting_jobs(media_id)

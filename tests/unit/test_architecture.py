@@ -128,3 +128,16 @@ def test_module_and_function_sizes() -> None:
 def test_every_package_goes_into_the_images(dockerfile: str) -> None:
     copied = {line.split()[1] for line in (ROOT / dockerfile).read_text().splitlines() if line.startswith("COPY ")}
     assert set(PACKAGES) <= copied
+
+
+@pytest.mark.parametrize("module", ["launch.cli", "server.app", "mp4totext.cli"])
+def test_the_api_server_and_the_command_line_load_no_worker_code(module: str) -> None:
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'workers', 'faster_whisper', 'ctranslate2', 'av', 'torch', 'pyannote'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

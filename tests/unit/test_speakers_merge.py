@@ -10,7 +10,7 @@ from workers.stages.diarize import Turn, relabel, speaker_for, speaking_time
 
 def assign_speakers(result: dict[str, Any], turns: list[Turn]) -> dict[str, Any]:
     """The stage on a stored (JSON) result, returning the stored form the assertions read."""
-    return diarize.assign_speakers(TranscriptResult.from_json(result), turns).to_json()
+    return diarize.assign_speakers(TranscriptResult.from_json(result), turns).model_dump(mode="json")
 
 
 def w(word: str, start: float, end: float) -> dict[str, Any]:
