@@ -18,7 +18,6 @@ from typing import Iterable, Iterator, Mapping
 import peewee as pw
 import structlog
 
-from core import plan
 from core.queue import enqueue
 from storage.db import OutboxMessage, connection, database, locked
 
@@ -30,7 +29,6 @@ _written: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("out
 
 def add(actor: str, object_id: str, priority: int, trace_context: Mapping[str, str] | None = None) -> int:
     """Queue ``actor(object_id)`` for publishing; call inside the transaction of the state change."""
-    priority = plan.message_priority(actor, priority)
     row_id = OutboxMessage.insert(actor=actor, object_id=object_id, priority=priority,
                                   trace_context=dict(trace_context) if trace_context else None).execute()
     written = _written.get()

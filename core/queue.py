@@ -11,7 +11,7 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 
-from core.plan import QUEUES, ROUTES
+from core.plan import QUEUES, ROUTES, message_priority
 from mp4totext.config import Settings
 from mp4totext.contracts import BROKER_MAX_PRIORITY
 from observability import middleware, tracing
@@ -44,11 +44,12 @@ def get_broker() -> dramatiq.Broker:
 
 
 def enqueue(actor: str, object_id: str, priority: int, trace_context: Mapping[str, str] | None = None) -> None:
-    """Send ``actor(object_id)`` at broker ``priority`` (publish confirmed by RabbitMQ).
+    """Send ``actor(object_id)`` for a job of broker ``priority`` (publish confirmed by RabbitMQ;
+    finishing messages go first, see core.plan.message_priority).
 
     ``trace_context`` (a job's stored context) parents the message's PRODUCER span.
     """
     message = dramatiq.Message(queue_name=ROUTES[actor], actor_name=actor, args=(object_id,), kwargs={},
-                               options={"broker_priority": priority})
+                               options={"broker_priority": message_priority(actor, priority)})
     with tracing.attached(trace_context):
         get_broker().enqueue(message)
