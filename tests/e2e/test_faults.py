@@ -174,7 +174,11 @@ def test_database_connections_killed_mid_transcription(stack: Stack, client: Cli
     media = client.upload(str(long_speech))
     job = client.create(media.name)
     wait_for(lambda: client.get(job.name, basic=True).progress_percent > 15, 180, "transcription progress", 0.2)
-    db.close_all()  # our own pooled connections too: none is left to be killed under us
+    # Our own connections too (this thread's, and the idle ones in the pool): none is left to be
+    # killed under the test process, whose later queries then connect afresh.
+    if not db.is_closed():
+        db.close()
+    db.close_all()
     name = stack.env["MP4T_DATABASE_URL"].rsplit("/", 1)[1]
     with psycopg2.connect(stack.env["MP4T_DATABASE_URL"].rsplit("/", 1)[0] + "/postgres") as admin:
         admin.autocommit = True
