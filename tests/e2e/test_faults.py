@@ -169,22 +169,21 @@ def test_uploads_during_an_s3_outage_are_refused_cleanly_and_succeed_after(stack
 
 def test_database_connections_killed_mid_transcription(stack: Stack, client: Client, db: Any,
                                                        long_speech: Any) -> None:
+    import psutil
     import psycopg2
 
     media = client.upload(str(long_speech))
     job = client.create(media.name)
     wait_for(lambda: client.get(job.name, basic=True).progress_percent > 15, 180, "transcription progress", 0.2)
-    # Our own connections too (this thread's, and the idle ones in the pool): none is left to be
-    # killed under the test process, whose later queries then connect afresh.
-    if not db.is_closed():
-        db.close()
-    db.close_all()
-    name = stack.env["MP4T_DATABASE_URL"].rsplit("/", 1)[1]
+    # The service's connections only (servers and workers), found by their client ports; the
+    # test process keeps its own.
+    ports = {c.laddr.port for proc in [*stack.servers, *stack.workers.values()]
+             for c in psutil.Process(proc.pid).net_connections(kind="tcp") if c.raddr and c.raddr.port == 5432}
     with psycopg2.connect(stack.env["MP4T_DATABASE_URL"].rsplit("/", 1)[0] + "/postgres") as admin:
         admin.autocommit = True
         cur = admin.cursor()
-        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE client_port = ANY(%s)",
+                    (list(ports),))
         killed = cur.fetchone()[0]
     assert killed >= 3  # servers, workers
     done = client.wait(job.name, timeout=300)
