@@ -13,7 +13,7 @@ from typing import Any
 from mp4totext.client import Client
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
-from tests.support import Stack, broker_outage, log_lines, wait_for
+from tests.support import Stack, broker_outage, broker_restart, log_lines, wait_for
 from tests.support.s3 import SeaweedS3
 
 
@@ -61,6 +61,31 @@ def test_creates_during_a_broker_outage_all_complete(stack: Stack, client: Clien
     assert failed_calls == 0 and len(created) == 5
     assert lost == 0 and duplicated == 0, [j.error_message for j in done]
     assert recovery_s < 60
+
+
+def test_creates_across_a_rabbitmq_restart_all_complete(stack: Stack, client: Client, db: Any,
+                                                        speech_mp4: Any) -> None:
+    media = client.upload(str(speech_mp4))
+    client.wait(client.create(media.name).name)  # media READY, workers warm
+    failures_before = outbox_failures(stack)
+    created, failed_calls = [], 0
+    with broker_restart():
+        for _ in range(3):
+            try:
+                created.append(client.create(media.name))
+            except Exception:  # noqa: BLE001 - counted: a create the client could not get done
+                failed_calls += 1
+        wait_for(lambda: outbox_failures(stack) - failures_before >= 4, 60, "the relays to meet the outage", 0.5)
+    restored = time.monotonic()
+    done = [client.wait(job.name, timeout=240) for job in created]
+    recovery_s = time.monotonic() - restored
+    duplicated = sum(succeeded_events(db, j.name.split("/")[1]) > 1 for j in done)
+    lost = sum(j.state != tpb.TRANSCRIPTION_STATE_SUCCEEDED for j in done)
+    print(f"RabbitMQ restart during creates: failed calls {failed_calls}, lost {lost}, duplicated {duplicated}, "
+          f"recovery {recovery_s:.1f} s")
+    assert failed_calls == 0 and len(created) == 3
+    assert lost == 0 and duplicated == 0, [j.error_message for j in done]
+    assert recovery_s < 90
 
 
 def test_s3_outage_while_preparing_media_waits_instead_of_failing(stack: Stack, client: Client, db: Any,

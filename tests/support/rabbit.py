@@ -68,3 +68,17 @@ def broker_outage(broker_url: str) -> Iterator[None]:
     finally:
         subprocess.run([ctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True,
                        capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def broker_restart() -> Iterator[None]:
+    """RabbitMQ itself stops (every connection drops, nothing is accepted) and starts again when
+    the block ends; durable queues and persistent messages survive it."""
+    ctl = shutil.which("rabbitmqctl")
+    assert ctl is not None, "rabbitmqctl not found"
+    subprocess.run([ctl, "stop_app"], check=True, capture_output=True, timeout=120)
+    try:
+        yield
+    finally:
+        subprocess.run([ctl, "start_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run([ctl, "await_startup"], check=True, capture_output=True, timeout=120)
