@@ -37,55 +37,44 @@ def outbox_failures(stack: Stack) -> int:
     return sum(1 for p in stack.servers for ln in log_lines(p) if ln.get("event") == "outbox_publish_failed")
 
 
-def test_creates_during_a_broker_outage_all_complete(stack: Stack, client: Client, db: Any,
-                                                     speech_mp4: Any) -> None:
-    media = client.upload(str(speech_mp4))
+def creates_survive(stack: Stack, client: Client, db: Any, media_path: Any, outage: Any, creates: int,
+                    relay_failures: int, what: str) -> float:
+    """``creates`` CreateTranscription calls while ``outage`` lasts (until the servers' outbox
+    relays have failed ``relay_failures`` times); every one must succeed and its job complete
+    exactly once after the outage. Returns the recovery time (outage end -> all SUCCEEDED)."""
+    media = client.upload(str(media_path))
     client.wait(client.create(media.name).name)  # media READY, workers warm
     failures_before = outbox_failures(stack)
     created, failed_calls = [], 0
-    with broker_outage(stack.env["MP4T_BROKER_URL"]):
-        for _ in range(5):
+    with outage:
+        for _ in range(creates):
             try:
                 created.append(client.create(media.name))
             except Exception:  # noqa: BLE001 - counted: a create the client could not get done
                 failed_calls += 1
-        # The outage lasts until the servers' outbox relays have failed to publish a few times.
-        wait_for(lambda: outbox_failures(stack) - failures_before >= 8, 60, "the relays to meet the outage", 0.5)
+        wait_for(lambda: outbox_failures(stack) - failures_before >= relay_failures, 60,
+                 "the relays to meet the outage", 0.5)
     restored = time.monotonic()
     done = [client.wait(job.name, timeout=240) for job in created]
     recovery_s = time.monotonic() - restored
     duplicated = sum(succeeded_events(db, j.name.split("/")[1]) > 1 for j in done)
     lost = sum(j.state != tpb.TRANSCRIPTION_STATE_SUCCEEDED for j in done)
-    print(f"broker outage during creates: failed calls {failed_calls}, lost {lost}, duplicated {duplicated}, "
-          f"recovery {recovery_s:.1f} s")
-    assert failed_calls == 0 and len(created) == 5
+    print(f"{what}: failed calls {failed_calls}, lost {lost}, duplicated {duplicated}, recovery {recovery_s:.1f} s")
+    assert failed_calls == 0 and len(created) == creates
     assert lost == 0 and duplicated == 0, [j.error_message for j in done]
-    assert recovery_s < 60
+    return recovery_s
+
+
+def test_creates_during_a_broker_outage_all_complete(stack: Stack, client: Client, db: Any,
+                                                     speech_mp4: Any) -> None:
+    outage = broker_outage(stack.env["MP4T_BROKER_URL"])  # this vhost: connections closed, access refused
+    assert creates_survive(stack, client, db, speech_mp4, outage, 5, 8, "broker outage during creates") < 60
 
 
 def test_creates_across_a_rabbitmq_restart_all_complete(stack: Stack, client: Client, db: Any,
                                                         speech_mp4: Any) -> None:
-    media = client.upload(str(speech_mp4))
-    client.wait(client.create(media.name).name)  # media READY, workers warm
-    failures_before = outbox_failures(stack)
-    created, failed_calls = [], 0
-    with broker_restart():
-        for _ in range(3):
-            try:
-                created.append(client.create(media.name))
-            except Exception:  # noqa: BLE001 - counted: a create the client could not get done
-                failed_calls += 1
-        wait_for(lambda: outbox_failures(stack) - failures_before >= 4, 60, "the relays to meet the outage", 0.5)
-    restored = time.monotonic()
-    done = [client.wait(job.name, timeout=240) for job in created]
-    recovery_s = time.monotonic() - restored
-    duplicated = sum(succeeded_events(db, j.name.split("/")[1]) > 1 for j in done)
-    lost = sum(j.state != tpb.TRANSCRIPTION_STATE_SUCCEEDED for j in done)
-    print(f"RabbitMQ restart during creates: failed calls {failed_calls}, lost {lost}, duplicated {duplicated}, "
-          f"recovery {recovery_s:.1f} s")
-    assert failed_calls == 0 and len(created) == 3
-    assert lost == 0 and duplicated == 0, [j.error_message for j in done]
-    assert recovery_s < 90
+    assert creates_survive(stack, client, db, speech_mp4, broker_restart(), 3, 4,
+                           "RabbitMQ restart during creates") < 90
 
 
 def test_s3_outage_while_preparing_media_waits_instead_of_failing(stack: Stack, client: Client, db: Any,
