@@ -387,8 +387,9 @@ def publish_deleted(job: Transcription) -> None:
 def stuck(older_than: dt.timedelta) -> tuple[list[Media], list[Transcription]]:
     """Media and jobs that made no progress for ``older_than``: their message may be lost.
 
-    A message is lost only if a process died between committing a state change and
-    enqueueing the next stage; re-enqueueing is safe because every stage is idempotent.
+    With the outbox a committed state change always gets its message; what is left is work
+    from before the outbox, a message dead-lettered after its retries, or a claim whose worker
+    vanished. Re-enqueueing is safe because every stage is idempotent.
     """
     cutoff = utcnow() - older_than
     with connection():

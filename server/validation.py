@@ -22,9 +22,8 @@ MAX_PROMPT = 1000
 MAX_HOTWORDS = 50
 MAX_SPEAKERS = 20
 MAX_REQUEST_ID = 128
-EXPORT_FORMATS = {tpb.EXPORT_FORMAT_TXT: "txt", tpb.EXPORT_FORMAT_SRT: "srt", tpb.EXPORT_FORMAT_VTT: "vtt",
-                  tpb.EXPORT_FORMAT_JSON: "json", tpb.EXPORT_FORMAT_TSV: "tsv"}
-assert set(EXPORT_FORMATS.values()) == set(FORMATS)
+# The API's ExportFormat -> the renderer's format name (EXPORT_FORMAT_SRT -> "srt", ...).
+EXPORT_FORMATS = {tpb.ExportFormat.Value(f"EXPORT_FORMAT_{fmt.upper()}"): fmt for fmt in FORMATS}
 
 
 def parse_name(name: str, collection: str, field: str = "name") -> str:

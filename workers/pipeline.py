@@ -31,7 +31,6 @@ from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from core import jobs, outbox, plan, runtime
 from core.failures import is_infrastructure
-from core.queue import enqueue
 from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, TranscriptResult
 from observability import metrics, tracing
@@ -171,7 +170,7 @@ def run_job_stage(spec: JobStage, job_id: str) -> None:
     structlog.contextvars.bind_contextvars(job_id=job_id, stage=spec.actor)
     claim = jobs.claim_stage(job_id, spec.accepts, spec.stage, msg_id, s.max_attempts, s.lease_s,
                              fail_when_exhausted=spec.optional is None)
-    job = _claimed(spec, claim, job_id, msg_id, s)
+    job = _claimed(spec, claim, job_id, s)
     if job is None:
         return
     structlog.contextvars.bind_contextvars(tenant_id=job.tenant_id, attempt=job.attempts)
@@ -193,14 +192,13 @@ def run_job_stage(spec: JobStage, job_id: str) -> None:
     _succeeded(spec, run, out, msg_id, started)
 
 
-def _claimed(spec: JobStage, claim: jobs.Claim, job_id: str, msg_id: str, s: Settings) -> Transcription | None:
+def _claimed(spec: JobStage, claim: jobs.Claim, job_id: str, s: Settings) -> Transcription | None:
     """The job to run, or None after dealing with a claim that runs nothing."""
     if claim.outcome == ClaimOutcome.RUN:
         return claim.job
-    if claim.outcome == ClaimOutcome.PAST and claim.job.stage in plan.ACTOR_FOR_STAGE:
-        # The stage was done but the next one may never have been enqueued (crash in between).
-        enqueue(plan.actor_for(claim.job.stage), job_id, claim.job.priority)
-    elif claim.outcome == ClaimOutcome.EXHAUSTED and spec.optional is None:
+    # PAST (a redelivery after the stage was done) needs nothing: the next stage's message was
+    # committed with the stage's result (core.outbox).
+    if claim.outcome == ClaimOutcome.EXHAUSTED and spec.optional is None:
         raise JobFailed(claim.job.error_message)  # claim_stage has failed the job
     elif claim.outcome == ClaimOutcome.EXHAUSTED:
         last = claim.job.error_message or "a worker crashed or timed out each time"
@@ -229,15 +227,14 @@ def _failed(spec: JobStage, run: StageRun, exc: BaseException, msg_id: str, star
     if isinstance(exc, jobs.LostClaim):
         finished(spec.actor, "lost_claim", started)
         return
+    error = f"{type(exc).__name__}: {exc}"
     if is_infrastructure(exc):
-        error = f"{type(exc).__name__}: {exc}"
         drop_broken_connection()
         jobs.release_for_retry(job.id, msg_id, spec.accepts[0], error, outage=True)
         finished(spec.actor, "outage", started, level="warning", error=error, retrying=True)
         raise exc  # Dramatiq retries it with backoff; the attempt was not counted
     final = _permanent(spec, exc, s)
     if final is None:
-        error = f"{type(exc).__name__}: {exc}"
         if job.attempts < s.max_attempts:
             jobs.release_for_retry(job.id, msg_id, spec.accepts[0], error)
             finished(spec.actor, "error", started, level="warning", error=error, retrying=True)
