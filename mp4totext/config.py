@@ -47,7 +47,7 @@ class Settings:
     # -- gRPC server
     grpc_listen: str = "127.0.0.1:50051"
     grpc_max_workers: int = 64
-    grpc_max_concurrent_rpcs: int = 1000
+    grpc_max_concurrent_rpcs: int = 10000  # Watch streams count: a replica holds thousands
     grpc_grace_s: float = 30.0
     grpc_drain_s: float = 0.0  # wait after NOT_SERVING before stopping (proxy check interval x fall)
     worker_shutdown_s: float = 60.0  # in-flight jobs get this long on SIGTERM, then are redelivered

@@ -9,6 +9,7 @@ makes progress live. Two implementations:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
@@ -36,6 +37,13 @@ class Subscription:
         except queue.Empty:
             return None
 
+    def offer(self, event: Event) -> None:
+        """Called by the bus's thread; a stuck watcher loses live ticks (it re-reads the DB)."""
+        try:
+            self.queue.put_nowait(event)
+        except queue.Full:
+            pass
+
     def close(self) -> None:
         self.hub.unsubscribe(self)
 
@@ -46,6 +54,33 @@ class Subscription:
         self.close()
 
 
+class AsyncSubscription(Subscription):
+    """A subscription read by a coroutine on ``loop`` (the asyncio Watch): no thread waits on it."""
+
+    def __init__(self, hub: "_Hub", job_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(hub, job_id)
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue(maxsize=1000)
+
+    def offer(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._put, event)
+        except RuntimeError:  # the loop has closed: nobody is watching any more
+            pass
+
+    def _put(self, event: Event) -> None:
+        try:
+            self.events.put_nowait(event)
+        except asyncio.QueueFull:
+            pass
+
+    async def next(self, timeout: float) -> Event | None:
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout)
+        except TimeoutError:
+            return None
+
+
 class _Hub:
     """Fan-out of events to local subscribers, keyed by job id."""
 
@@ -53,8 +88,8 @@ class _Hub:
         self._lock = threading.Lock()
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
 
-    def subscribe(self, job_id: str) -> Subscription:
-        sub = Subscription(self, job_id)
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
+        sub = Subscription(self, job_id) if loop is None else AsyncSubscription(self, job_id, loop)
         with self._lock:
             self._subs[job_id].add(sub)
         return sub
@@ -71,17 +106,15 @@ class _Hub:
         with self._lock:
             subs = list(self._subs.get(event.get("id", ""), ()))
         for sub in subs:
-            try:
-                sub.queue.put_nowait(event)
-            except queue.Full:  # a stuck watcher loses live ticks; it re-reads the DB
-                pass
+            sub.offer(event)
 
 
 class ProgressBus:
     def publish(self, event: Event) -> None:
         raise NotImplementedError
 
-    def subscribe(self, job_id: str) -> Subscription:
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
+        """Live events of ``job_id``; with ``loop``, read with ``await sub.next(timeout)`` on that loop."""
         raise NotImplementedError
 
     def start(self) -> None:
@@ -98,8 +131,8 @@ class LocalBus(ProgressBus):
     def publish(self, event: Event) -> None:
         self.hub.dispatch(event)
 
-    def subscribe(self, job_id: str) -> Subscription:
-        return self.hub.subscribe(job_id)
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
+        return self.hub.subscribe(job_id, loop)
 
 
 class RabbitBus(ProgressBus):
@@ -143,8 +176,8 @@ class RabbitBus(ProgressBus):
             pass
 
     # -- receiving (servers)
-    def subscribe(self, job_id: str) -> Subscription:
-        return self.hub.subscribe(job_id)
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
+        return self.hub.subscribe(job_id, loop)
 
     def start(self) -> None:
         if self._thread is None:

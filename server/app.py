@@ -1,16 +1,17 @@
 """gRPC server assembly: services, interceptors, health, reflection, HTTP endpoints, graceful shutdown."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import signal
 import threading
 import time
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine, TypeVar
 
-import grpc
 import structlog
+from grpc import aio
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -20,11 +21,13 @@ from observability import metrics, tracing
 from server.auth import Authenticator
 from server.health import SERVICE_NAMES, HealthMonitor
 from server.interceptors import AuthInterceptor, ObservabilityInterceptor
+from server.load import HandlerLoad
 from server.media_service import MediaService
 from server.resources import trace_parent_for
 from server.transcription_service import TranscriptionService
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 def release_large_buffers() -> None:
@@ -44,14 +47,36 @@ def release_large_buffers() -> None:
 
 
 class Server:
+    """The API process: a grpc.aio server on its own event-loop thread.
+
+    Watch streams are coroutines on that loop (thousands per replica); every other handler is
+    a plain function run on ``grpc_max_workers`` handler threads, whose load /healthz and the
+    HAProxy agent report. ``start``/``stop``/``wait`` are called from ordinary threads.
+    """
+
     def __init__(self, settings: Any | None = None) -> None:
         release_large_buffers()
         rt = runtime.get()
         self.settings = settings or rt.settings
+        self.load = HandlerLoad(self.settings.grpc_max_workers)
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        self.grpc_server, self.health, self.port = self._on_loop(self._build())
+        if self.port == 0:
+            raise SystemExit(f"cannot listen on {self.settings.grpc_listen} (address in use?); set MP4T_GRPC_LISTEN")
+        self.monitor = HealthMonitor(self._set_health)
+        self._stopped = threading.Event()
+        self._terminated = threading.Event()
+        self.http: metrics.HttpEndpoint | None = None
+        self.relay: outbox.Relay | None = None
+        self.agent: metrics.AgentCheck | None = None
+
+    async def _build(self) -> tuple[aio.Server, Any, int]:
         s = self.settings
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=s.grpc_max_workers, thread_name_prefix="rpc"),
-            interceptors=[ObservabilityInterceptor(trace_parent_for), AuthInterceptor(Authenticator())],
+        server = aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=s.grpc_max_workers, thread_name_prefix="rpc"),
+            interceptors=[ObservabilityInterceptor(trace_parent_for, self.load), AuthInterceptor(Authenticator())],
             maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", 2 * 1024 * 1024),
@@ -63,22 +88,25 @@ class Server:
                 ("grpc.keepalive_time_ms", 30000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # A burst of new calls (thousands of watchers reconnecting after a deploy) waits in
+                # grpc-core until the event loop takes it; past the default 1,000 waiting calls core
+                # cancels the rest (the clients see CANCELLED).
+                ("grpc.server.max_pending_requests", s.grpc_max_concurrent_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * s.grpc_max_concurrent_rpcs),
             ],
         )
-        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaService(), self.grpc_server)
-        transcription_pb2_grpc.add_TranscriptionServiceServicer_to_server(TranscriptionService(), self.grpc_server)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
-        self.port = self.grpc_server.add_insecure_port(s.grpc_listen)
-        if self.port == 0:
-            raise SystemExit(f"cannot listen on {s.grpc_listen} (address in use?); set MP4T_GRPC_LISTEN")
-        self.monitor = HealthMonitor(self.health)
-        self._stopped = threading.Event()
-        self.http: metrics.HttpEndpoint | None = None
-        self.relay: outbox.Relay | None = None
-        self.agent: metrics.AgentCheck | None = None
+        media_pb2_grpc.add_MediaServiceServicer_to_server(MediaService(), server)
+        transcription_pb2_grpc.add_TranscriptionServiceServicer_to_server(TranscriptionService(), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server, health_servicer, server.add_insecure_port(s.grpc_listen)
+
+    def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _set_health(self, service: str, status: int) -> None:
+        self._on_loop(self.health.set(service, status), timeout=10)
 
     # -- what HAProxy sees
     def liveness(self) -> tuple[int, str]:
@@ -91,6 +119,11 @@ class Server:
             return 200, "DRAINING"
         if self.monitor.problems:
             return 503, "NOT_SERVING: " + "; ".join(self.monitor.problems)
+        # Saturated or degraded, the replica still answers: cutting its calls (503 -> DOWN ->
+        # shutdown-sessions) would only move the load; the agent weight steers new calls away.
+        busy = self.load.saturation()
+        if busy:
+            return 200, "SATURATED: " + busy
         if self.monitor.degraded:  # reads keep working: keep receiving traffic
             return 200, "DEGRADED: " + "; ".join(self.monitor.degraded)
         return 200, "SERVING"
@@ -104,7 +137,11 @@ class Server:
     def agent_state(self) -> str:
         if self._stopped.is_set():
             return "drain"
-        return "down" if self.monitor.problems else "up ready"
+        if self.monitor.problems:
+            return "down"
+        # Weight in percent of the configured one: a saturated replica gets new calls only
+        # when every other one is saturated too (leastconn divides by the weight).
+        return "up ready 1%" if self.load.saturation() else "up ready 100%"
 
     def start(self) -> "Server":
         runtime.get().bus.start()
@@ -116,7 +153,7 @@ class Server:
             self.http = metrics.HttpEndpoint(self.settings.http_listen, health=self.liveness, ready=self.readiness)
         if self.settings.agent_listen:
             self.agent = metrics.AgentCheck(self.settings.agent_listen, self.agent_state)
-        self.grpc_server.start()
+        self._on_loop(self.grpc_server.start())
         log.info("server_started", listen=self.settings.grpc_listen, port=self.port,
                  http_port=self.http.port if self.http else None, agent_port=self.agent.port if self.agent else None,
                  health_problems=self.monitor.problems)
@@ -133,9 +170,11 @@ class Server:
         self._stopped.set()
         log.info("server_draining", drain_s=self.settings.grpc_drain_s, grace_s=self.settings.grpc_grace_s)
         self.monitor.shutdown()
+        self._on_loop(self.health.enter_graceful_shutdown())
         if self.settings.grpc_drain_s:
             time.sleep(self.settings.grpc_drain_s)
-        self.grpc_server.stop(self.settings.grpc_grace_s).wait()
+        self._on_loop(self.grpc_server.stop(self.settings.grpc_grace_s))
+        self.loop.call_soon_threadsafe(self.loop.stop)
         if self.relay:
             self.relay.close()
         runtime.get().bus.close()
@@ -145,9 +184,11 @@ class Server:
             self.http.close()
         log.info("server_stopped")
         tracing.shutdown()
+        self._terminated.set()
 
     def wait(self) -> None:
-        self.grpc_server.wait_for_termination()
+        while not self._terminated.wait(1.0):  # wakes for signal handlers
+            pass
 
 
 def install_signal_handlers(stop: Callable[[], None]) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import threading
 
 import structlog
-from grpc_health.v1 import health, health_pb2
+from typing import Callable
+
+from grpc_health.v1 import health_pb2
 
 from core import runtime
 from mp4totext.v1 import media_pb2, transcription_pb2
@@ -27,8 +29,8 @@ class HealthMonitor:
     and the proxy keeps routing to it.
     """
 
-    def __init__(self, servicer: health.HealthServicer, interval_s: float = 5.0) -> None:
-        self.servicer = servicer
+    def __init__(self, set_status: Callable[[str, int], None], interval_s: float = 5.0) -> None:
+        self.set_status = set_status  # (service name, grpc.health.v1 status)
         self.interval_s = interval_s
         self.stopping = threading.Event()
         self.problems: list[str] = []  # down: nothing works
@@ -57,7 +59,7 @@ class HealthMonitor:
         self.problems, self.degraded = self.check()
         status = health_pb2.HealthCheckResponse.NOT_SERVING if self.problems else health_pb2.HealthCheckResponse.SERVING
         for name in ("", *SERVICE_NAMES):
-            self.servicer.set(name, status)
+            self.set_status(name, status)
         if self.problems:
             log.warning("health_not_serving", problems=self.problems, degraded=self.degraded)
         elif self.degraded:
@@ -72,4 +74,3 @@ class HealthMonitor:
 
     def shutdown(self) -> None:
         self.stopping.set()
-        self.servicer.enter_graceful_shutdown()

@@ -1,21 +1,30 @@
-"""Server interceptors: observability (outermost) and authentication.
+"""Server interceptors (grpc.aio): observability (outermost) and authentication.
+
+The server is a grpc.aio server: Watch is a coroutine (thousands per replica, no thread each),
+every other handler is a plain function run on the handler threads. Both interceptors wrap a
+handler's behavior in kind: a plain function stays plain, an async generator stays async.
 
 ``ObservabilityInterceptor`` gives every API call one SERVER span (streams: for their whole
 life), the grpc_server_* metrics and one canonical ``rpc`` log line with its status code. The
 code is captured as OpenTelemetry's grpc instrumentation does it: the handler gets a wrapped
 context that records ``abort``/``set_code``. It also turns ``ApiError`` into its status and
-any other exception into INTERNAL (logged with its traceback).
+any other exception into INTERNAL (logged with its traceback). A call whose deadline ran out
+while it waited for a handler thread is answered (and logged) DEADLINE_EXCEEDED, not run.
 
-``AuthInterceptor`` resolves the API key to a tenant (``current_tenant``) or aborts with
+``AuthInterceptor`` resolves the API key to a tenant (``current_tenant``) or answers
 UNAUTHENTICATED. Health and reflection are public.
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
+import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
 import structlog
+from grpc import aio
 
 from core.failures import is_infrastructure
 from mp4totext.contracts import TERMINAL_STATES
@@ -23,6 +32,8 @@ from mp4totext.v1 import transcription_pb2 as tpb
 from observability import metrics, tracing
 from server.auth import Authenticator, current_tenant
 from server.errors import ApiError, unavailable
+from server.load import HandlerLoad
+from server.watch import in_thread
 
 log = structlog.get_logger(__name__)
 
@@ -33,17 +44,29 @@ _TERMINAL = {tpb.TranscriptionState.Value(f"TRANSCRIPTION_STATE_{s}") for s in T
 FINAL_MESSAGE: dict[str, Callable[[Any], bool]] = {
     "/mp4totext.v1.TranscriptionService/WatchTranscription": lambda m: m.state in _TERMINAL and not m.heartbeat,
 }
+Wrapper = Callable[[Callable], Callable]
 
 
 class RecordingContext:
     """A ServicerContext that remembers the status code the handler set or aborted with."""
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(self, context: Any, done: threading.Event | None = None) -> None:
         self._context = context
         self.recorded_code: grpc.StatusCode | None = None
+        self._done = done or threading.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+    def is_active(self) -> bool:
+        """False once the call has ended (the client cancelled or its deadline ran out)."""
+        return not self._done.is_set()
+
+    def ended_within(self, seconds: float) -> bool:
+        """Whether the call ends (is cancelled) within ``seconds``: for a handler that has just
+        seen the end of a client stream, which grpc.aio also reports when the client cancels
+        (its receive path merges the two); the cancellation follows within about a millisecond."""
+        return self._done.wait(seconds)
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.recorded_code = code
@@ -51,77 +74,95 @@ class RecordingContext:
 
     def abort_with_status(self, status: Any) -> None:
         self.recorded_code = status.code
-        self._context.abort_with_status(status)
+        self._context.set_trailing_metadata(status.trailing_metadata)
+        self._context.abort(status.code, status.details)
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self.recorded_code = code
         self._context.set_code(code)
 
 
-def _wrap(handler: Any, unary: Callable[[Callable], Callable], stream: Callable[[Callable], Callable]) -> Any:
-    """``handler`` with its behavior wrapped (unary/client-stream by ``unary``, server streams by ``stream``)."""
+def _wrap(handler: Any, plain: Wrapper, stream: Wrapper, async_stream: Wrapper) -> Any:
+    """``handler`` with its behavior wrapped: unary and client streams by ``plain``, server
+    streams by ``stream`` (a plain generator) or ``async_stream`` (an async generator)."""
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), handler.request_deserializer,
+        return grpc.unary_unary_rpc_method_handler(plain(handler.unary_unary), handler.request_deserializer,
                                                    handler.response_serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), handler.request_deserializer,
+        return grpc.stream_unary_rpc_method_handler(plain(handler.stream_unary), handler.request_deserializer,
                                                     handler.response_serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), handler.request_deserializer,
+        behavior = handler.unary_stream
+        wrap = async_stream if inspect.isasyncgenfunction(behavior) else stream
+        return grpc.unary_stream_rpc_method_handler(wrap(behavior), handler.request_deserializer,
                                                     handler.response_serializer)
     return handler
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+def _check_kind(behavior: Callable) -> None:
+    if inspect.iscoroutinefunction(behavior):
+        raise TypeError(f"{behavior.__qualname__}: async unary handlers are not supported by the interceptors")
+
+
+class AuthInterceptor(aio.ServerInterceptor):
     def __init__(self, auth: Authenticator) -> None:
         self.auth = auth
 
-    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(PUBLIC_PREFIXES):
             return handler
 
-        def unary(behavior: Callable) -> Callable:
-            def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
-                self._authenticate(context)
+        def plain(behavior: Callable) -> Callable:
+            _check_kind(behavior)
+
+            def wrapper(request: Any, context: Any) -> Any:
+                _bind(self.tenant(context.invocation_metadata()))
                 return behavior(request, context)
 
             return wrapper
 
-        def stream(behavior: Callable) -> Callable:
-            def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                self._authenticate(context)
-                yield from behavior(request, context)
+        def async_stream(behavior: Callable) -> Callable:
+            async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+                _bind(await in_thread(self.tenant, context.invocation_metadata()))
+                async for item in behavior(request, context):
+                    yield item
 
             return wrapper
 
-        return _wrap(handler, unary, stream)
+        return _wrap(handler, plain, plain, async_stream)
 
-    def _authenticate(self, context: grpc.ServicerContext) -> None:
-        md = dict(context.invocation_metadata())
+    def tenant(self, metadata: Any) -> str:
+        """The caller's tenant (blocking: may read the key table), or an UNAUTHENTICATED ApiError."""
+        md = dict(metadata or ())
         try:
             tenant = self.auth.tenant_for(md.get("authorization"))
         except Exception as exc:
             log.warning("auth_backend_error", error=str(exc))
-            context.abort(grpc.StatusCode.UNAVAILABLE, "authentication backend unavailable; retry shortly")
+            raise unavailable("authentication backend unavailable; retry shortly") from exc
         if tenant is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or invalid API key: send metadata 'authorization: Bearer <key>' "
-                          "(create keys with `mp4totext create-key`)")
-        current_tenant.set(tenant)
-        structlog.contextvars.bind_contextvars(tenant_id=tenant)
-        tracing.set_attributes(**{"mp4t.tenant_id": tenant})
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
+                           "missing or invalid API key: send metadata 'authorization: Bearer <key>' "
+                           "(create keys with `mp4totext create-key`)")
+        return tenant
+
+
+def _bind(tenant: str) -> None:
+    current_tenant.set(tenant)
+    structlog.contextvars.bind_contextvars(tenant_id=tenant)
+    tracing.set_attributes(**{"mp4t.tenant_id": tenant})
 
 
 class _Call:
     """One RPC as observed: span, metric labels, start time, recorded status."""
 
-    def __init__(self, method: str, kind: str, context: grpc.ServicerContext, parent: Callable[[], Any]) -> None:
+    def __init__(self, method: str, kind: str, context: Any, parent: Callable[[], Any],
+                 done: threading.Event | None = None) -> None:
         service, _, name = method.lstrip("/").partition("/")
         self.labels = [service, name, kind]
         self.started = time.monotonic()
-        self.context = RecordingContext(context)
-        self.span = tracing.start_server_span(method, dict(context.invocation_metadata()), context.peer(),
+        self.context = RecordingContext(context, done)
+        self.span = tracing.start_server_span(method, dict(context.invocation_metadata() or ()), context.peer(),
                                               fallback_parent=parent)
         metrics.RPC_STARTED.labels(*self.labels).inc()
         metrics.RPC_IN_FLIGHT.labels(kind).inc()
@@ -133,19 +174,35 @@ class _Call:
             structlog.contextvars.bind_contextvars(trace_id=format(ctx.trace_id, "032x"),
                                                    span_id=format(ctx.span_id, "016x"))
 
-    def fail(self, exc: BaseException) -> None:
-        """Abort with the status ``exc`` stands for (raises), unless the handler already set one."""
-        if isinstance(exc, ApiError) and exc.retry_after_s is not None:
-            self.context.abort_with_status(exc.status())
+    def status_of(self, exc: BaseException) -> ApiError | None:
+        """The status ``exc`` stands for; None when the handler has already aborted."""
         if isinstance(exc, ApiError):
-            self.context.abort(exc.code, exc.message)
+            return exc
         if self.context.recorded_code is not None:  # context.abort raised after setting the code
-            raise exc
+            return None
         if is_infrastructure(exc):  # a dependency failed, not the request: the client retries
             log.warning("rpc_dependency_unavailable", error=f"{type(exc).__name__}: {exc}")
-            self.fail(unavailable(f"a service this call needs is unreachable ({type(exc).__name__}); retry shortly"))
-        log.exception("rpc_internal_error")
-        self.context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged")
+            return unavailable(f"a service this call needs is unreachable ({type(exc).__name__}); retry shortly")
+        log.error("rpc_internal_error", exc_info=exc)
+        return ApiError(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged")
+
+    def fail(self, exc: BaseException) -> None:
+        """Abort with the status ``exc`` stands for (raises). Handler threads only."""
+        err = self.status_of(exc)
+        if err is None:
+            raise exc
+        if err.retry_after_s is not None:
+            self.context.abort_with_status(err.status())
+        self.context.abort(err.code, err.message)
+
+    async def fail_async(self, exc: BaseException) -> None:
+        """``fail`` for coroutine handlers (the aio context's abort is a coroutine)."""
+        err = self.status_of(exc)
+        if err is None:
+            raise exc
+        self.context.recorded_code = err.code
+        trailing = err.status().trailing_metadata if err.retry_after_s is not None else ()
+        await self.context._context.abort(err.code, err.message, trailing)  # noqa: SLF001
 
     def end(self, code: str | None = None, **fields: Any) -> None:
         recorded = self.context.recorded_code
@@ -158,44 +215,72 @@ class _Call:
         log.info("rpc", code=code, duration_ms=round(elapsed * 1000, 2), **fields)
 
 
-class ObservabilityInterceptor(grpc.ServerInterceptor):
+class ObservabilityInterceptor(aio.ServerInterceptor):
     """Span, metrics, status mapping and the canonical log line of every API call.
 
     ``trace_parent(method, request)`` gives a stored trace to continue when the client sent
-    none (a CreateTranscription continues its media's upload trace).
+    none (a CreateTranscription continues its media's upload trace). ``load`` counts the
+    handler threads in use and the time calls waited for one.
     """
 
-    def __init__(self, trace_parent: Callable[[str, Any], Any]) -> None:
+    def __init__(self, trace_parent: Callable[[str, Any], Any], load: HandlerLoad) -> None:
         self.trace_parent = trace_parent
+        self.load = load
 
-    def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
         kind = metrics.rpc_type(handler)
-        return _wrap(handler, lambda b: self._unary(b, method, kind), lambda b: self._stream(b, method, kind))
+        pending = _Pending(method, kind)
+        # The call's task ends as soon as the client cancels, even while a handler thread still
+        # runs the call (a thread cannot be cancelled): that is how the thread learns of it.
+        asyncio.current_task().add_done_callback(pending.task_done)
+        return _wrap(handler, lambda b: self._plain(b, method, kind, pending),
+                     lambda b: self._stream(b, method, kind, pending), lambda b: self._async_stream(b, method, kind, pending))
 
-    def _unary(self, behavior: Callable, method: str, kind: str) -> Callable:
-        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+    def _started(self, arrived: float, call: _Call) -> bool:
+        """Record the wait for a thread; False (answered DEADLINE_EXCEEDED) if the deadline ran out in it."""
+        waited = call.started - arrived
+        self.load.waited(waited)
+        remaining = call.context.time_remaining()
+        if remaining is None or remaining > 0:
+            return True
+        call.context.recorded_code = grpc.StatusCode.DEADLINE_EXCEEDED
+        call.end(queued_ms=round(waited * 1000, 2), error="the deadline ran out while the call waited for a "
+                                                             "handler thread (replica saturated)")
+        return False
+
+    def _plain(self, behavior: Callable, method: str, kind: str, pending: "_Pending") -> Callable:
+        def wrapper(request: Any, context: Any) -> Any:
             traced = None if kind == "client_stream" else request
-            call = _Call(method, kind, context, lambda: self.trace_parent(method, traced))
-            try:
-                with tracing.activated(call.span):
-                    try:
-                        return behavior(request, call.context)
-                    except Exception as exc:
-                        call.fail(exc)
-            finally:
-                call.end()
+            pending.started = True
+            arrived = pending.arrived
+            with self.load.held():
+                call = _Call(method, kind, context, lambda: self.trace_parent(method, traced), pending.done)
+                if not self._started(arrived, call):
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+                try:
+                    with tracing.activated(call.span):
+                        try:
+                            return behavior(request, call.context)
+                        except Exception as exc:
+                            call.fail(exc)
+                finally:
+                    call.end(queued_ms=round((call.started - arrived) * 1000, 2))
 
         return wrapper
 
-    def _stream(self, behavior: Callable, method: str, kind: str) -> Callable:
+    def _stream(self, behavior: Callable, method: str, kind: str, pending: "_Pending") -> Callable:
+        """A plain server stream (Export): each message is computed on a handler thread."""
         final = FINAL_MESSAGE.get(method, lambda _m: False)
 
-        def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            call = _Call(method, kind, context, lambda: self.trace_parent(method, request))
+        def wrapper(request: Any, context: Any) -> Iterator[Any]:
+            pending.started = True
+            call = _Call(method, kind, context, lambda: self.trace_parent(method, request), pending.done)
+            if not self._started(pending.arrived, call):
+                return
             sent, ended, closed = 0, False, False
             items: Any = iter(())
             try:
@@ -204,7 +289,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 with tracing.activated(call.span):
                     items = iter(behavior(request, call.context))
                 while not ended:
-                    with tracing.activated(call.span):
+                    with tracing.activated(call.span), self.load.held():
                         item = next(items, _END)
                     if item is _END:
                         break
@@ -223,6 +308,68 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 call.end("CANCELLED" if closed else None, messages=sent)
 
         return wrapper
+
+    def _async_stream(self, behavior: Callable, method: str, kind: str, pending: "_Pending") -> Callable:
+        """A coroutine server stream (Watch): runs on the event loop, holds no thread."""
+        final = FINAL_MESSAGE.get(method, lambda _m: False)
+
+        async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+            pending.started = True
+            call = _Call(method, kind, context, lambda: self.trace_parent(method, request))
+            sent, ended, closed = 0, False, False
+            items = behavior(request, call.context)
+            try:
+                while not ended:
+                    with tracing.activated(call.span):
+                        try:
+                            item = await anext(items)
+                        except StopAsyncIteration:
+                            break
+                    sent += 1
+                    ended = final(item)
+                    yield item
+            except (GeneratorExit, asyncio.CancelledError):
+                closed = not ended  # the client went away before the end: a cancellation
+                raise
+            except Exception as exc:
+                with tracing.activated(call.span):
+                    await call.fail_async(exc)
+            finally:
+                await items.aclose()  # unsubscribe now, also after the final message
+                call.end("CANCELLED" if closed else None, messages=sent)
+
+        return wrapper
+
+
+class _Pending:
+    """A call from its arrival until a handler thread takes it.
+
+    A call whose deadline runs out (or whose client cancels) while it waits for a thread never
+    runs: grpc.aio drops it from the queue. ``task_done`` then writes its ``rpc`` line and
+    metrics, so a saturated replica's lost calls are visible. The server cannot tell a
+    client's deadline from its cancel here (grpc.aio exposes neither to an interceptor before
+    the handler runs): both show as CANCELLED with ``queued_ms``.
+    """
+
+    def __init__(self, method: str, kind: str) -> None:
+        self.method, self.kind = method, kind
+        self.arrived = time.monotonic()
+        self.started = False
+        self.done = threading.Event()
+
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        self.done.set()
+        if self.started:  # a task that ends before its handler started: the call ended while queued
+            return
+        service, _, name = self.method.lstrip("/").partition("/")
+        waited = time.monotonic() - self.arrived
+        metrics.RPC_STARTED.labels(service, name, self.kind).inc()
+        metrics.RPC_HANDLED.labels(service, name, self.kind, "CANCELLED").inc()
+        metrics.RPC_LATENCY.labels(service, name, self.kind).observe(waited)
+        log.warning("rpc", rpc=self.method, code="CANCELLED", queued_ms=round(waited * 1000, 2),
+                    duration_ms=round(waited * 1000, 2),
+                    error="the call ended (client deadline or cancel) while it waited for a handler thread: "
+                          "the replica is saturated")
 
 
 _END = object()

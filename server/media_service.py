@@ -44,7 +44,7 @@ def _store(spec: UploadSpec, key: str, requests: Iterator[Any], context: grpc.Se
     except Exception as exc:
         metrics.UPLOADS.labels("storage_error").inc()
         raise unavailable(f"object storage failed ({exc}); retry the upload", retry_after_s=5.0) from exc
-    if not context.is_active():  # cancelled after the last byte: the client will retry (request_id)
+    if context.ended_within(0.02):  # cancelled after the last byte: the client will retry (request_id)
         metrics.UPLOADS.labels("cancelled").inc()
         rt.store.delete(key)
         raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client")

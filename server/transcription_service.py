@@ -1,6 +1,8 @@
 """mp4totext.v1.TranscriptionService: create, read, watch, cancel, delete and export transcriptions."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import peewee as pw
 import structlog
@@ -17,7 +19,7 @@ from server.errors import failed_precondition, invalid
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_job, get_media, job_by_request_id
 from server.validation import EXPORT_FORMATS, english_only, export_options, job_config, parse_name, request_id
-from server.watch import watch_events
+from server.watch import BatchReader, in_thread, watch_events
 from storage.db import Media, Transcription, connection
 
 log = structlog.get_logger(__name__)
@@ -31,6 +33,9 @@ def _idempotent_hit(job: Transcription, media: Media) -> tpb.Transcription:
 
 
 class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
+    def __init__(self) -> None:
+        self.rows = BatchReader(jobs.current_events)  # quiet watchers' re-reads, batched
+
     def CreateTranscription(self, request: tpb.CreateTranscriptionRequest, context: grpc.ServicerContext):
         tenant = current_tenant.get()
         rid = request_id(request.request_id)
@@ -84,12 +89,14 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         delete_transcription(get_job(request.name))
         return tpb.DeleteTranscriptionResponse()
 
-    def WatchTranscription(self, request: tpb.WatchTranscriptionRequest, context: grpc.ServicerContext):
-        job = get_job(request.name)
-        rt = runtime.get()
-        events = watch_events(job.id, request.after_sequence, subscribe=rt.bus.subscribe, read=jobs.current_event,
-                              is_active=context.is_active, heartbeat_s=rt.settings.watch_heartbeat_s)
-        return (convert.event_to_proto(ev) for ev in events)
+    async def WatchTranscription(self, request: tpb.WatchTranscriptionRequest, context: grpc.ServicerContext):
+        """A coroutine, not a thread: a replica holds thousands of these (server/watch.py)."""
+        job = await in_thread(get_job, request.name)
+        rt, loop = runtime.get(), asyncio.get_running_loop()
+        events = watch_events(job.id, request.after_sequence, subscribe=lambda j: rt.bus.subscribe(j, loop),
+                              read=self.rows.read, heartbeat_s=rt.settings.watch_heartbeat_s)
+        async for ev in events:
+            yield convert.event_to_proto(ev)
 
     def ExportTranscription(self, request: tpb.ExportTranscriptionRequest, context: grpc.ServicerContext):
         job = get_job(request.name)

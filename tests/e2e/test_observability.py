@@ -196,7 +196,7 @@ def test_health_endpoints(stack: Stack) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_ports[proc]}/readyz", timeout=5) as r:
         assert r.status == 200
     with socket.create_connection(("127.0.0.1", stack.agent_ports[proc]), timeout=5) as s:
-        assert s.recv(100).decode().strip() == "up ready"
+        assert s.recv(100).decode().strip() == "up ready 100%"  # full weight: not saturated
 
 
 def test_watch_that_ends_with_its_job_is_ok_not_cancelled(stack: Stack, key_a: str,
