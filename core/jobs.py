@@ -141,6 +141,11 @@ def media_ready(media_id: str, message_id: str, *, duration_s: float, format_nam
     return n == 1
 
 
+def media_exists(media_id: str) -> bool:
+    with connection():
+        return Media.select().where(Media.id == media_id).exists()
+
+
 def media_failed(media_id: str, message: str) -> list[Transcription]:
     """Mark media FAILED and fail the transcriptions that waited for it; return those."""
     with locked():

@@ -59,6 +59,7 @@ class Server:
         rt = runtime.get()
         self.settings = settings or rt.settings
         self.load = HandlerLoad(self.settings.grpc_max_workers)
+        self.auth = Authenticator()
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
         self._loop_thread.start()
@@ -76,7 +77,7 @@ class Server:
         s = self.settings
         server = aio.server(
             migration_thread_pool=futures.ThreadPoolExecutor(max_workers=s.grpc_max_workers, thread_name_prefix="rpc"),
-            interceptors=[ObservabilityInterceptor(trace_parent_for, self.load), AuthInterceptor(Authenticator())],
+            interceptors=[ObservabilityInterceptor(self._trace_parent, self.load), AuthInterceptor(self.auth)],
             maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", 2 * 1024 * 1024),
@@ -101,6 +102,10 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server, health_servicer, server.add_insecure_port(s.grpc_listen)
+
+    def _trace_parent(self, method: str, request: Any, metadata: Any) -> dict[str, str] | None:
+        key = dict(metadata or ()).get("authorization")
+        return trace_parent_for(method, request, lambda: self.auth.tenant_for(key))
 
     def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

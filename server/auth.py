@@ -39,6 +39,19 @@ def revoke_key(key_prefix: str) -> int:
         return ApiKey.update(revoked=True).where(ApiKey.prefix == key_prefix).execute()
 
 
+def tenant_gone() -> bool:
+    """Whether the caller's tenant was deleted after its key was cached (a write then fails on
+    the tenant's foreign key, a read finds nothing): the call is UNAUTHENTICATED, not INTERNAL."""
+    tenant = current_tenant.get(None)
+    if tenant is None:
+        return False
+    try:
+        with connection():
+            return not Tenant.select().where(Tenant.id == tenant).exists()
+    except Exception:  # noqa: BLE001 - the caller reports its own error
+        return False
+
+
 class Authenticator:
     def __init__(self) -> None:
         self._cache: dict[str, tuple[str | None, float]] = {}

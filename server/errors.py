@@ -7,10 +7,21 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 
+MAX_MESSAGE = 1000  # statuses echo client input: keep them small (clients refuse > 16 KB of trailers)
+
+
+def clip(value: object, limit: int = 80) -> str:
+    """``repr`` of a client's value for an error message, shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ApiError(Exception):
     """A status for the client; ``retry_after_s`` adds a google.rpc.RetryInfo to it."""
 
     def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + f"... (message cut at {MAX_MESSAGE} characters)"
         super().__init__(message)
         self.code = code
         self.message = message

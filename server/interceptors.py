@@ -23,6 +23,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
+import peewee as pw
 import structlog
 from grpc import aio
 
@@ -30,8 +31,8 @@ from core.failures import is_infrastructure
 from mp4totext.contracts import TERMINAL_STATES
 from mp4totext.v1 import transcription_pb2 as tpb
 from observability import metrics, tracing
-from server.auth import Authenticator, current_tenant
-from server.errors import ApiError, unavailable
+from server.auth import Authenticator, current_tenant, tenant_gone
+from server.errors import ApiError, invalid, unavailable
 from server.load import HandlerLoad
 from server.watch import in_thread
 
@@ -82,20 +83,71 @@ class RecordingContext:
         self._context.set_code(code)
 
 
+class Undecodable:
+    """A request message that did not decode (``safe_deserializer``); answered INVALID_ARGUMENT."""
+
+    def __init__(self, size: int, error: Exception) -> None:
+        self.size, self.error = size, error
+
+
+def safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises: grpcio's own path for a failing one logs a traceback per
+    call and leaks ~20 KB of memory each time (even for unauthenticated callers)."""
+    if deserialize is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # noqa: BLE001 - any failure is the client's bytes
+            return Undecodable(len(raw), exc)
+
+    return decode
+
+
+def _nul_field(message: Any, prefix: str = "") -> str | None:
+    """The path of the first string field holding a NUL character (PostgreSQL cannot store it)."""
+    for field, value in message.ListFields():
+        path = prefix + field.name
+        if field.type == field.TYPE_STRING:
+            if any("\x00" in v for v in (value if field.is_repeated else (value,))):
+                return path
+        elif field.type == field.TYPE_MESSAGE:
+            for item in value if field.is_repeated else (value,):
+                found = _nul_field(item, path + ".") if hasattr(item, "ListFields") else None
+                if found:
+                    return found
+    return None
+
+
+def check_request(message: Any) -> Any:
+    """``message`` if it decoded and holds no NUL in a string field, else an INVALID_ARGUMENT ApiError."""
+    if isinstance(message, Undecodable):
+        raise invalid(f"the request message ({message.size} bytes) is not a valid protobuf of this method's "
+                      f"request type: {str(message.error)[:120]}")
+    bad = _nul_field(message)
+    if bad:
+        raise invalid(f"{bad} must not contain NUL characters")
+    return message
+
+
+def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
+    for message in requests:
+        yield check_request(message)
+
+
 def _wrap(handler: Any, plain: Wrapper, stream: Wrapper, async_stream: Wrapper) -> Any:
     """``handler`` with its behavior wrapped: unary and client streams by ``plain``, server
     streams by ``stream`` (a plain generator) or ``async_stream`` (an async generator)."""
+    decode = safe_deserializer(handler.request_deserializer)
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(plain(handler.unary_unary), handler.request_deserializer,
-                                                   handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(plain(handler.unary_unary), decode, handler.response_serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(plain(handler.stream_unary), handler.request_deserializer,
-                                                    handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(plain(handler.stream_unary), decode, handler.response_serializer)
     if handler.unary_stream:
         behavior = handler.unary_stream
         wrap = async_stream if inspect.isasyncgenfunction(behavior) else stream
-        return grpc.unary_stream_rpc_method_handler(wrap(behavior), handler.request_deserializer,
-                                                    handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(wrap(behavior), decode, handler.response_serializer)
     return handler
 
 
@@ -180,6 +232,10 @@ class _Call:
             return exc
         if self.context.recorded_code is not None:  # context.abort raised after setting the code
             return None
+        if isinstance(exc, (pw.IntegrityError, pw.DoesNotExist)) and tenant_gone():
+            return ApiError(grpc.StatusCode.UNAUTHENTICATED, "the tenant of this API key no longer exists")
+        if isinstance(exc, pw.DoesNotExist):  # deleted while the call ran
+            return ApiError(grpc.StatusCode.NOT_FOUND, "the resource was deleted while this call ran")
         if is_infrastructure(exc):  # a dependency failed, not the request: the client retries
             log.warning("rpc_dependency_unavailable", error=f"{type(exc).__name__}: {exc}")
             return unavailable(f"a service this call needs is unreachable ({type(exc).__name__}); retry shortly")
@@ -218,12 +274,12 @@ class _Call:
 class ObservabilityInterceptor(aio.ServerInterceptor):
     """Span, metrics, status mapping and the canonical log line of every API call.
 
-    ``trace_parent(method, request)`` gives a stored trace to continue when the client sent
-    none (a CreateTranscription continues its media's upload trace). ``load`` counts the
+    ``trace_parent(method, request, metadata)`` gives a stored trace to continue when the client
+    sent none (a CreateTranscription continues its own media's upload trace). ``load`` counts the
     handler threads in use and the time calls waited for one.
     """
 
-    def __init__(self, trace_parent: Callable[[str, Any], Any], load: HandlerLoad) -> None:
+    def __init__(self, trace_parent: Callable[[str, Any, Any], Any], load: HandlerLoad) -> None:
         self.trace_parent = trace_parent
         self.load = load
 
@@ -238,7 +294,11 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
         # runs the call (a thread cannot be cancelled): that is how the thread learns of it.
         asyncio.current_task().add_done_callback(pending.task_done)
         return _wrap(handler, lambda b: self._plain(b, method, kind, pending),
-                     lambda b: self._stream(b, method, kind, pending), lambda b: self._async_stream(b, method, kind, pending))
+                     lambda b: self._stream(b, method, kind, pending),
+                     lambda b: self._async_stream(b, method, kind, pending))
+
+    def _parent(self, method: str, request: Any, context: Any) -> Callable[[], Any]:
+        return lambda: self.trace_parent(method, request, context.invocation_metadata())
 
     def _started(self, arrived: float, call: _Call) -> bool:
         """Record the wait for a thread; False (answered DEADLINE_EXCEEDED) if the deadline ran out in it."""
@@ -255,16 +315,18 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
     def _plain(self, behavior: Callable, method: str, kind: str, pending: "_Pending") -> Callable:
         def wrapper(request: Any, context: Any) -> Any:
             traced = None if kind == "client_stream" else request
-            pending.started = True
+            if not pending.start():  # its end is logged already
+                context.abort(grpc.StatusCode.CANCELLED, "the call ended while it waited for a handler thread")
             arrived = pending.arrived
             with self.load.held():
-                call = _Call(method, kind, context, lambda: self.trace_parent(method, traced), pending.done)
+                call = _Call(method, kind, context, self._parent(method, traced, context), pending.done)
                 if not self._started(arrived, call):
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
                 try:
                     with tracing.activated(call.span):
                         try:
-                            return behavior(request, call.context)
+                            checked = _checked_stream(request) if kind == "client_stream" else check_request(request)
+                            return behavior(checked, call.context)
                         except Exception as exc:
                             call.fail(exc)
                 finally:
@@ -277,8 +339,9 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
         final = FINAL_MESSAGE.get(method, lambda _m: False)
 
         def wrapper(request: Any, context: Any) -> Iterator[Any]:
-            pending.started = True
-            call = _Call(method, kind, context, lambda: self.trace_parent(method, request), pending.done)
+            if not pending.start():
+                return
+            call = _Call(method, kind, context, self._parent(method, request, context), pending.done)
             if not self._started(pending.arrived, call):
                 return
             sent, ended, closed = 0, False, False
@@ -287,7 +350,7 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
                 # The span is current only while the handler computes a message, never across
                 # a yield: the generator may be resumed or closed from another thread.
                 with tracing.activated(call.span):
-                    items = iter(behavior(request, call.context))
+                    items = iter(behavior(check_request(request), call.context))
                 while not ended:
                     with tracing.activated(call.span), self.load.held():
                         item = next(items, _END)
@@ -314,11 +377,12 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
         final = FINAL_MESSAGE.get(method, lambda _m: False)
 
         async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
-            pending.started = True
-            call = _Call(method, kind, context, lambda: self.trace_parent(method, request))
+            pending.start()
+            call = _Call(method, kind, context, self._parent(method, request, context))
             sent, ended, closed = 0, False, False
             items = behavior(request, call.context)
             try:
+                check_request(request)
                 while not ended:
                     with tracing.activated(call.span):
                         try:
@@ -345,24 +409,40 @@ class _Pending:
     """A call from its arrival until a handler thread takes it.
 
     A call whose deadline runs out (or whose client cancels) while it waits for a thread never
-    runs: grpc.aio drops it from the queue. ``task_done`` then writes its ``rpc`` line and
-    metrics, so a saturated replica's lost calls are visible. The server cannot tell a
-    client's deadline from its cancel here (grpc.aio exposes neither to an interceptor before
-    the handler runs): both show as CANCELLED with ``queued_ms``.
+    runs: grpc.aio drops it from the queue. Half a second after its task ended without the
+    handler starting, ``_expire`` writes its ``rpc`` line and metrics, so a saturated
+    replica's lost calls are visible; a handler that starts after that only aborts. The
+    server cannot tell a client's deadline from its cancel here (grpc.aio exposes neither to
+    an interceptor before the handler runs): both show as CANCELLED with ``queued_ms``.
     """
+
+    GRACE_S = 0.5
 
     def __init__(self, method: str, kind: str) -> None:
         self.method, self.kind = method, kind
         self.arrived = time.monotonic()
-        self.started = False
+        self.started = self.expired = False
         self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> bool:
+        """Called by the handler thread first: False when the call was already given up."""
+        with self._lock:
+            self.started = True
+            return not self.expired
 
     def task_done(self, task: asyncio.Task[Any]) -> None:
         self.done.set()
-        if self.started:  # a task that ends before its handler started: the call ended while queued
-            return
+        if not self.started:
+            task.get_loop().call_later(self.GRACE_S, self._expire)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self.started:
+                return
+            self.expired = True
         service, _, name = self.method.lstrip("/").partition("/")
-        waited = time.monotonic() - self.arrived
+        waited = time.monotonic() - self.arrived - self.GRACE_S
         metrics.RPC_STARTED.labels(service, name, self.kind).inc()
         metrics.RPC_HANDLED.labels(service, name, self.kind, "CANCELLED").inc()
         metrics.RPC_LATENCY.labels(service, name, self.kind).observe(waited)

@@ -18,8 +18,9 @@ from server.errors import ApiError, exhausted, failed_precondition, invalid, una
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_media, media_by_request_id
 from server.upload import ClientGone, UploadReader, UploadRejected
-from server.validation import UploadSpec, upload_metadata
+from server.validation import UploadSpec, enum_filter, upload_metadata
 from storage.db import Media, Transcription, connection, locked, new_id
+from storage.objects import audio_key, original_key
 
 log = structlog.get_logger(__name__)
 
@@ -89,14 +90,17 @@ def _backpressure(tenant: str) -> None:
 
 class MediaService(media_pb2_grpc.MediaServiceServicer):
     def UploadMedia(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext):
-        spec = upload_metadata(next(request_iterator, None), runtime.get().settings.max_upload_bytes)
+        first = next(request_iterator, None)
+        if first is None and context.ended_within(0.02):
+            raise ApiError(grpc.StatusCode.CANCELLED, "the client cancelled the upload before its first message")
+        spec = upload_metadata(first, runtime.get().settings.max_upload_bytes)
         if spec.request_id:
             existing = media_by_request_id(current_tenant.get(), spec.request_id)
             if existing is not None:
                 return _response(existing)
         _backpressure(current_tenant.get())
         media_id = new_id()
-        key = f"media/{current_tenant.get()}/{media_id}/original"
+        key = original_key(current_tenant.get(), media_id)
         started = time.monotonic()
         tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.upload.declared_bytes": spec.size_bytes})
         reader = _store(spec, key, request_iterator, context)
@@ -118,7 +122,7 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
         return convert.media_to_proto(get_media(request.name))
 
     def ListMedia(self, request: media_pb2.ListMediaRequest, context: grpc.ServicerContext):
-        state = media_pb2.MediaState.Name(request.state).removeprefix("MEDIA_STATE_") if request.state else None
+        state = enum_filter(request.state, media_pb2.MediaState, "MEDIA_STATE_", "state")
         q, filters = tenant_listing(Media, current_tenant.get(), state)
         rows, nxt = paged(q, Media, page_size(request.page_size), request.page_token, filters)
         return media_pb2.ListMediaResponse(media=[convert.media_to_proto(m) for m in rows], next_page_token=nxt)
@@ -132,10 +136,11 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
                                       "or set force=true to delete them with it")
         for job in children:
             delete_transcription(job)
-        store = runtime.get().store
-        for key in (media.object_key, media.audio_key):
-            if key:
-                store.delete(key)
+        # The row goes first: a preparation still running then finds it gone when it saves and
+        # removes the audio it wrote; the objects go after, the audio's key even if not written yet.
         with connection():
             Media.delete().where(Media.id == media.id).execute()
+        store = runtime.get().store
+        for key in {media.object_key, media.audio_key or "", audio_key(media.tenant_id, media.id)} - {""}:
+            store.delete(key)
         return media_pb2.DeleteMediaResponse(deleted_transcriptions=len(children))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 from typing import Any
 
 import peewee as pw
@@ -21,6 +22,9 @@ def page_size(n: int) -> int:
     return min(n or DEFAULT_PAGE, MAX_PAGE)
 
 
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
 def encode_token(row: Any, filters: dict[str, Any]) -> str:
     payload = {"t": row.create_time.isoformat(), "id": row.id, "f": filters}
     return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
@@ -32,6 +36,8 @@ def apply_token(query: pw.ModelSelect, model: Any, token: str, filters: dict[str
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
         t, last_id = dt.datetime.fromisoformat(data["t"]), data["id"]
+        if not (isinstance(last_id, str) and _ID.match(last_id) and isinstance(data.get("f", {}), dict)):
+            raise ValueError("forged")
     except Exception:
         raise invalid("page_token is not valid; pass next_page_token from a previous response") from None
     if data.get("f") != filters:

@@ -1,7 +1,7 @@
 """The caller's resources: tenant-scoped lookups, deletion, and a new job's trace parent."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -54,17 +54,22 @@ def delete_transcription(job: Transcription) -> None:
     jobs.publish_deleted(job)
 
 
-def trace_parent_for(method: str, request: Any) -> dict[str, str] | None:
-    """The stored upload trace a CreateTranscription continues (None for other RPCs, and when it
-    cannot be read: a trace parent is never worth failing a call for)."""
+def trace_parent_for(method: str, request: Any, tenant: Callable[[], str | None]) -> dict[str, str] | None:
+    """The stored upload trace a CreateTranscription continues: only the caller's own media
+    (``tenant()`` resolves the caller's key; None for other RPCs, for a caller without a valid
+    key, and when it cannot be read: a trace parent is never worth failing a call for)."""
     if request is None or not method.endswith("/CreateTranscription"):
         return None
     name = getattr(request, "media", "")
     if not is_name(name, "media"):
         return None
     try:
+        owner = tenant()
+        if owner is None:
+            return None
         with connection():
-            row = Media.select(Media.trace_context, Media.create_time).where(Media.id == name[6:]).first()
+            row = (Media.select(Media.trace_context, Media.create_time)
+                   .where(Media.id == name[6:], Media.tenant == owner).first())
     except Exception as exc:
         log.warning("trace_parent_unavailable", error=f"{type(exc).__name__}: {exc}")
         return None

@@ -18,7 +18,8 @@ from server.auth import current_tenant
 from server.errors import failed_precondition, invalid
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_job, get_media, job_by_request_id
-from server.validation import EXPORT_FORMATS, english_only, export_options, job_config, parse_name, request_id
+from server.validation import (EXPORT_FORMATS, english_only, enum_filter, export_options, job_config, parse_name,
+                               request_id)
 from server.watch import BatchReader, in_thread, watch_events
 from storage.db import Media, Transcription, connection
 
@@ -71,8 +72,7 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
                                               full=request.view != tpb.TRANSCRIPTION_VIEW_BASIC)
 
     def ListTranscriptions(self, request: tpb.ListTranscriptionsRequest, context: grpc.ServicerContext):
-        state = (tpb.TranscriptionState.Name(request.state).removeprefix("TRANSCRIPTION_STATE_")
-                 if request.state else None)
+        state = enum_filter(request.state, tpb.TranscriptionState, "TRANSCRIPTION_STATE_", "state")
         q, filters = tenant_listing(Transcription, current_tenant.get(), state)
         if request.media:
             media_id = parse_name(request.media, "media", "media")
@@ -99,8 +99,8 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
             yield convert.event_to_proto(ev)
 
     def ExportTranscription(self, request: tpb.ExportTranscriptionRequest, context: grpc.ServicerContext):
+        fmt, opts = export_options(request)  # the request's own errors first, before any lookup
         job = get_job(request.name)
-        fmt, opts = export_options(request)
         if job.state != JobState.SUCCEEDED or job.result is None:
             raise failed_precondition(f"transcriptions/{job.id} is {job.state}; only a SUCCEEDED transcription "
                                       "can be exported")

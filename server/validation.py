@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from typing import Any, Callable
 
 from core.export import FORMATS, SubtitleOptions
 from core.languages import whisper_language
 from mp4totext.contracts import DiarizationOptions, JobConfig, broker_priority
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
-from server.errors import failed_precondition, invalid
+from server.errors import clip, failed_precondition, invalid
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -39,6 +39,27 @@ def parse_name(name: str, collection: str, field: str = "name") -> str:
 def is_name(name: str, collection: str) -> bool:
     prefix = collection + "/"
     return name.startswith(prefix) and bool(_ID.match(name[len(prefix):]))
+
+
+_CONTENT_TYPE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[\x20-\x7e]*)?$")
+
+
+def enum_filter(value: int, enum: Any, prefix: str, field: str) -> str | None:
+    """A list filter's enum value as our state name (None = no filter); unknown numbers are refused."""
+    if not value:
+        return None
+    if value not in enum.values():
+        names = ", ".join(n for n in enum.keys() if not n.endswith("_UNSPECIFIED"))
+        raise invalid(f"{field}={value} is not a known value; use one of {names}")
+    return enum.Name(value).removeprefix(prefix)
+
+
+def content_type(value: str) -> str:
+    """A MIME type such as ``video/mp4`` (it becomes an object-storage header): checked before any byte."""
+    if value and (len(value) > 255 or not _CONTENT_TYPE.match(value)):
+        raise invalid(f"metadata.content_type {clip(value)} is not a MIME type such as 'video/mp4' "
+                      "(at most 255 printable ASCII characters); leave it empty if unknown")
+    return value
 
 
 def request_id(value: str, field: str = "request_id") -> str:
@@ -70,7 +91,7 @@ def upload_metadata(first: media_pb2.UploadMediaRequest | None, max_upload_bytes
     sha = md.sha256.lower()
     if sha and not _SHA.match(sha):
         raise invalid("metadata.sha256 must be 64 hex characters")
-    return UploadSpec(md.filename, md.content_type, md.size_bytes, sha,
+    return UploadSpec(md.filename, content_type(md.content_type), md.size_bytes, sha,
                       request_id(md.request_id, "metadata.request_id"))
 
 
@@ -160,8 +181,8 @@ def export_options(request: tpb.ExportTranscriptionRequest) -> tuple[str, Subtit
         raise invalid("format is required: one of TXT, SRT, VTT, JSON, TSV")
     line = request.max_line_length or 42
     lines = request.max_lines_per_caption or 2
-    max_dur = (request.max_caption_duration.ToTimedelta().total_seconds()
-               if request.HasField("max_caption_duration") else 0.0) or 6.0
+    d = request.max_caption_duration  # seconds + nanos, not ToTimedelta: that overflows on 2^62 s
+    max_dur = (d.seconds + d.nanos / 1e9 if request.HasField("max_caption_duration") else 0.0) or 6.0
     if not 10 <= line <= 200:
         raise invalid(f"max_line_length={line} is out of range; use 10..200 (0 = 42)")
     if not 1 <= lines <= 3:

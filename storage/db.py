@@ -26,6 +26,7 @@ __all__ = ["JobState", "MediaState", "Stage", "Tenant", "ApiKey", "Media", "Tran
            "WorkerInfo", "OutboxMessage", "connection", "locked", "database", "init_db", "utcnow", "new_id"]
 
 SCHEMA_VERSION = 1
+SCHEMA_LOCK_KEY = 0x6D70347474  # pg advisory lock held while the schema is created/migrated
 
 
 def utcnow() -> dt.datetime:
@@ -215,6 +216,10 @@ def init_db(url: str, pool_size: int = 20, create: bool = True) -> pw.Database:
     if create:
         with db.connection_context():
             with db.atomic():
+                if isinstance(db, pw.PostgresqlDatabase):
+                    # Processes starting together on an empty database would race in CREATE TABLE
+                    # (UniqueViolation on pg_type): one at a time, until this transaction ends.
+                    db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
                 db.create_tables(MODELS, safe=True)
                 _add_missing_columns(db)
                 if not SchemaInfo.select().exists():

@@ -240,6 +240,15 @@ class _CountingReader:
         return data
 
 
+def original_key(tenant: str, media_id: str) -> str:
+    return f"media/{tenant}/{media_id}/original"
+
+
+def audio_key(tenant: str, media_id: str) -> str:
+    """Where media preparation writes the 16 kHz WAV (DeleteMedia removes it even before it exists)."""
+    return f"media/{tenant}/{media_id}/audio.wav"
+
+
 def make_store(settings) -> ObjectStore:  # type: ignore[no-untyped-def]
     if settings.storage_backend == "s3":
         return S3Store(

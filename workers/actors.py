@@ -20,7 +20,7 @@ from mp4totext.config import Settings
 from mp4totext.contracts import Stage, TranscriptResult
 from observability import tracing
 from storage.db import Media
-from storage.objects import ObjectStore
+from storage.objects import ObjectStore, audio_key
 from workers import maintenance
 from workers.pipeline import (
     JobFailed,
@@ -34,7 +34,7 @@ from workers.pipeline import (
     run_media_stage,
 )
 from workers.stages.diarize import DiarizationUnavailable, load_pipeline, pipeline_label, run_stage
-from workers.stages.media import MediaError, check_duration, extract_audio, probe
+from workers.stages.media import MediaError, extract_audio, probe
 from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
 
 # ---------------------------------------------------------------- inputs -> pure function -> output
@@ -50,11 +50,10 @@ def prepare_audio(media: Media, s: Settings, store: ObjectStore) -> PreparedMedi
             info = probe(src, s.ffprobe)
             span.set_attributes({"mp4t.media.duration_s": info.duration_s, "mp4t.media.format": info.format_name,
                                  "mp4t.media.audio_codec": info.audio_codec or ""})
-        check_duration(info, s.max_media_duration_s)
         with tracing.stage_span("extract audio", **{"mp4t.media.duration_s": info.duration_s}):
             duration = extract_audio(src, wav, s.ffmpeg, timeout=s.prepare_time_limit_s,
-                                     expected_duration_s=info.duration_s)
-        key = f"media/{media.tenant_id}/{media.id}/audio.wav"
+                                     expected_duration_s=info.duration_s, max_duration_s=s.max_media_duration_s)
+        key = audio_key(media.tenant_id, media.id)
         with tracing.stage_span("store audio"):
             store.put_file(key, wav, "audio/wav")
     return PreparedMedia(duration, info.format_name, info.audio_codec, key)

@@ -35,7 +35,7 @@ from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, TranscriptResult
 from observability import metrics, tracing
 from storage.db import Media, Transcription, connection, drop_broken_connection
-from storage.objects import ObjectStore
+from storage.objects import ObjectStore, audio_key
 from workers.stages.media import SAMPLE_RATE, MediaError, load_wav
 
 log = structlog.get_logger(__name__)
@@ -291,6 +291,13 @@ def start_waiting_jobs(media_id: str) -> None:
         jobs.jobs_to_start(media_id)
 
 
+def _deleted(media_id: str) -> bool:
+    try:
+        return not jobs.media_exists(media_id)
+    except Exception:  # noqa: BLE001 - the database is out: the caller handles its own error
+        return False
+
+
 def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMedia], media_id: str) -> None:
     """Run ``prepare`` for ``media_id`` as the current message, then start the jobs waiting for it.
 
@@ -314,6 +321,7 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
         return
     media: Media = claim.job
     structlog.contextvars.bind_contextvars(tenant_id=media.tenant_id, attempt=media.attempts)
+    log.info("stage_started")
     tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.tenant_id": media.tenant_id,
                               "mp4t.attempt": media.attempts, "mp4t.media.size_bytes": media.size_bytes})
     started = time.monotonic()
@@ -325,6 +333,10 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
         finished("prepare_media", "media_invalid", started, error=str(exc))
         raise JobFailed(str(exc)) from exc
     except Exception as exc:
+        if _deleted(media_id):  # deleted under us (its original is gone): nothing to retry
+            rt.store.delete(audio_key(media.tenant_id, media_id))
+            finished("prepare_media", "deleted", started, error=f"{type(exc).__name__}: {exc}")
+            return
         if not is_infrastructure(exc):
             raise  # retried by Dramatiq; the attempt counts
         drop_broken_connection()
@@ -334,6 +346,10 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
     if jobs.media_ready(media_id, msg_id, duration_s=out.duration_s, format_name=out.format_name,
                         audio_codec=out.audio_codec, audio_key=out.audio_key):
         start_waiting_jobs(media_id)
+    elif not jobs.media_exists(media_id):  # deleted while we prepared it: deleted means gone
+        rt.store.delete(out.audio_key)
+        finished("prepare_media", "deleted", started)
+        return
     rtf = processed("prepare_media", "ffmpeg", out.duration_s, time.monotonic() - started)
     tracing.set_attributes(**{"mp4t.media.duration_s": round(out.duration_s, 3), "mp4t.rtf": round(rtf, 4)})
     finished("prepare_media", "ready", started, media_duration_s=round(out.duration_s, 3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import wave
 
@@ -36,13 +37,20 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
         raise ToolMissing(f"{cmd[0]} is not installed or not on PATH: install ffmpeg") from exc
 
 
+_CONTEXT = re.compile(r"\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")  # "[mov,mp4 @ 0x55d1c2a3b4c0] "
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+
+
 def _last_line(stderr: bytes) -> str:
+    """ffmpeg's last error line as a reason for users: no file paths, no heap addresses."""
     lines = [ln.strip() for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
     if not lines:
         return "no details"
-    # ffprobe prefixes errors with the file path; keep the reason only.
     line = lines[-1]
-    return line.split(": ", 1)[1] if ": " in line and line.startswith(("/", ".")) else line
+    # ffprobe prefixes errors with the file path; keep the reason only.
+    line = line.split(": ", 1)[1] if ": " in line and line.startswith(("/", ".")) else line
+    line = _ADDRESS.sub("0x…", _CONTEXT.sub("", line))
+    return line[:200] or "no details"
 
 
 def probe(path: str, ffprobe: str = "ffprobe", timeout: float = 120.0) -> ProbeResult:
@@ -84,16 +92,19 @@ def _float(value: object) -> float | None:
 
 
 def extract_audio(src: str, dst_wav: str, ffmpeg: str = "ffmpeg", timeout: float = 3600.0,
-                  expected_duration_s: float | None = None) -> float:
+                  expected_duration_s: float | None = None, max_duration_s: float | None = None) -> float:
     """Decode the first audio stream of ``src`` to 16 kHz mono s16le WAV; return its duration.
 
     Raises MediaError when nothing (or far less than the container claims) can be decoded,
-    which is how truncated uploads show up.
+    which is how truncated uploads show up, and when the decoded audio is longer than
+    ``max_duration_s``: the limit holds for what is decoded, whatever the container declares
+    (decoding stops one second past the limit).
     """
     tmp = dst_wav + ".part"
+    limit = ["-t", f"{max_duration_s + 1:.3f}"] if max_duration_s else []
     proc = _run(
         [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", "-i", src, "-map", "0:a:0", "-vn",
-         "-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", "-f", "wav", tmp],
+         "-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", *limit, "-f", "wav", tmp],
         timeout,
     )
     if proc.returncode != 0 or not os.path.exists(tmp):
@@ -101,6 +112,9 @@ def extract_audio(src: str, dst_wav: str, ffmpeg: str = "ffmpeg", timeout: float
             os.unlink(tmp)
         raise MediaError(f"the audio could not be decoded ({_last_line(proc.stderr)})")
     duration = wav_duration(tmp)
+    if max_duration_s and duration > max_duration_s:
+        os.unlink(tmp)
+        raise MediaError(f"the audio is longer than the {_hours(max_duration_s)} limit: split it into shorter parts")
     if duration < 0.05:
         os.unlink(tmp)
         raise MediaError("no audio could be decoded from the file (truncated or empty audio stream)")
@@ -143,8 +157,5 @@ def load_wav(path: str) -> np.ndarray:
     return data.astype(np.float32) / 32768.0
 
 
-def check_duration(info: ProbeResult, max_duration_s: float) -> None:
-    """Refuse media longer than the service accepts (MediaError says how to fix it)."""
-    if info.duration_s > max_duration_s:
-        raise MediaError(f"the file is {info.duration_s / 3600:.1f} h long; the limit is "
-                         f"{max_duration_s / 3600:.1f} h: split it into shorter parts")
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:g} s"
