@@ -32,7 +32,8 @@ from mp4totext.contracts import TERMINAL_STATES
 from mp4totext.v1 import transcription_pb2 as tpb
 from observability import metrics, tracing
 from server.auth import Authenticator, current_tenant, tenant_gone
-from server.errors import ApiError, invalid, unavailable
+from server.errors import ApiError, unavailable
+from server.requests import check_request, checked_stream, safe_deserializer
 from server.load import HandlerLoad
 from server.watch import in_thread
 
@@ -81,59 +82,6 @@ class RecordingContext:
     def set_code(self, code: grpc.StatusCode) -> None:
         self.recorded_code = code
         self._context.set_code(code)
-
-
-class Undecodable:
-    """A request message that did not decode (``safe_deserializer``); answered INVALID_ARGUMENT."""
-
-    def __init__(self, size: int, error: Exception) -> None:
-        self.size, self.error = size, error
-
-
-def safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """A deserializer that never raises: grpcio's own path for a failing one logs a traceback per
-    call and leaks ~20 KB of memory each time (even for unauthenticated callers)."""
-    if deserialize is None:
-        return None
-
-    def decode(raw: bytes) -> Any:
-        try:
-            return deserialize(raw)
-        except Exception as exc:  # noqa: BLE001 - any failure is the client's bytes
-            return Undecodable(len(raw), exc)
-
-    return decode
-
-
-def _nul_field(message: Any, prefix: str = "") -> str | None:
-    """The path of the first string field holding a NUL character (PostgreSQL cannot store it)."""
-    for field, value in message.ListFields():
-        path = prefix + field.name
-        if field.type == field.TYPE_STRING:
-            if any("\x00" in v for v in (value if field.is_repeated else (value,))):
-                return path
-        elif field.type == field.TYPE_MESSAGE:
-            for item in value if field.is_repeated else (value,):
-                found = _nul_field(item, path + ".") if hasattr(item, "ListFields") else None
-                if found:
-                    return found
-    return None
-
-
-def check_request(message: Any) -> Any:
-    """``message`` if it decoded and holds no NUL in a string field, else an INVALID_ARGUMENT ApiError."""
-    if isinstance(message, Undecodable):
-        raise invalid(f"the request message ({message.size} bytes) is not a valid protobuf of this method's "
-                      f"request type: {str(message.error)[:120]}")
-    bad = _nul_field(message)
-    if bad:
-        raise invalid(f"{bad} must not contain NUL characters")
-    return message
-
-
-def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
-    for message in requests:
-        yield check_request(message)
 
 
 def _wrap(handler: Any, plain: Wrapper, stream: Wrapper, async_stream: Wrapper) -> Any:
@@ -325,7 +273,7 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
                 try:
                     with tracing.activated(call.span):
                         try:
-                            checked = _checked_stream(request) if kind == "client_stream" else check_request(request)
+                            checked = checked_stream(request) if kind == "client_stream" else check_request(request)
                             return behavior(checked, call.context)
                         except Exception as exc:
                             call.fail(exc)
