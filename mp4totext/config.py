@@ -56,6 +56,11 @@ class Settings:
     max_upload_bytes: int = 2 * GiB
     # Upload backpressure: RESOURCE_EXHAUSTED (with RetryInfo) while this many of a tenant's
     # uploads, or of all uploads, are still waiting to be prepared.
+    # Upload streams hold a handler thread each: at most this many per replica (0 = half the
+    # handler threads), per tenant at most half of that; a stream that sends no bytes for
+    # upload_idle_timeout_s is ended (zero-byte chunks are not progress).
+    max_uploads: int = 0
+    upload_idle_timeout_s: float = 60.0
     max_preparing_per_tenant: int = 50
     max_preparing_total: int = 2000
     backpressure_retry_s: float = 5.0
@@ -72,6 +77,7 @@ class Settings:
     job_time_limit_s: int = 4 * 3600
     prepare_time_limit_s: int = 3600
     outbox_interval_s: float = 1.0  # servers and workers publish committed-but-unsent messages this often
+    cancel_poll_s: float = 1.0  # a running stage sees a cancel or its time limit within about this
     progress_interval_s: float = 1.0  # progress DB write + live event at most this often per job
     lease_s: float = 600.0
     maintenance_interval_s: float = 900.0  # low-queue workers enqueue maintenance this often

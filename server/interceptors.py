@@ -56,6 +56,27 @@ class RecordingContext:
         self._context = context
         self.recorded_code: grpc.StatusCode | None = None
         self._done = done or threading.Event()
+        self._ended_by_server: Exception | None = None
+        self._ending, self._ended = threading.Event(), threading.Event()
+
+    def _raise_if_ended(self) -> None:
+        """After end_call the handler must re-raise grpc.aio's own abort error, not abort again."""
+        if self._ending.is_set():
+            self._ended.wait(10)
+            if self._ended_by_server is not None:
+                raise self._ended_by_server
+
+    def end_call(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call from another thread with ``code``: the handler's pending reads end, and
+        what it answers afterwards is dropped."""
+        self.recorded_code = code
+        self._ending.set()
+        try:
+            self._context.abort(code, details)
+        except aio.AbortError as exc:  # raised once the status is sent; the handler re-raises it
+            self._ended_by_server = exc
+        finally:
+            self._ended.set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -71,10 +92,12 @@ class RecordingContext:
         return self._done.wait(seconds)
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self._raise_if_ended()
         self.recorded_code = code
         self._context.abort(code, details)
 
     def abort_with_status(self, status: Any) -> None:
+        self._raise_if_ended()
         self.recorded_code = status.code
         self._context.set_trailing_metadata(status.trailing_metadata)
         self._context.abort(status.code, status.details)
@@ -157,11 +180,11 @@ class _Call:
     """One RPC as observed: span, metric labels, start time, recorded status."""
 
     def __init__(self, method: str, kind: str, context: Any, parent: Callable[[], Any],
-                 done: threading.Event | None = None) -> None:
+                 pending: "_Pending | None" = None) -> None:
         service, _, name = method.lstrip("/").partition("/")
         self.labels = [service, name, kind]
         self.started = time.monotonic()
-        self.context = RecordingContext(context, done)
+        self.context = RecordingContext(context, pending.done if pending else None)
         self.span = tracing.start_server_span(method, dict(context.invocation_metadata() or ()), context.peer(),
                                               fallback_parent=parent)
         metrics.RPC_STARTED.labels(*self.labels).inc()
@@ -267,7 +290,7 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
                 context.abort(grpc.StatusCode.CANCELLED, "the call ended while it waited for a handler thread")
             arrived = pending.arrived
             with self.load.held():
-                call = _Call(method, kind, context, self._parent(method, traced, context), pending.done)
+                call = _Call(method, kind, context, self._parent(method, traced, context), pending)
                 if not self._started(arrived, call):
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
                 try:
@@ -289,7 +312,7 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
         def wrapper(request: Any, context: Any) -> Iterator[Any]:
             if not pending.start():
                 return
-            call = _Call(method, kind, context, self._parent(method, request, context), pending.done)
+            call = _Call(method, kind, context, self._parent(method, request, context), pending)
             if not self._started(pending.arrived, call):
                 return
             sent, ended, closed = 0, False, False

@@ -1,6 +1,7 @@
 """mp4totext.v1.MediaService: streaming upload into object storage, then media preparation."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Iterator
 
@@ -18,6 +19,7 @@ from server.errors import ApiError, exhausted, failed_precondition, invalid, una
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_media, media_by_request_id
 from server.upload import ClientGone, UploadReader, UploadRejected
+from server.uploads import Slot, UploadSlots
 from server.validation import UploadSpec, enum_filter, upload_metadata
 from storage.db import Media, Transcription, connection, locked, new_id
 from storage.objects import audio_key, original_key
@@ -29,27 +31,39 @@ def _response(media: Media) -> media_pb2.UploadMediaResponse:
     return media_pb2.UploadMediaResponse(media=convert.media_to_proto(media), committed_size=media.size_bytes)
 
 
-def _store(spec: UploadSpec, key: str, requests: Iterator[Any], context: grpc.ServicerContext) -> UploadReader:
+def _store(spec: UploadSpec, key: str, requests: Iterator[Any], context: grpc.ServicerContext,
+           slot: Slot) -> UploadReader:
     """Stream the chunks into the object store under ``key``; nothing is left there on failure."""
     rt = runtime.get()
-    reader = UploadReader(requests, rt.settings.max_upload_bytes, spec.size_bytes, spec.sha256, context.is_active)
+    reader = UploadReader(slot.watch(requests), rt.settings.max_upload_bytes, spec.size_bytes, spec.sha256,
+                          lambda: context.is_active() and not slot.expired)
     try:
         rt.store.put_stream(key, reader, spec.content_type or "application/octet-stream")
-    except UploadRejected as exc:
-        metrics.UPLOADS.labels("rejected").inc()
-        raise invalid(str(exc)) from None
-    except (grpc.RpcError, ClientGone):
-        metrics.UPLOADS.labels("cancelled").inc()
-        log.info("upload_aborted_by_client", received=reader.received)
-        raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client") from None
     except Exception as exc:
-        metrics.UPLOADS.labels("storage_error").inc()
-        raise unavailable(f"object storage failed ({exc}); retry the upload", retry_after_s=5.0) from exc
+        raise _upload_error(exc, slot, reader, rt.settings.upload_idle_timeout_s) from None
     if context.ended_within(0.02):  # cancelled after the last byte: the client will retry (request_id)
         metrics.UPLOADS.labels("cancelled").inc()
         rt.store.delete(key)
         raise ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client")
     return reader
+
+
+def _upload_error(exc: Exception, slot: Slot, reader: UploadReader, idle_s: float) -> ApiError:
+    """The status of an upload whose stream or storage failed (nothing was stored)."""
+    if slot.expired:  # ended for idleness: whatever the stream raised after that
+        metrics.UPLOADS.labels("idle").inc()
+        return ApiError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the upload sent no data for {idle_s:g} s and was "
+                        "ended; send it again")
+    if isinstance(exc, UploadRejected):
+        metrics.UPLOADS.labels("rejected").inc()
+        return invalid(str(exc))
+    if isinstance(exc, (grpc.RpcError, ClientGone)):
+        metrics.UPLOADS.labels("cancelled").inc()
+        log.info("upload_aborted_by_client", received=reader.received)
+        return ApiError(grpc.StatusCode.CANCELLED, "upload cancelled by the client")
+    metrics.UPLOADS.labels("storage_error").inc()
+    log.warning("upload_storage_failed", error=f"{type(exc).__name__}: {exc}")
+    return unavailable(f"object storage failed ({exc}); retry the upload", retry_after_s=5.0)
 
 
 def _record(spec: UploadSpec, media_id: str, key: str, reader: UploadReader) -> Media:
@@ -89,7 +103,18 @@ def _backpressure(tenant: str) -> None:
 
 
 class MediaService(media_pb2_grpc.MediaServiceServicer):
+    def __init__(self) -> None:
+        s = runtime.get().settings
+        self.uploads = UploadSlots(s.max_uploads or max(1, s.grpc_max_workers // 2), s.upload_idle_timeout_s,
+                                   s.backpressure_retry_s)
+
     def UploadMedia(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext):
+        end = functools.partial(context.end_call, grpc.StatusCode.DEADLINE_EXCEEDED)
+        with self.uploads.slot(current_tenant.get(), end) as slot:
+            return self._upload(request_iterator, context, slot)
+
+    def _upload(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext,
+                slot: Slot) -> media_pb2.UploadMediaResponse:
         first = next(request_iterator, None)
         if first is None and context.ended_within(0.02):
             raise ApiError(grpc.StatusCode.CANCELLED, "the client cancelled the upload before its first message")
@@ -103,7 +128,7 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
         key = original_key(current_tenant.get(), media_id)
         started = time.monotonic()
         tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.upload.declared_bytes": spec.size_bytes})
-        reader = _store(spec, key, request_iterator, context)
+        reader = _store(spec, key, request_iterator, context, slot)
         elapsed = time.monotonic() - started
         media = _record(spec, media_id, key, reader)
         if media.id != media_id:  # a concurrent retry of the same request_id stored it first

@@ -36,6 +36,7 @@ from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, Transc
 from observability import metrics, tracing
 from storage.db import Media, Transcription, connection, drop_broken_connection
 from storage.objects import ObjectStore, audio_key
+from workers.watchdog import Watchdog
 from workers.stages.media import SAMPLE_RATE, MediaError, load_wav
 
 log = structlog.get_logger(__name__)
@@ -185,11 +186,22 @@ def run_job_stage(spec: JobStage, job_id: str) -> None:
     run.on_fraction = progress_hook(deadline, s.progress_interval_s, lambda fraction: jobs.report_progress(
         job_id, msg_id, job.processed_s, job.duration_s or 0.0, span=span, fraction=fraction))
     try:
-        out = spec.run(run)
+        with Watchdog(deadline, lambda: _stop_reason(job_id, msg_id), s.cancel_poll_s, timeout=JobTimeout):
+            out = spec.run(run)
     except (Exception, TimeLimitExceeded) as exc:
         _failed(spec, run, exc, msg_id, started)
         return
     _succeeded(spec, run, out, msg_id, started)
+
+
+def _stop_reason(job_id: str, msg_id: str) -> type[BaseException] | None:
+    """Why a running stage must stop now (the watchdog asks every cancel_poll_s), or None."""
+    with connection():
+        row = (Transcription.select(Transcription.cancel_requested, Transcription.claim_message_id)
+               .where(Transcription.id == job_id).first())
+    if row is None or row.claim_message_id != msg_id:
+        return jobs.LostClaim  # deleted, or taken over after our lease ran out
+    return Cancelled if row.cancel_requested else None
 
 
 def _claimed(spec: JobStage, claim: jobs.Claim, job_id: str, s: Settings) -> Transcription | None:

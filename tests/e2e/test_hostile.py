@@ -20,7 +20,7 @@ import pytest
 from mp4totext.v1 import media_pb2, media_pb2_grpc
 from mp4totext.v1 import transcription_pb2 as tpb
 from mp4totext.v1 import transcription_pb2_grpc
-from tests.support import CLI, Proc, Stack, log_lines, wait_for
+from tests.support import CLI, Proc, Stack, log_lines, metric, wait_for
 
 MiB = 1024 * 1024
 
@@ -142,32 +142,43 @@ def _rss(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / MiB
 
 
-def test_undecodable_requests_without_a_key_are_one_line_each_and_memory_stays_flat(stack: Stack) -> None:
+def test_bad_requests_are_one_line_each_and_memory_stays_flat(stack: Stack, key_a: str) -> None:
     """Finding: every request that failed to decode added ~20 KB to server memory for good
-    (20,000 one-byte GetMedia bodies without a key: 405 -> 781 MiB) and printed a traceback."""
+    (20,000 one-byte GetMedia bodies without a key: 405 -> 781 MiB) and printed a traceback.
+    Here 100,000 bad requests of four kinds: undecodable without a key, undecodable with one,
+    a NUL in a name, an enum out of range."""
     proc, target = stack.launch_server()
-    calls = 20_000
+    calls = 100_000
+    bad_list = media_pb2.ListMediaRequest(state=99).SerializeToString()
+    nul_name = media_pb2.GetMediaRequest(name="media/\x00").SerializeToString()
+    kinds = [("/mp4totext.v1.MediaService/GetMedia", b"\xff", ()),
+             ("/mp4totext.v1.TranscriptionService/GetTranscription", b"\x0a\x05ab", md(key_a)),
+             ("/mp4totext.v1.MediaService/GetMedia", nul_name, md(key_a)),
+             ("/mp4totext.v1.MediaService/ListMedia", bad_list, md(key_a))]
     try:
         with grpc.insecure_channel(target) as ch:
-            raw = ch.unary_unary("/mp4totext.v1.MediaService/GetMedia")  # bytes in, bytes out
-            assert code_of(lambda: raw(b"\xff", timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
-            for _ in range(500):  # warm up: pools, caches, allocator arenas
-                code_of(lambda: raw(b"\xff", timeout=10))
+            stubs = [(ch.unary_unary(path), body, meta) for path, body, meta in kinds]  # bytes in, bytes out
+
+            def burst(n: int) -> None:
+                futures = []
+                for i in range(n):
+                    stub, body, meta = stubs[i % len(stubs)]
+                    futures.append(stub.future(body, metadata=meta, timeout=60))
+                    if len(futures) == 64 or i == n - 1:
+                        codes = {code_of(f.result)[0] for f in futures}
+                        assert codes == {grpc.StatusCode.INVALID_ARGUMENT}, codes
+                        futures.clear()
+
+            burst(2000)  # warm up: pools, caches, allocator arenas
             before = _rss(proc.pid)
-            futures = []
-            for i in range(calls):
-                futures.append(raw.future(b"\xff", timeout=60))
-                if len(futures) == 64:
-                    codes = {code_of(f.result)[0] for f in futures}
-                    assert codes == {grpc.StatusCode.INVALID_ARGUMENT}, codes
-                    futures.clear()
+            burst(calls)
             after = _rss(proc.pid)
-        lines = [ln for ln in log_lines(proc) if ln.get("rpc", "").endswith("/GetMedia") and ln.get("event") == "rpc"]
+        lines = [ln for ln in log_lines(proc) if ln.get("event") == "rpc"]
     finally:
         proc.stop()
-    print(f"\n{calls} undecodable requests: server RSS {before:.0f} -> {after:.0f} MiB")
+    print(f"\n{calls} bad requests: server RSS {before:.0f} -> {after:.0f} MiB")
     assert after - before < 30, f"memory grew by {after - before:.0f} MiB over {calls} bad requests"
-    assert len(lines) >= calls and {ln["code"] for ln in lines} == {"INVALID_ARGUMENT"}
+    assert len(lines) == calls + 2000 and {ln["code"] for ln in lines} == {"INVALID_ARGUMENT"}
     assert "Traceback" not in proc.log()
 
 
@@ -268,3 +279,102 @@ def test_delete_while_preparing_leaves_nothing_behind(stack: Stack, client: Any,
     prefix = f"media/{line['tenant_id']}/{media_id}/"
     left = [o.object_name for o in s3_client.list_objects(stack.s3["bucket"], prefix=prefix, recursive=True)]
     assert line["outcome"] == "deleted" and left == [], (line, left)
+
+
+def test_cancel_and_time_limit_hold_on_audio_that_never_reports_progress(stack: Stack, client: Any,
+                                                                         tmp_path: pathlib.Path) -> None:
+    """Finding: with MP4T_JOB_TIME_LIMIT_S=20, six minutes of white noise with VAD off, cancelled
+    after 4 s, ran 67 s and ended SUCCEEDED with cancel_requested=true (the cancel and the limit
+    were checked only when a segment came out, and Dramatiq's time-limit watchdog does not run
+    under RabbitMQ)."""
+    import time
+
+    noise = tmp_path / "noise.m4a"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "anoisesrc=color=white:amplitude=0.3:duration=360:sample_rate=16000", "-ac", "1", "-c:a", "aac",
+                    "-b:a", "32k", str(noise)], check=True, timeout=120)
+    media = client.upload(str(noise))
+    stack.restart_worker("high", MP4T_JOB_TIME_LIMIT_S="20")
+    try:
+        def running(name: str) -> Any:
+            return wait_for(lambda: (j := client.get(name)).state == tpb.TRANSCRIPTION_STATE_RUNNING
+                            and j.stage == tpb.TRANSCRIPTION_STAGE_TRANSCRIBING and j, 120, "transcription to run", 0.1)
+
+        job = client.create(media.name, enable_vad=False)
+        running(job.name)
+        time.sleep(4)
+        client.call(client.transcriptions.CancelTranscription, tpb.CancelTranscriptionRequest(name=job.name))
+        asked = time.monotonic()
+        done = client.wait(job.name, timeout=120)
+        cancel_s = time.monotonic() - asked
+        assert done.state == tpb.TRANSCRIPTION_STATE_CANCELLED, (done.state, done.error_message)
+        assert cancel_s < 10, f"cancel took {cancel_s:.1f} s"
+
+        job = client.create(media.name, enable_vad=False)
+        started = running(job.name)
+        began = time.monotonic()
+        done = client.wait(job.name, timeout=180)
+        limit_s = time.monotonic() - began
+        assert done.state == tpb.TRANSCRIPTION_STATE_FAILED and "time limit of 20 s" in done.error_message, \
+            (done.state, done.error_message)
+        assert limit_s < 20 + 8, f"the 20 s limit held only after {limit_s:.1f} s"
+        lines = [ln for ln in log_lines(stack.workers["high"]) if ln.get("event") == "stage_finished"
+                 and ln.get("job_id") == started.name.split("/")[1]]
+        assert [ln["outcome"] for ln in lines] == ["time_limit"], lines
+        print(f"\nnoise, VAD off: cancelled {cancel_s:.1f} s after the request; 20 s limit ended it after "
+              f"{limit_s:.1f} s")
+    finally:
+        stack.restart_worker("high")
+
+
+def test_stalled_upload_streams_cannot_lock_a_replica_out(stack: Stack, key_a: str, key_b: str) -> None:
+    """Finding: 70 upload streams that sent metadata and then stayed silent (or sent zero-byte
+    chunks forever) made the server unresponsive, health included, while /healthz said SERVING."""
+    import threading
+    import time
+    import urllib.request
+
+    proc, target = stack.launch_server(MP4T_GRPC_MAX_WORKERS="8", MP4T_UPLOAD_IDLE_TIMEOUT_S="3")  # 4 uploads, 2/tenant
+    stop = threading.Event()
+    channel = grpc.insecure_channel(target)
+    streams: list[Any] = []
+
+    def stalled(key: str, zero_bytes: bool) -> Any:
+        def reqs() -> Iterator[media_pb2.UploadMediaRequest]:
+            yield media_pb2.UploadMediaRequest(metadata=media_pb2.UploadMetadata(filename="stall.mp4"))
+            while not stop.is_set():
+                if zero_bytes:
+                    yield media_pb2.UploadMediaRequest(chunk=media_pb2.UploadChunk(data=b""))
+                time.sleep(0.05)
+        f = media_pb2_grpc.MediaServiceStub(channel).UploadMedia.future(reqs(), metadata=md(key), timeout=60)
+        streams.append(f)
+        return f
+
+    try:
+        def refused(key: str, why: str) -> None:
+            got = upload_raw(target, key, media_pb2.UploadMetadata(filename="x.mp4"))
+            assert got[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and why in got[1], got
+
+        stalled(key_a, False), stalled(key_a, True)
+        wait_for(lambda: metric(stack.metrics(proc), "mp4t_grpc_handler_threads_busy") >= 2, 10, "2 uploads held")
+        refused(key_a, "tenant")  # a tenant may hold half of the replica's upload slots
+        stalled(key_b, False), stalled(key_b, True)
+        wait_for(lambda: metric(stack.metrics(proc), "mp4t_grpc_handler_threads_busy") >= 4, 10, "4 uploads held")
+        refused(key_b, "its maximum")
+        jobs = transcription_pb2_grpc.TranscriptionServiceStub(channel)
+        began = time.monotonic()
+        got = code_of(lambda: jobs.GetTranscription(tpb.GetTranscriptionRequest(name="transcriptions/" + "0" * 32),
+                                                    metadata=md(key_a), timeout=5))
+        assert got[0] == grpc.StatusCode.NOT_FOUND and time.monotonic() - began < 1.0  # answered at once
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_ports[proc]}/healthz", timeout=5) as r:
+            assert r.read().decode().strip() == "SERVING"
+        ended = [code_of(f.result)[0] for f in streams]  # the idle timeout ends every stalled stream
+        assert ended == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4, ended
+        wait_for(lambda: len([ln for ln in log_lines(proc) if ln.get("event") == "rpc" and ln.get("code") ==
+                              "DEADLINE_EXCEEDED" and ln.get("rpc", "").endswith("UploadMedia")]) == 4, 10,
+                 "4 rpc lines of uploads ended for idleness")
+        assert upload_raw(target, key_a, media_pb2.UploadMetadata(filename="x.mp4"))[0] == grpc.StatusCode.OK
+    finally:
+        stop.set()
+        channel.close()
+        proc.stop()

@@ -147,7 +147,7 @@ def test_one_replica_holds_2000_watchers_and_stays_responsive(stack: Stack, db: 
 
 
 def test_a_call_whose_deadline_ran_out_in_the_queue_is_logged_and_health_sees_saturation(
-        stack: Stack, key_a: str, db: Any) -> None:
+        stack: Stack, key_a: str, key_b: str, db: Any) -> None:
     """With every handler thread busy (uploads that stall), a unary call waits in the queue:
     the server logs it as DEADLINE_EXCEEDED, /healthz says SATURATED and the HAProxy agent
     lowers the replica's weight, while it keeps serving (200, not DOWN)."""
@@ -156,19 +156,21 @@ def test_a_call_whose_deadline_ran_out_in_the_queue_is_logged_and_health_sees_sa
 
     from mp4totext.v1 import media_pb2_grpc
 
-    proc, target = stack.launch_server(MP4T_GRPC_MAX_WORKERS="4")
+    # Uploads may take every thread here (MP4T_MAX_UPLOADS=4; by default they get half).
+    proc, target = stack.launch_server(MP4T_GRPC_MAX_WORKERS="4", MP4T_MAX_UPLOADS="4")
     md = (("authorization", f"Bearer {key_a}"),)
     channel = grpc.insecure_channel(target)
     release = threading.Event()  # never set: the stalled uploads are cancelled at the end
     stalled = []
 
-    def stall() -> Any:
+    def stall(key: str) -> Any:
         def reqs() -> Any:
             yield media_pb2.UploadMediaRequest(metadata=media_pb2.UploadMetadata(filename="stall.mp4"))
             yield media_pb2.UploadMediaRequest(chunk=media_pb2.UploadChunk(data=b"x" * 1024))
             while not release.is_set():
                 time.sleep(0.2)
-        return media_pb2_grpc.MediaServiceStub(channel).UploadMedia.future(reqs(), metadata=md)
+        return media_pb2_grpc.MediaServiceStub(channel).UploadMedia.future(
+            reqs(), metadata=(("authorization", f"Bearer {key}"),))
 
     def agent() -> str:
         with socket.create_connection(("127.0.0.1", stack.agent_ports[proc]), timeout=5) as s:
@@ -180,7 +182,7 @@ def test_a_call_whose_deadline_ran_out_in_the_queue_is_logged_and_health_sees_sa
 
     try:
         assert agent() == "up ready 100%"
-        stalled = [stall() for _ in range(4)]
+        stalled = [stall(key) for key in (key_a, key_a, key_b, key_b)]  # 2 per tenant, the most allowed
         wait_for(lambda: healthz()[1].startswith("SATURATED"), 30, "/healthz to report saturation", 0.2)
         assert healthz()[0] == 200 and agent() == "up ready 1%"
         stub = transcription_pb2_grpc.TranscriptionServiceStub(channel)
