@@ -128,8 +128,8 @@ def test_echoed_input_is_cut_short(server: tuple[str, str]) -> None:
     target, key = server
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 4 * MiB)]) as ch:
         jobs = transcription_pb2_grpc.TranscriptionServiceStub(ch)
-        got = code_of(lambda: jobs.GetTranscription(tpb.GetTranscriptionRequest(name="transcriptions/" + "x" * 1_500_000),
-                                                    metadata=md(key)))
+        huge = tpb.GetTranscriptionRequest(name="transcriptions/" + "x" * 1_500_000)
+        got = code_of(lambda: jobs.GetTranscription(huge, metadata=md(key)))
         assert got[0] in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND) and len(got[1]) < 1200, \
             (got[0], len(got[1]))
         config = tpb.TranscriptionConfig(language_code="q" * 1_000_000)
