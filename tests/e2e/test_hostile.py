@@ -378,3 +378,62 @@ def test_stalled_upload_streams_cannot_lock_a_replica_out(stack: Stack, key_a: s
         stop.set()
         channel.close()
         proc.stop()
+
+
+def test_watch_after_the_last_event_of_a_finished_job_ends_at_once(client: Any, speech_mp4: pathlib.Path) -> None:
+    """Finding: Watch with after_sequence equal to a finished job's last sequence sent
+    SUCCEEDED heartbeats forever instead of closing."""
+    import time
+
+    done = client.wait(client.create(client.upload(str(speech_mp4)).name).name)
+    began = time.monotonic()
+    stream = client.transcriptions.WatchTranscription(
+        tpb.WatchTranscriptionRequest(name=done.name, after_sequence=done.sequence), metadata=client.metadata,
+        timeout=30)
+    assert list(stream) == [] and stream.code() == grpc.StatusCode.OK
+    assert time.monotonic() - began < 5
+
+
+def test_a_tenant_deleted_while_its_key_is_cached_is_unauthenticated(stack: Stack, db: Any,
+                                                                      speech_mp4: pathlib.Path) -> None:
+    """Finding: a tenant deleted while its key was cached got INTERNAL (MediaDoesNotExist) on
+    PostgreSQL (its foreign keys refuse the new row)."""
+    target = stack.target
+    from server.auth import create_key
+    from storage.db import Tenant
+
+    key, tenant = create_key(f"doomed-{uuid.uuid4().hex[:6]}")
+    with grpc.insecure_channel(target) as ch:
+        media = media_pb2_grpc.MediaServiceStub(ch)
+        assert code_of(lambda: media.ListMedia(media_pb2.ListMediaRequest(), metadata=md(key)))[0] \
+            == grpc.StatusCode.OK  # the key is now cached by the server
+        with db.connection_context():
+            Tenant.delete().where(Tenant.id == tenant.id).execute()
+        got = upload_raw(target, key, media_pb2.UploadMetadata(filename="a.mp4"), speech_mp4.read_bytes())
+        assert got[0] == grpc.StatusCode.UNAUTHENTICATED and "no longer exists" in got[1], got
+
+
+def test_a_client_cancelling_before_its_first_message_is_cancelled_not_internal(stack: Stack, key_a: str) -> None:
+    """Finding: a client cancelling an upload before its first message was logged and counted
+    as INTERNAL."""
+    import threading
+
+    proc, target = stack.launch_server()
+    hold = threading.Event()
+
+    def nothing() -> Iterator[media_pb2.UploadMediaRequest]:
+        hold.wait(30)
+        return
+        yield  # noqa: unreachable - a generator that sends nothing
+
+    try:
+        with grpc.insecure_channel(target) as ch:
+            f = media_pb2_grpc.MediaServiceStub(ch).UploadMedia.future(nothing(), metadata=md(key_a), timeout=30)
+            wait_for(lambda: metric(stack.metrics(proc), "mp4t_grpc_handler_threads_busy") >= 1, 10, "the upload")
+            f.cancel()
+            hold.set()
+        line = wait_for(lambda: next((ln for ln in log_lines(proc) if ln.get("event") == "rpc"
+                                      and ln.get("rpc", "").endswith("UploadMedia")), None), 10, "its rpc line")
+    finally:
+        proc.stop()
+    assert line["code"] == "CANCELLED", line

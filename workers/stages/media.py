@@ -37,6 +37,9 @@ def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
         raise ToolMissing(f"{cmd[0]} is not installed or not on PATH: install ffmpeg") from exc
 
 
+# An upload may be a playlist (HLS, concat...) naming URLs: ffmpeg would fetch them from inside
+# our network. Inputs may only open local files.
+LOCAL_ONLY = ["-protocol_whitelist", "file"]
 _CONTEXT = re.compile(r"\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")  # "[mov,mp4 @ 0x55d1c2a3b4c0] "
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 
@@ -57,7 +60,7 @@ def probe(path: str, ffprobe: str = "ffprobe", timeout: float = 120.0) -> ProbeR
     if os.path.getsize(path) == 0:
         raise MediaError("the file is empty (0 bytes)")
     proc = _run(
-        [ffprobe, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", path],
+        [ffprobe, *LOCAL_ONLY, "-v", "error", "-print_format", "json", "-show_format", "-show_streams", path],
         timeout,
     )
     if proc.returncode != 0:
@@ -103,7 +106,7 @@ def extract_audio(src: str, dst_wav: str, ffmpeg: str = "ffmpeg", timeout: float
     tmp = dst_wav + ".part"
     limit = ["-t", f"{max_duration_s + 1:.3f}"] if max_duration_s else []
     proc = _run(
-        [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", "-i", src, "-map", "0:a:0", "-vn",
+        [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", "-y", *LOCAL_ONLY, "-i", src, "-map", "0:a:0", "-vn",
          "-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le", *limit, "-f", "wav", tmp],
         timeout,
     )
