@@ -51,7 +51,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, pathlib.
     d = tmp_path_factory.mktemp("hostile-media")
     listener = Listener()
     files: dict[str, pathlib.Path] = {}
-    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:duration=8", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=5:duration=8",
+    _ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:duration=8",
+            "-f", "lavfi", "-i", "testsrc=size=64x64:rate=5:duration=8",
             "-c:a", "aac", "-c:v", "libx264", "-shortest", str(d / "ok.mp4"))
     whole = (d / "ok.mp4").read_bytes()
     files["truncated"] = d / "truncated.mp4"
@@ -90,8 +91,8 @@ def test_hostile_media_end_cleanly(client: Any, corpus: tuple[dict[str, pathlib.
         uploaded[what] = client.upload(str(path)) if what not in NAMES else _upload_named(client, path, NAMES[what])
     outcome = {}
     for what, media in uploaded.items():
-        outcome[what] = wait_for(lambda m=media: (r := client.get_media(m.name)).state != media_pb2.MEDIA_STATE_PROCESSING
-                                 and r, 120, f"{what} to be prepared")
+        outcome[what] = wait_for(lambda m=media: (r := client.get_media(m.name)).state
+                                 != media_pb2.MEDIA_STATE_PROCESSING and r, 120, f"{what} to be prepared")
     report = {w: (media_pb2.MediaState.Name(m.state), m.error_message) for w, m in outcome.items()}
     print("\nhostile media:", *(f"\n  {w}: {s} {e}" for w, (s, e) in report.items()))
     for what, (state, words) in EXPECT.items():
