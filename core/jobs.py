@@ -60,15 +60,9 @@ def publish(job: Transcription) -> None:
     runtime.get().bus.publish(event_of(job).model_dump(mode="json"))
 
 
-def current_event(job_id: str) -> ProgressEvent | None:
-    """The job's state as an event, read from the database (None if it was deleted)."""
-    with connection():
-        job = Transcription.get_or_none(Transcription.id == job_id)
-    return None if job is None else event_of(job)
-
-
 def current_events(job_ids: list[str], chunk: int = 500) -> dict[str, ProgressEvent]:
-    """``current_event`` of many jobs in a few queries (deleted jobs are missing from the answer)."""
+    """Each job's state as an event, read from the database in a few queries (deleted jobs are
+    missing from the answer)."""
     found: dict[str, ProgressEvent] = {}
     with connection():
         for i in range(0, len(job_ids), chunk):

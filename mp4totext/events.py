@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import threading
 import time
 from collections import defaultdict
@@ -26,23 +25,33 @@ Event = dict[str, Any]
 
 
 class Subscription:
-    def __init__(self, hub: "_Hub", job_id: str) -> None:
+    """Live events of one job, read by a coroutine on ``loop`` (the asyncio Watch): the bus's
+    thread hands events over with call_soon_threadsafe, so no thread waits on a watcher."""
+
+    def __init__(self, hub: "_Hub", job_id: str, loop: asyncio.AbstractEventLoop) -> None:
         self.hub = hub
         self.job_id = job_id
-        self.queue: queue.Queue[Event] = queue.Queue(maxsize=1000)
-
-    def get(self, timeout: float) -> Event | None:
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue(maxsize=1000)
 
     def offer(self, event: Event) -> None:
-        """Called by the bus's thread; a stuck watcher loses live ticks (it re-reads the DB)."""
+        """Called by the bus's thread."""
         try:
-            self.queue.put_nowait(event)
-        except queue.Full:
+            self.loop.call_soon_threadsafe(self._put, event)
+        except RuntimeError:  # the loop has closed: nobody is watching any more
             pass
+
+    def _put(self, event: Event) -> None:
+        try:
+            self.events.put_nowait(event)
+        except asyncio.QueueFull:  # a stuck watcher loses live ticks; it re-reads the DB
+            pass
+
+    async def next(self, timeout: float) -> Event | None:
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout)
+        except TimeoutError:
+            return None
 
     def close(self) -> None:
         self.hub.unsubscribe(self)
@@ -54,33 +63,6 @@ class Subscription:
         self.close()
 
 
-class AsyncSubscription(Subscription):
-    """A subscription read by a coroutine on ``loop`` (the asyncio Watch): no thread waits on it."""
-
-    def __init__(self, hub: "_Hub", job_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(hub, job_id)
-        self.loop = loop
-        self.events: asyncio.Queue[Event] = asyncio.Queue(maxsize=1000)
-
-    def offer(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self._put, event)
-        except RuntimeError:  # the loop has closed: nobody is watching any more
-            pass
-
-    def _put(self, event: Event) -> None:
-        try:
-            self.events.put_nowait(event)
-        except asyncio.QueueFull:
-            pass
-
-    async def next(self, timeout: float) -> Event | None:
-        try:
-            return await asyncio.wait_for(self.events.get(), timeout)
-        except TimeoutError:
-            return None
-
-
 class _Hub:
     """Fan-out of events to local subscribers, keyed by job id."""
 
@@ -88,8 +70,8 @@ class _Hub:
         self._lock = threading.Lock()
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
 
-    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
-        sub = Subscription(self, job_id) if loop is None else AsyncSubscription(self, job_id, loop)
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop) -> Subscription:
+        sub = Subscription(self, job_id, loop)
         with self._lock:
             self._subs[job_id].add(sub)
         return sub
@@ -113,8 +95,8 @@ class ProgressBus:
     def publish(self, event: Event) -> None:
         raise NotImplementedError
 
-    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
-        """Live events of ``job_id``; with ``loop``, read with ``await sub.next(timeout)`` on that loop."""
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop) -> Subscription:
+        """Live events of ``job_id``, read with ``await sub.next(timeout)`` on ``loop``."""
         raise NotImplementedError
 
     def start(self) -> None:
@@ -131,7 +113,7 @@ class LocalBus(ProgressBus):
     def publish(self, event: Event) -> None:
         self.hub.dispatch(event)
 
-    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop) -> Subscription:
         return self.hub.subscribe(job_id, loop)
 
 
@@ -176,7 +158,7 @@ class RabbitBus(ProgressBus):
             pass
 
     # -- receiving (servers)
-    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
+    def subscribe(self, job_id: str, loop: asyncio.AbstractEventLoop) -> Subscription:
         return self.hub.subscribe(job_id, loop)
 
     def start(self) -> None:

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import threading
-
-import structlog
 from typing import Callable
 
+import structlog
 from grpc_health.v1 import health_pb2
 
 from core import runtime

@@ -8,8 +8,9 @@ handler's behavior in kind: a plain function stays plain, an async generator sta
 life), the grpc_server_* metrics and one canonical ``rpc`` log line with its status code. The
 code is captured as OpenTelemetry's grpc instrumentation does it: the handler gets a wrapped
 context that records ``abort``/``set_code``. It also turns ``ApiError`` into its status and
-any other exception into INTERNAL (logged with its traceback). A call whose deadline ran out
-while it waited for a handler thread is answered (and logged) DEADLINE_EXCEEDED, not run.
+any other exception into INTERNAL (logged with its traceback). A call that ended while it
+waited for a handler thread is logged (CANCELLED, ``queued_ms``) though it never runs; one
+that gets a thread after its deadline is answered DEADLINE_EXCEEDED without running.
 
 ``AuthInterceptor`` resolves the API key to a tenant (``current_tenant``) or answers
 UNAUTHENTICATED. Health and reflection are public.
@@ -33,8 +34,8 @@ from mp4totext.v1 import transcription_pb2 as tpb
 from observability import metrics, tracing
 from server.auth import Authenticator, current_tenant, tenant_gone
 from server.errors import ApiError, unavailable
-from server.requests import check_request, checked_stream, safe_deserializer
 from server.load import HandlerLoad
+from server.requests import check_request, checked_stream, safe_deserializer
 from server.watch import in_thread
 
 log = structlog.get_logger(__name__)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import re
 from typing import Any
 
 import peewee as pw
 
 from server.errors import invalid
+from server.validation import is_id
 from storage.db import connection
 
 MAX_PAGE = 1000
@@ -20,9 +20,6 @@ def page_size(n: int) -> int:
     if n < 0:
         raise invalid("page_size must not be negative")
     return min(n or DEFAULT_PAGE, MAX_PAGE)
-
-
-_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def encode_token(row: Any, filters: dict[str, Any]) -> str:
@@ -36,7 +33,7 @@ def apply_token(query: pw.ModelSelect, model: Any, token: str, filters: dict[str
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
         t, last_id = dt.datetime.fromisoformat(data["t"]), data["id"]
-        if not (isinstance(last_id, str) and _ID.match(last_id) and isinstance(data.get("f", {}), dict)):
+        if not (is_id(last_id) and isinstance(data.get("f", {}), dict)):
             raise ValueError("forged")
     except Exception:
         raise invalid("page_token is not valid; pass next_page_token from a previous response") from None

@@ -36,6 +36,11 @@ def parse_name(name: str, collection: str, field: str = "name") -> str:
     return name[len(prefix):]
 
 
+def is_id(value: object) -> bool:
+    """A resource id as we issue them (32 lowercase hex characters)."""
+    return isinstance(value, str) and bool(_ID.match(value))
+
+
 def is_name(name: str, collection: str) -> bool:
     prefix = collection + "/"
     return name.startswith(prefix) and bool(_ID.match(name[len(prefix):]))
