@@ -286,12 +286,13 @@ def test_cancel_and_time_limit_hold_on_audio_that_never_reports_progress(stack: 
     """Finding: with MP4T_JOB_TIME_LIMIT_S=20, six minutes of white noise with VAD off, cancelled
     after 4 s, ran 67 s and ended SUCCEEDED with cancel_requested=true (the cancel and the limit
     were checked only when a segment came out, and Dramatiq's time-limit watchdog does not run
-    under RabbitMQ)."""
+    under RabbitMQ). The noise is 30 minutes long so that no machine finishes it inside the limit
+    (a CI machine three times faster than this one finished six minutes within 20 s)."""
     import time
 
     noise = tmp_path / "noise.m4a"
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "anoisesrc=color=white:amplitude=0.3:duration=360:sample_rate=16000", "-ac", "1", "-c:a", "aac",
+                    "anoisesrc=color=white:amplitude=0.3:duration=1800:sample_rate=16000", "-ac", "1", "-c:a", "aac",
                     "-b:a", "32k", str(noise)], check=True, timeout=120)
     media = client.upload(str(noise))
     stack.restart_worker("high", MP4T_JOB_TIME_LIMIT_S="20")
