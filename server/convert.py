@@ -66,6 +66,8 @@ def config_to_proto(cfg: JobConfig, priority: int) -> tpb.TranscriptionConfig:
         task=TASKS.get(cfg.task, tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
         initial_prompt=cfg.initial_prompt or "",
         hotwords=cfg.hotwords,
+        model=cfg.model or "",
+        expected_language_codes=cfg.expected_languages,
     )
     dia = cfg.diarization
     if dia.enabled:
@@ -81,7 +83,8 @@ def result_to_proto(r: TranscriptResult, processing_s: float | None) -> tpb.Tran
         words = [_set(tpb.Word(word=w.word, probability=w.probability, speaker_label=w.speaker or ""),
                       start_offset=dur(w.start), end_offset=dur(w.end)) for w in s.words]
         seg = tpb.Segment(id=s.id, text=s.text, words=words, avg_logprob=s.avg_logprob,
-                          no_speech_probability=s.no_speech_prob, speaker_label=s.speaker or "")
+                          no_speech_probability=s.no_speech_prob, speaker_label=s.speaker or "",
+                          language_code=s.language)
         segments.append(_set(seg, start_offset=dur(s.start), end_offset=dur(s.end)))
     speakers = [_set(tpb.Speaker(speaker_label=sp.label, word_count=sp.words), speaking_duration=dur(sp.speaking_s))
                 for sp in r.speakers]
@@ -95,6 +98,9 @@ def result_to_proto(r: TranscriptResult, processing_s: float | None) -> tpb.Tran
         speakers=speakers,
         speaker_count=r.speaker_count,
         task=TASKS.get(r.task, tpb.TRANSCRIPTION_TASK_TRANSCRIBE),
+        language_uncertain=r.language_uncertain,
+        languages=[_set(tpb.LanguageShare(language_code=x.language, probability=x.probability),
+                        duration=dur(x.duration)) for x in r.languages],
         diarization=_set(tpb.DiarizationInfo(state=DIARIZATION_STATE.get(dia.state, 0),
                                              error_message=dia.error_message, pipeline=dia.pipeline),
                          processing_duration=dur(dia.processing_s)),

@@ -9,6 +9,7 @@ import structlog
 from google.protobuf import json_format
 
 from core import export, jobs, outbox, registry, runtime
+from core.models import ModelSet
 from mp4totext.contracts import JobState, MediaState, TranscriptResult
 from mp4totext.v1 import transcription_pb2 as tpb
 from mp4totext.v1 import transcription_pb2_grpc
@@ -18,7 +19,7 @@ from server.auth import current_tenant
 from server.errors import failed_precondition, invalid
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_job, get_media, job_by_request_id
-from server.validation import (EXPORT_FORMATS, english_only, enum_filter, export_options, job_config, parse_name,
+from server.validation import (EXPORT_FORMATS, enum_filter, export_options, job_config, parse_name,
                                request_id)
 from server.watch import BatchReader, in_thread, watch_events
 from storage.db import Media, Transcription, connection
@@ -44,7 +45,7 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         existing = job_by_request_id(tenant, rid) if rid else None
         if existing is not None:
             return _idempotent_hit(existing, media)
-        config, priority = job_config(request.config, runtime.get().settings.model_label,
+        config, priority = job_config(request.config, ModelSet.of(runtime.get().settings.model_sources),
                                       registry.diarization_status)
         if media.state == MediaState.FAILED:
             raise failed_precondition(f"media/{media.id} cannot be transcribed: {media.error_message}")
@@ -117,9 +118,12 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
     def GetCapabilities(self, request: tpb.GetCapabilitiesRequest, context: grpc.ServicerContext):
         s = runtime.get().settings
         available, reason = registry.diarization_status()
-        multilingual = not english_only(s.model_label)
+        models = ModelSet.of(s.model_sources)
+        infos = [tpb.ModelInfo(name=m.name, multilingual=m.multilingual, language_codes=m.languages,
+                               translation_available=m.multilingual) for m in models.specs]
+        multilingual = models.multilingual is not None
         return convert._set(tpb.Capabilities(
-            model=s.model_label, multilingual=multilingual, translation_available=multilingual,
+            model=models.default.name, models=infos, multilingual=multilingual, translation_available=multilingual,
             diarization_available=available, diarization_unavailable_reason=reason,
             export_formats=sorted(EXPORT_FORMATS), max_upload_bytes=s.max_upload_bytes, max_beam_size=10),
             max_media_duration=convert.dur(s.max_media_duration_s))

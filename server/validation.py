@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from core.export import FORMATS, SubtitleOptions
 from core.languages import whisper_language
+from core.models import ModelSet
 from mp4totext.contracts import DiarizationOptions, JobConfig, broker_priority
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
@@ -20,6 +21,7 @@ _ID = re.compile(r"^[0-9a-f]{32}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 MAX_PROMPT = 1000
 MAX_HOTWORDS = 50
+MAX_EXPECTED_LANGUAGES = 10
 MAX_SPEAKERS = 20
 MAX_REQUEST_ID = 128
 # The API's ExportFormat -> the renderer's format name (EXPORT_FORMAT_SRT -> "srt", ...).
@@ -100,16 +102,28 @@ def upload_metadata(first: media_pb2.UploadMediaRequest | None, max_upload_bytes
                       request_id(md.request_id, "metadata.request_id"))
 
 
-def english_only(model: str) -> bool:
-    return model.endswith(".en")
-
-
-def _language(code: str) -> str | None:
+def _language(code: str, field: str = "config.language_code") -> str | None:
     try:
         return whisper_language(code)
     except ValueError:
-        raise invalid(f"config.language_code={code!r} is not a language Whisper knows; use a BCP-47 code "
-                      "such as 'en' or 'tr-TR', or 'auto'") from None
+        raise invalid(f"{field}={code!r} is not a language Whisper knows; use a BCP-47 code "
+                      "such as 'en' or 'tr-TR'" + (", or 'auto'" if field == "config.language_code" else "")) from None
+
+
+def _expected(codes: list[str], language: str | None) -> list[str]:
+    if len(codes) > MAX_EXPECTED_LANGUAGES:
+        raise invalid(f"config.expected_language_codes has {len(codes)} entries; at most {MAX_EXPECTED_LANGUAGES}")
+    out: list[str] = []
+    for i, code in enumerate(codes):
+        lang = _language(code, f"config.expected_language_codes[{i}]")
+        if lang is None:
+            raise invalid(f"config.expected_language_codes[{i}] is empty or 'auto'; list languages such as 'tr'")
+        out.append(lang)
+    out = list(dict.fromkeys(out))
+    if language and out and language not in out:
+        raise invalid(f"config.language_code={language!r} is not among config.expected_language_codes {out}; "
+                      "set one of them, or leave language_code empty to detect")
+    return out
 
 
 def _hotwords(words: list[str]) -> list[str]:
@@ -142,17 +156,15 @@ def _diarization(dia: tpb.DiarizationConfig, status: Callable[[], tuple[bool, st
                               max_speakers=hi or None)
 
 
-def job_config(cfg: tpb.TranscriptionConfig, model: str,
+def job_config(cfg: tpb.TranscriptionConfig, models: ModelSet,
                diarization_status: Callable[[], tuple[bool, str]]) -> tuple[JobConfig, int]:
     """Check every option and return the stored config and the broker priority.
 
-    ``model`` is the server's model label; ``diarization_status`` says whether speaker
+    ``models`` is the server's model set; ``diarization_status`` says whether speaker
     recognition can run now (and why not).
     """
     language = _language(cfg.language_code)
-    if language not in (None, "en") and english_only(model):
-        raise invalid(f"config.language_code={cfg.language_code!r}: the server's model {model} only recognises "
-                      "English; use 'en' or ask the operator for a multilingual model")
+    expected = _expected(list(cfg.expected_language_codes), language)
     if not 0 <= cfg.beam_size <= 10:
         raise invalid(f"config.beam_size={cfg.beam_size} is out of range; use 1..10 (0 = default)")
     try:
@@ -163,10 +175,9 @@ def job_config(cfg: tpb.TranscriptionConfig, model: str,
                         tpb.TRANSCRIPTION_TASK_TRANSLATE):
         raise invalid(f"config.task={cfg.task} is not a known TranscriptionTask")
     task = "translate" if cfg.task == tpb.TRANSCRIPTION_TASK_TRANSLATE else "transcribe"
-    if task == "translate" and english_only(model):
-        raise invalid(f"config.task=TRANSLATE needs a multilingual model; the server's model {model} is "
-                      "English-only (its output is already English). Use TRANSCRIBE, or ask the operator for a "
-                      "multilingual model (MP4T_WHISPER_MODEL)")
+    problem = models.check(cfg.model or None, language, expected, task)
+    if problem:
+        raise invalid(problem)
     if len(cfg.initial_prompt) > MAX_PROMPT:
         raise invalid(f"config.initial_prompt has {len(cfg.initial_prompt)} characters; at most {MAX_PROMPT}")
     hotwords = _hotwords(list(cfg.hotwords))
@@ -175,7 +186,8 @@ def job_config(cfg: tpb.TranscriptionConfig, model: str,
         language_code=cfg.language_code, language=language, beam_size=cfg.beam_size or None,
         vad=cfg.enable_vad if cfg.HasField("enable_vad") else True,
         word_timestamps=cfg.enable_word_time_offsets if cfg.HasField("enable_word_time_offsets") else True,
-        task=task, initial_prompt=cfg.initial_prompt or None, hotwords=hotwords, diarization=diarization)
+        task=task, initial_prompt=cfg.initial_prompt or None, hotwords=hotwords, model=cfg.model or None,
+        expected_languages=expected, diarization=diarization)
     return config, priority
 
 

@@ -7,6 +7,7 @@ and its failure policy. Adding a stage = a pure function + a declaration here + 
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import dramatiq
 
 from core.failures import outage_retries
+from core.models import ModelSet, ModelSpec
 from core.plan import ROUTES
 from mp4totext.config import Settings
 from mp4totext.contracts import Stage, TranscriptResult
@@ -35,7 +37,8 @@ from workers.pipeline import (
 )
 from workers.stages.diarize import DiarizationUnavailable, load_pipeline, pipeline_label, run_stage
 from workers.stages.media import MediaError, extract_audio, probe
-from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
+from workers.stages.model_files import ModelFilesMissing, locate
+from workers.stages.transcribe import ModelUnavailable, TranscribeOptions, load_model, transcribe_routed
 
 # ---------------------------------------------------------------- inputs -> pure function -> output
 
@@ -59,24 +62,47 @@ def prepare_audio(media: Media, s: Settings, store: ObjectStore) -> PreparedMedi
     return PreparedMedia(duration, info.format_name, info.audio_codec, key)
 
 
-def whisper_model(s: Settings) -> Any:
-    return load_model(s.whisper_model, s.whisper_device, s.whisper_compute_type, s.whisper_cpu_threads,
+def load_spec(s: Settings, spec: ModelSpec) -> Any:
+    """One model of the set, loaded once per process (load_model is cached)."""
+    try:
+        path = locate(spec.source, s.resolved_models_dir)
+    except ModelFilesMissing as exc:
+        raise ModelUnavailable(f"cannot load whisper model {spec.name!r}: {exc}") from exc
+    return load_model(path, s.whisper_device, s.whisper_compute_type, s.whisper_cpu_threads,
                       s.whisper_download_root, s.whisper_local_files_only)
+
+
+def whisper_model(s: Settings) -> dict[str, Any]:
+    """Every model of the configured set, loaded (a transcription worker does this at start)."""
+    return {spec.name: load_spec(s, spec) for spec in ModelSet.of(s.model_sources).specs}
+
+
+def _warnings(result: Any, s: Settings, job: Any) -> dict[str, Any]:
+    if not result.language_uncertain:
+        return {}
+    warning = (f"the spoken language was detected as {result.language!r} with only "
+               f"{result.language_probability:.0%} confidence (below {s.language_min_probability:.0%}); if the "
+               "transcript looks wrong, transcribe again with config.language_code or expected_language_codes")
+    return {"warnings": list(dict.fromkeys([*(job.warnings or []), warning]))}
 
 
 def run_transcription(run: StageRun) -> Output:
     s = run.settings
     audio = run.audio()
     opts = TranscribeOptions.of(run.config, s.whisper_beam_size)
-    model = whisper_model(s)
-    with tracing.stage_span("whisper transcribe", **{"mp4t.model": s.model_label,
+    models = ModelSet.of(s.model_sources)
+    with tracing.stage_span("whisper transcribe", **{"mp4t.models": models.label,
                                                      "mp4t.media.duration_s": round(run.audio_s or 0.0, 3),
                                                      **opts.span_attributes()}) as span:
         started = time.monotonic()
-        result = transcribe(model, audio, opts, run.on_seconds, s.model_label)
+        result = transcribe_routed(models, functools.partial(load_spec, s), audio, opts, run.on_seconds,
+                                   s.language_min_probability)
         span.set_attributes({"mp4t.rtf": round((time.monotonic() - started) / max(result.duration, 1e-6), 4),
-                             "mp4t.segments": len(result.segments), "mp4t.detected_language": result.language})
-    return Output(result, result.duration, fields={"processed_s": result.duration})
+                             "mp4t.segments": len(result.segments), "mp4t.detected_language": result.language,
+                             "mp4t.model": result.model})
+    return Output(result, result.duration, fields={"processed_s": result.duration, **_warnings(result, s, run.job)},
+                  log={"model": result.model, "language": result.language,
+                       "language_probability": result.language_probability})
 
 
 def diarization_pipeline(s: Settings) -> Any:

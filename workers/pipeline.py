@@ -279,10 +279,12 @@ def _succeeded(spec: JobStage, run: StageRun, out: Output, msg_id: str, started:
     if done is None:
         finished(spec.actor, "lost_claim", started)
         return
-    rtf = processed(spec.actor, spec.model(s), out.media_s, time.monotonic() - started)
+    log = dict(out.log)
+    model = log.pop("model", None) or spec.model(s)  # the model that ran, where the stage chose one
+    rtf = processed(spec.actor, model, out.media_s, time.monotonic() - started)
     tracing.set_attributes(**{"mp4t.rtf": round(rtf, 4)})
     finished(spec.actor, spec.done, started, media_duration_s=round(out.media_s, 3), rtf=round(rtf, 4),
-             model=spec.model(s), **out.log)
+             model=model, **log)
 
 
 # ---------------------------------------------------------------- media preparation

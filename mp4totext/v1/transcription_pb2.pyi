@@ -112,7 +112,7 @@ class DiarizationConfig(_message.Message):
     def __init__(self, enable_speaker_diarization: _Optional[bool] = ..., min_speaker_count: _Optional[int] = ..., max_speaker_count: _Optional[int] = ...) -> None: ...
 
 class TranscriptionConfig(_message.Message):
-    __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority", "diarization_config", "task", "initial_prompt", "hotwords")
+    __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority", "diarization_config", "task", "initial_prompt", "hotwords", "model", "expected_language_codes")
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENABLE_VAD_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,8 @@ class TranscriptionConfig(_message.Message):
     TASK_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LANGUAGE_CODES_FIELD_NUMBER: _ClassVar[int]
     language_code: str
     beam_size: int
     enable_vad: bool
@@ -131,7 +133,9 @@ class TranscriptionConfig(_message.Message):
     task: TranscriptionTask
     initial_prompt: str
     hotwords: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, language_code: _Optional[str] = ..., beam_size: _Optional[int] = ..., enable_vad: _Optional[bool] = ..., enable_word_time_offsets: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ..., diarization_config: _Optional[_Union[DiarizationConfig, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: str
+    expected_language_codes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, language_code: _Optional[str] = ..., beam_size: _Optional[int] = ..., enable_vad: _Optional[bool] = ..., enable_word_time_offsets: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ..., diarization_config: _Optional[_Union[DiarizationConfig, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., expected_language_codes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Word(_message.Message):
     __slots__ = ("word", "start_offset", "end_offset", "probability", "speaker_label")
@@ -148,7 +152,7 @@ class Word(_message.Message):
     def __init__(self, word: _Optional[str] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., probability: _Optional[float] = ..., speaker_label: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("id", "start_offset", "end_offset", "text", "words", "avg_logprob", "no_speech_probability", "speaker_label")
+    __slots__ = ("id", "start_offset", "end_offset", "text", "words", "avg_logprob", "no_speech_probability", "speaker_label", "language_code")
     ID_FIELD_NUMBER: _ClassVar[int]
     START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     END_OFFSET_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +161,7 @@ class Segment(_message.Message):
     AVG_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     NO_SPEECH_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_LABEL_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     id: int
     start_offset: _duration_pb2.Duration
     end_offset: _duration_pb2.Duration
@@ -165,7 +170,18 @@ class Segment(_message.Message):
     avg_logprob: float
     no_speech_probability: float
     speaker_label: str
-    def __init__(self, id: _Optional[int] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., text: _Optional[str] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., avg_logprob: _Optional[float] = ..., no_speech_probability: _Optional[float] = ..., speaker_label: _Optional[str] = ...) -> None: ...
+    language_code: str
+    def __init__(self, id: _Optional[int] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., text: _Optional[str] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., avg_logprob: _Optional[float] = ..., no_speech_probability: _Optional[float] = ..., speaker_label: _Optional[str] = ..., language_code: _Optional[str] = ...) -> None: ...
+
+class LanguageShare(_message.Message):
+    __slots__ = ("language_code", "duration", "probability")
+    LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    language_code: str
+    duration: _duration_pb2.Duration
+    probability: float
+    def __init__(self, language_code: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Speaker(_message.Message):
     __slots__ = ("speaker_label", "speaking_duration", "word_count")
@@ -190,7 +206,7 @@ class DiarizationInfo(_message.Message):
     def __init__(self, state: _Optional[_Union[DiarizationState, str]] = ..., error_message: _Optional[str] = ..., processing_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., pipeline: _Optional[str] = ...) -> None: ...
 
 class TranscriptionResult(_message.Message):
-    __slots__ = ("text", "language_code", "language_probability", "duration", "segments", "model", "processing_duration", "speech_duration", "speakers", "speaker_count", "diarization", "task")
+    __slots__ = ("text", "language_code", "language_probability", "duration", "segments", "model", "processing_duration", "speech_duration", "speakers", "speaker_count", "diarization", "task", "language_uncertain", "languages")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +219,8 @@ class TranscriptionResult(_message.Message):
     SPEAKER_COUNT_FIELD_NUMBER: _ClassVar[int]
     DIARIZATION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGES_FIELD_NUMBER: _ClassVar[int]
     text: str
     language_code: str
     language_probability: float
@@ -215,7 +233,9 @@ class TranscriptionResult(_message.Message):
     speaker_count: int
     diarization: DiarizationInfo
     task: TranscriptionTask
-    def __init__(self, text: _Optional[str] = ..., language_code: _Optional[str] = ..., language_probability: _Optional[float] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., model: _Optional[str] = ..., processing_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speech_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ..., speaker_count: _Optional[int] = ..., diarization: _Optional[_Union[DiarizationInfo, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ...) -> None: ...
+    language_uncertain: bool
+    languages: _containers.RepeatedCompositeFieldContainer[LanguageShare]
+    def __init__(self, text: _Optional[str] = ..., language_code: _Optional[str] = ..., language_probability: _Optional[float] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., model: _Optional[str] = ..., processing_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speech_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ..., speaker_count: _Optional[int] = ..., diarization: _Optional[_Union[DiarizationInfo, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., language_uncertain: _Optional[bool] = ..., languages: _Optional[_Iterable[_Union[LanguageShare, _Mapping]]] = ...) -> None: ...
 
 class Transcription(_message.Message):
     __slots__ = ("name", "media", "config", "state", "stage", "progress_percent", "processed_duration", "attempt_count", "error_message", "result", "create_time", "update_time", "start_time", "end_time", "request_id", "cancel_requested", "sequence", "error_reason", "warnings")
@@ -374,7 +394,7 @@ class GetCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("model", "multilingual", "translation_available", "diarization_available", "diarization_unavailable_reason", "export_formats", "max_upload_bytes", "max_media_duration", "max_beam_size")
+    __slots__ = ("model", "multilingual", "translation_available", "diarization_available", "diarization_unavailable_reason", "export_formats", "max_upload_bytes", "max_media_duration", "max_beam_size", "models")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MULTILINGUAL_FIELD_NUMBER: _ClassVar[int]
     TRANSLATION_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
@@ -384,6 +404,7 @@ class Capabilities(_message.Message):
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MEDIA_DURATION_FIELD_NUMBER: _ClassVar[int]
     MAX_BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     multilingual: bool
     translation_available: bool
@@ -393,4 +414,17 @@ class Capabilities(_message.Message):
     max_upload_bytes: int
     max_media_duration: _duration_pb2.Duration
     max_beam_size: int
-    def __init__(self, model: _Optional[str] = ..., multilingual: _Optional[bool] = ..., translation_available: _Optional[bool] = ..., diarization_available: _Optional[bool] = ..., diarization_unavailable_reason: _Optional[str] = ..., export_formats: _Optional[_Iterable[_Union[ExportFormat, str]]] = ..., max_upload_bytes: _Optional[int] = ..., max_media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_beam_size: _Optional[int] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, model: _Optional[str] = ..., multilingual: _Optional[bool] = ..., translation_available: _Optional[bool] = ..., diarization_available: _Optional[bool] = ..., diarization_unavailable_reason: _Optional[str] = ..., export_formats: _Optional[_Iterable[_Union[ExportFormat, str]]] = ..., max_upload_bytes: _Optional[int] = ..., max_media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_beam_size: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "multilingual", "language_codes", "translation_available")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MULTILINGUAL_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_CODES_FIELD_NUMBER: _ClassVar[int]
+    TRANSLATION_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    multilingual: bool
+    language_codes: _containers.RepeatedScalarFieldContainer[str]
+    translation_available: bool
+    def __init__(self, name: _Optional[str] = ..., multilingual: _Optional[bool] = ..., language_codes: _Optional[_Iterable[str]] = ..., translation_available: _Optional[bool] = ...) -> None: ...

@@ -9,7 +9,10 @@ import pytest
 from mp4totext import config, samples
 from tests.support import SPEECH_TEXT
 from workers.stages.media import MediaError, extract_audio, load_wav, probe
+from workers.stages.model_files import locate
 from workers.stages.transcribe import TranscribeOptions, load_model, transcribe
+
+TINY = locate("tiny.en", "")  # the package's own directory: nothing to assemble
 
 
 def test_probe_and_extract(speech_mp4: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -46,11 +49,10 @@ def test_bad_media_errors_are_readable(media_dir: pathlib.Path, speech_mp4: path
 
 
 def test_transcribe_real_speech_with_progress(speech_mp4: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    s = config.Settings()
     wav = tmp_path / "a.wav"
     extract_audio(str(speech_mp4), str(wav))
-    model = load_model(s.whisper_model, "cpu", "int8")
-    assert load_model(s.whisper_model, "cpu", "int8") is model  # loaded once per process
+    model = load_model(TINY, "cpu", "int8")
+    assert load_model(TINY, "cpu", "int8") is model  # loaded once per process
     seen: list[float] = []
     result = transcribe(model, load_wav(str(wav)), TranscribeOptions(), seen.append, "tiny.en").to_json()
     assert samples.word_error_rate(SPEECH_TEXT, result["text"]) < 0.35, result["text"]
@@ -60,7 +62,6 @@ def test_transcribe_real_speech_with_progress(speech_mp4: pathlib.Path, tmp_path
 
 
 def test_cancellation_stops_between_segments(speech_mp4: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    s = config.Settings()
     wav = tmp_path / "a.wav"
     extract_audio(str(speech_mp4), str(wav))
 
@@ -74,14 +75,17 @@ def test_cancellation_stops_between_segments(speech_mp4: pathlib.Path, tmp_path:
         raise Stop()
 
     with pytest.raises(Stop):
-        transcribe(load_model(s.whisper_model, "cpu", "int8"), load_wav(str(wav)), TranscribeOptions(), on_progress)
+        transcribe(load_model(TINY, "cpu", "int8"), load_wav(str(wav)), TranscribeOptions(), on_progress)
     assert len(calls) == 1
 
 
-def test_default_model_is_local_tiny_en() -> None:
+def test_default_models_are_packaged_base_and_tiny_en(tmp_path: pathlib.Path) -> None:
     s = config.Settings()
-    assert os.path.isdir(s.whisper_model) and os.path.exists(os.path.join(s.whisper_model, "model.bin"))
-    assert s.model_label == "tiny.en"
+    assert s.model_label == "base,tiny.en"  # multilingual first: a Turkish file works out of the box
+    for source in ("tiny.en", "base"):
+        path = locate(source, tmp_path)
+        assert os.path.isdir(path) and os.path.exists(os.path.join(path, "model.bin")), source
+    assert config.Settings(whisper_model=TINY).model_label == "tiny.en"  # the single-model variable still works
 
 
 def test_config_from_env() -> None:

@@ -6,8 +6,8 @@ from typing import Any
 import numpy as np
 from faster_whisper import WhisperModel
 
-from mp4totext.config import Settings
 from mp4totext.contracts import JobConfig
+from workers.stages.model_files import locate
 from workers.stages.transcribe import TranscribeOptions, transcribe
 
 
@@ -22,7 +22,7 @@ class RecordingModel(WhisperModel):
 
 
 def test_options_of_a_job_are_what_the_recognizer_is_called_with() -> None:
-    model = RecordingModel(Settings().whisper_model, device="cpu", compute_type="int8")
+    model = RecordingModel(locate("tiny.en", ""), device="cpu", compute_type="int8")
     model.calls = []
     config = JobConfig(language="en", beam_size=2, vad=False, word_timestamps=False, task="transcribe",
                        initial_prompt="A lecture about Dramatiq.", hotwords=["Dramatiq", "RabbitMQ"])

