@@ -31,7 +31,7 @@ WINDOW = 30 * SAMPLE_RATE  # Whisper's own window: one encoder pass detects its 
 MIN_SPEECH = SAMPLE_RATE  # a window with less speech than this takes its neighbour's language
 BOUNDARY_SEARCH = int(1.5 * SAMPLE_RATE)  # a run boundary moves to the quietest point this close
 FRAME = SAMPLE_RATE // 10
-REFINE_BELOW = 0.8  # a window detected less surely than this is detected again utterance by utterance
+REFINE_BELOW = 0.9  # a window detected less surely than this is detected again utterance by utterance
 PAUSE = SAMPLE_RATE // 2  # a silence this long separates utterances
 SHORT_SPEECH = 3 * SAMPLE_RATE  # an uncertain stretch with less speech than this takes its neighbour's language
 
