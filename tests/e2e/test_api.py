@@ -310,7 +310,7 @@ def test_create_validation(client: Client, speech_mp4: Any) -> None:
     media = client.upload(str(speech_mp4))
     bad = [
         ({"language_code": "xx-invalid"}, "language_code"),
-        ({"language_code": "tr"}, "only recognises English"),
+        ({"language_code": "tr", "model": "tiny.en"}, "only recognises English"),
         ({"beam_size": 99}, "beam_size"),
         ({"priority": 42}, "priority"),
     ]

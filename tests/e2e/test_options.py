@@ -32,8 +32,10 @@ def media(client: Any, speech_mp4: pathlib.Path) -> Any:
 
 
 @pytest.mark.parametrize("config, field", [
-    ({"task": tpb.TRANSCRIPTION_TASK_TRANSLATE}, "config.task"),
-    ({"language_code": "tr"}, "config.language_code"),
+    ({"task": tpb.TRANSCRIPTION_TASK_TRANSLATE, "model": "tiny.en"}, "config.task"),
+    ({"language_code": "tr", "model": "tiny.en"}, "config.language_code"),
+    ({"model": "nope"}, "config.model"),
+    ({"expected_language_codes": ["tr", "zz"]}, "config.expected_language_codes[1]"),
     ({"language_code": "xx-YY"}, "config.language_code"),
     ({"beam_size": 11}, "config.beam_size"),
     ({"initial_prompt": "x" * 1001}, "config.initial_prompt"),

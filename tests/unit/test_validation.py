@@ -12,6 +12,7 @@ from mp4totext.contracts import JobConfig, Priority, broker_priority
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
 from server.errors import ApiError
+from core.models import ModelSet
 from server.validation import export_options, job_config, parse_name, upload_metadata
 
 MULTI, ENGLISH = "base", "tiny.en"
@@ -26,7 +27,7 @@ def unavailable() -> tuple[bool, str]:
 
 
 def check(model: str = MULTI, status: Any = available, **fields: Any) -> tuple[JobConfig, int]:
-    return job_config(tpb.TranscriptionConfig(**fields), model, status)
+    return job_config(tpb.TranscriptionConfig(**fields), ModelSet.of(model), status)
 
 
 def refused(code: grpc.StatusCode, fn: Any, *args: Any, **kwargs: Any) -> str:
