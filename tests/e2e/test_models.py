@@ -22,6 +22,20 @@ def test_assembles_once_and_reuses(tmp_path: pathlib.Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+def test_workers_starting_together_assemble_once(tmp_path: pathlib.Path) -> None:
+    """Three processes on one empty models directory: one assembles, the others wait and reuse it."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(3, mp_context=ctx) as pool:
+        paths = list(pool.map(assemble, ["base"] * 3, [str(tmp_path)] * 3))
+    assert len(set(paths)) == 1
+    target = pathlib.Path(paths[0])
+    assert (target / "model.bin").stat().st_size > 100_000_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whisper-base", "whisper-base.lock"]
+
+
 def test_unknown_model_is_a_clear_error(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ModelFilesMissing, match="no packaged model"):
         assemble("huge", tmp_path)

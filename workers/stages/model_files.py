@@ -10,6 +10,7 @@ it wrote. Nothing is ever fetched from the network.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import importlib.metadata as md
 import json
@@ -50,9 +51,20 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def assemble(name: str, root: str | os.PathLike[str]) -> str:
-    """The directory of model ``name`` ("base") under ``root``, assembled on first use."""
+    """The directory of model ``name`` ("base") under ``root``, assembled on first use.
+
+    Workers starting together on one models directory take turns (a file lock): the second
+    finds the first one's manifest and never replaces a directory the first is loading from.
+    """
     if name not in PACKAGES:
         raise ModelFilesMissing(f"no packaged model called {name!r}; packaged: {', '.join(sorted(PACKAGES))}")
+    pathlib.Path(root).mkdir(parents=True, exist_ok=True)
+    with open(pathlib.Path(root) / f"whisper-{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _assemble(name, root)
+
+
+def _assemble(name: str, root: str | os.PathLike[str]) -> str:
     files = _files(name)
     parts = sorted(k for k in files if k.startswith("model.bin.part"))
     if not parts or "config.json" not in files:
