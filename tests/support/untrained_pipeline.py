@@ -1,13 +1,14 @@
 """Build a pyannote speaker-diarization pipeline directory with UNTRAINED weights.
 
-Pretrained pipelines cannot be downloaded everywhere (CI, air-gapped hosts). This writes a
-directory in exactly the layout of ``pyannote/speaker-diarization-community-1``
-(``config.yaml`` + ``segmentation/pytorch_model.bin`` + ``embedding/pytorch_model.bin`` +
-``plda/{xvec_transform,plda}.npz``) from pyannote's own model classes (PyanNet
-segmentation, WeSpeaker ResNet34 embedding) with random weights, so the real stage code
-loads it through ``Pipeline.from_pretrained(dir)`` and runs real inference on real audio.
-Its speaker labels are meaningless; its output shape and timing are real. Used by the
-tests, the benchmark and ``mp4totext diarization-selftest``. Never point production at it.
+This exercises the path an operator takes with their own pipeline directory
+(``MP4T_DIARIZATION_PIPELINE=/path/to/dir``): it writes a directory in exactly the layout of
+``pyannote/speaker-diarization-community-1`` (``config.yaml`` + ``segmentation/pytorch_model.bin``
++ ``embedding/pytorch_model.bin`` + ``plda/{xvec_transform,plda}.npz``) from pyannote's own model
+classes (PyanNet segmentation, WeSpeaker ResNet34 embedding) with random weights, so
+``Pipeline.from_pretrained(dir)`` loads it through the real code. Its speaker labels are
+meaningless: the quality tests use the pretrained built-in ``offline`` pipeline instead
+(workers/stages/campplus.py). Used by tests/unit/test_offline_diarization.py and bench/bench.py.
+Never point production at it.
 """
 from __future__ import annotations
 

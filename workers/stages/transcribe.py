@@ -69,7 +69,7 @@ class ModelUnavailable(RuntimeError):
     """The configured model cannot be loaded (an operator problem)."""
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)  # every model of a configured set stays loaded
 def load_model(model: str, device: str = "auto", compute_type: str = "default", cpu_threads: int = 0,
                download_root: str = "", local_files_only: bool = True) -> Any:
     """Load a WhisperModel once per process (cached by its settings)."""
