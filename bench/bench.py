@@ -12,8 +12,8 @@
    server, same run: upload time, end-to-end time and unary RPC (GetMedia) p50 latency.
 5. Speaker recognition on a 33 s two-voice dialogue on CPU: the diarize worker's stage time
    and real-time factor, its peak RSS, against the bare pyannote pipeline call on the same
-   waveform in this process. Pretrained weights cannot be downloaded here, so the pipeline
-   has pyannote's community-1 architecture with untrained weights (same compute).
+   waveform in this process, both with the default offline pretrained pipeline
+   (segmentation-3.0 + CAM++).
 
 Targets: e2e/bare <= 1.15 embedded, <= 1.25 with RabbitMQ + S3; upload >= 0.8 of direct put;
 server RSS growth < 64 MiB for a 256 MiB upload; HAProxy adds <= 10 % to upload time and
@@ -235,20 +235,18 @@ def diarization_figures(env: dict[str, str], target: str, key: str, tmp: pathlib
     if importlib.util.find_spec("pyannote.audio") is None:
         return [("speaker recognition", "skipped: pip install -e '.[diarize]'")]
     from mp4totext.v1 import transcription_pb2 as tpb
-    from tests.support.untrained_pipeline import build
-    from workers.stages.diarize import load_pipeline
+    from workers.stages.diarize import OFFLINE, load_pipeline
     from workers.stages.media import extract_audio, load_wav
 
-    pipeline_dir = build(tmp / "pipeline")
     dialogue, _truth = samples.make_dialogue(str(tmp / "dialogue.m4a"))
     worker = Proc("worker-diarize", [*CLI, "worker", "--queues", "diarize"],
-                  {**env, "MP4T_DIARIZATION_PIPELINE": str(pipeline_dir)}, log_dir)
+                  {**env, "MP4T_DIARIZATION_PIPELINE": OFFLINE}, log_dir)
     procs.append(worker)
     wait_for(lambda: "worker_started" in worker.log() or not worker.alive(), 180, "diarize worker")
     # Baseline: the bare pipeline on the same waveform, in this process (loaded once, warm run).
     extract_audio(dialogue, str(tmp / "dialogue.wav"), "ffmpeg")
     audio = load_wav(str(tmp / "dialogue.wav"))
-    pipe = load_pipeline(str(pipeline_dir), "cpu", "", config.Settings().diarization_batch_size)
+    pipe = load_pipeline(OFFLINE, "cpu", "", config.Settings().diarization_batch_size)
     import torch
 
     waveform = {"waveform": torch.from_numpy(audio)[None], "sample_rate": 16000}

@@ -46,8 +46,10 @@ def _queues(args: argparse.Namespace) -> list[str]:
 
 
 def _transcribe(args: argparse.Namespace, port: int, key: str) -> int:
-    client_args = argparse.Namespace(server=f"127.0.0.1:{port}", api_key=key, language="", priority="normal",
-                                     format="text", output=None, file=args.file,
+    client_args = argparse.Namespace(server=f"127.0.0.1:{port}", api_key=key,
+                                     language=getattr(args, "language", ""), expect=getattr(args, "expect", None),
+                                     priority="normal", format=getattr(args, "format", "text"), output=None,
+                                     file=args.file,
                                      speakers=getattr(args, "speakers", False),
                                      min_speakers=getattr(args, "min_speakers", 0),
                                      max_speakers=getattr(args, "max_speakers", 0))
