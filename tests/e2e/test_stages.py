@@ -86,6 +86,7 @@ def test_default_models_are_packaged_base_and_tiny_en(tmp_path: pathlib.Path) ->
         path = locate(source, tmp_path)
         assert os.path.isdir(path) and os.path.exists(os.path.join(path, "model.bin")), source
     assert config.Settings(whisper_model=TINY).model_label == "tiny.en"  # the single-model variable still works
+    assert s.diarization_pipeline == "offline"  # speaker recognition on pretrained weights, no account needed
 
 
 def test_config_from_env() -> None:
