@@ -38,7 +38,10 @@ class ModelSpec:
 
     @property
     def languages(self) -> list[str]:
-        return ["en"] if self.english_only else sorted(WHISPER_LANGUAGES)
+        """What it recognises: Cantonese ("yue") has a token only in large-v3 models."""
+        if self.english_only:
+            return ["en"]
+        return sorted(WHISPER_LANGUAGES if "large-v3" in self.name else WHISPER_LANGUAGES - {"yue"})
 
 
 def parse(sources: str) -> list[ModelSpec]:
@@ -101,6 +104,12 @@ class ModelSet:
             return (f"config.model={requested!r} is not a model of this server; it has {self.label} "
                     "(see GetCapabilities), or leave it empty to route automatically")
         candidates = [self.by_name[requested]] if requested else self.specs
+        known = {lang for s in candidates for lang in s.languages}
+        for field, codes in (("language_code", [language] if language else []), ("expected_language_codes", expected)):
+            unknown = [c for c in codes if c not in known and c != "en"]
+            if unknown and any(s.multilingual for s in candidates):
+                return (f"config.{field}: no model of this server recognises {', '.join(unknown)} "
+                        f"(see GetCapabilities.models)")
         if not any(s.multilingual for s in candidates):
             which = f"the model {requested}" if requested else f"the server's model {self.label}"
             if task == "translate":

@@ -20,6 +20,8 @@ def test_assembles_once_and_reuses(tmp_path: pathlib.Path) -> None:
     assert pathlib.Path(assemble("base", tmp_path)) == first
     assert (first / "model.bin").stat().st_mtime_ns == stamp  # not written again
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    (tmp_path / "whisper-base.lock").unlink()  # review finding: an assembled (read-only) dir is only read
+    assert pathlib.Path(assemble("base", tmp_path)) == first and not (tmp_path / "whisper-base.lock").exists()
 
 
 def test_workers_starting_together_assemble_once(tmp_path: pathlib.Path) -> None:

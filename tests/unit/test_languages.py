@@ -49,7 +49,7 @@ def test_a_hint_narrows_detection_and_renormalises() -> None:
 
 
 def w(a: float, b: float, lang: str | None, p: float = 0.95, speech: float | None = None) -> Detected:
-    return Detected(int(a * S), int(b * S), lang, p, p, int((b - a if speech is None else speech) * S))
+    return Detected(int(a * S), int(b * S), lang, p, raw=p, speech=int((b - a if speech is None else speech) * S))
 
 
 def test_runs_follow_confident_switches_and_keep_uncertain_long_stretches() -> None:
@@ -72,3 +72,26 @@ def test_utterances_are_cut_in_the_middle_of_pauses() -> None:
     mask[0:3 * S] = mask[4 * S:6 * S] = mask[int(6.2 * S):9 * S] = True  # a 1 s pause, then a 0.2 s one
     assert [(a / S, b / S) for a, b in _utterances(0, 10 * S, mask)] == [(0, 3.5), (3.5, 10)]
     assert _spans([False, True, True, False]) == [(0, 1, False), (1, 3, True), (3, 4, False)]
+
+
+def test_a_short_uncertain_opening_does_not_set_the_language_of_the_file() -> None:
+    """Review finding: a cough detected as Welsh at the start made the first run Welsh."""
+    runs = language_runs([w(0, 2, None, 0.0, 0), w(2, 4, "cy", 0.3, speech=1.5), w(4, 60, "en", 0.98)], 0.5, "en")
+    assert [(r.start / S, r.end / S, r.language) for r in runs] == [(0, 60, "en")]
+    assert runs[0].probability == pytest.approx(0.98) and runs[0].detected
+
+
+def test_silence_is_not_reported_as_an_uncertain_language() -> None:
+    from workers.stages.transcribe import TranscribeOptions, _result
+
+    runs = language_runs([w(0, 30, None, 0.0, 0)], 0.5, "en")
+    assert not runs[0].detected
+    r = _result([], runs, np.zeros(30 * S, dtype=np.float32), TranscribeOptions(), "tiny.en", 0.0, 0.0, 0.5)
+    assert r.language == "en" and not r.language_uncertain and r.languages == []
+
+
+def test_languages_a_model_lacks_are_refused_and_unscored_hints_are_undecided() -> None:
+    assert "yue" not in BOTH.by_name["base"].languages and len(BOTH.by_name["base"].languages) == 99
+    assert "no model of this server recognises yue" in BOTH.check(None, None, ["yue", "zh"], "transcribe")
+    assert "yue" in parse("/models/whisper-large-v3")[0].languages
+    assert constrain({"en": 0.9}, ("tr", "de")) == ("tr", 0.0)

@@ -53,18 +53,28 @@ def _sha256(path: pathlib.Path) -> str:
 def assemble(name: str, root: str | os.PathLike[str]) -> str:
     """The directory of model ``name`` ("base") under ``root``, assembled on first use.
 
-    Workers starting together on one models directory take turns (a file lock): the second
-    finds the first one's manifest and never replaces a directory the first is loading from.
+    A directory assembled before (an image layer, a read-only volume) is used without writing
+    anything. Otherwise workers starting together on one models directory take turns (a file
+    lock): the second finds the first one's manifest and never replaces a directory the first
+    is loading from.
     """
     if name not in PACKAGES:
         raise ModelFilesMissing(f"no packaged model called {name!r}; packaged: {', '.join(sorted(PACKAGES))}")
-    pathlib.Path(root).mkdir(parents=True, exist_ok=True)
-    with open(pathlib.Path(root) / f"whisper-{name}.lock", "a") as lock:
+    if _ready(name, root):
+        return str(pathlib.Path(root) / f"whisper-{name}")
+    try:
+        pathlib.Path(root).mkdir(parents=True, exist_ok=True)
+        lock = open(pathlib.Path(root) / f"whisper-{name}.lock", "a")
+    except OSError as exc:
+        raise ModelFilesMissing(f"cannot write Whisper {name} into {root} ({exc}); make the directory writable "
+                                "or set MP4T_MODELS_DIR to one that is") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _assemble(name, root)
 
 
-def _assemble(name: str, root: str | os.PathLike[str]) -> str:
+def _ready(name: str, root: str | os.PathLike[str]) -> bool:
+    """Is the model already assembled under ``root`` from the installed packages' files?"""
     files = _files(name)
     parts = sorted(k for k in files if k.startswith("model.bin.part"))
     if not parts or "config.json" not in files:
@@ -72,9 +82,17 @@ def _assemble(name: str, root: str | os.PathLike[str]) -> str:
     target = pathlib.Path(root) / f"whisper-{name}"
     manifest = {k: [f.hash.value if f.hash else "", f.size] for k, f in sorted(files.items())}
     done = target / "manifest.json"
-    if done.exists() and json.loads(done.read_text()) == manifest and \
-            (target / "model.bin").stat().st_size == sum(files[p].size or 0 for p in parts):
-        return str(target)
+    return done.exists() and json.loads(done.read_text()) == manifest and \
+        (target / "model.bin").stat().st_size == sum(files[p].size or 0 for p in parts)
+
+
+def _assemble(name: str, root: str | os.PathLike[str]) -> str:
+    if _ready(name, root):  # another process finished it while this one waited for the lock
+        return str(pathlib.Path(root) / f"whisper-{name}")
+    files = _files(name)
+    parts = sorted(k for k in files if k.startswith("model.bin.part"))
+    target = pathlib.Path(root) / f"whisper-{name}"
+    manifest = {k: [f.hash.value if f.hash else "", f.size] for k, f in sorted(files.items())}
     for key, f in files.items():  # every byte as its wheel recorded it
         if f.hash is None or _sha256(pathlib.Path(str(f.locate()))) != f.hash.value:
             raise ModelFilesMissing(f"{key} of Whisper {name} does not match its package's checksum; "

@@ -99,6 +99,7 @@ class Run:
     end: int
     language: str | None
     probability: float  # detection probability (duration-weighted over its windows); 1 when given
+    detected: bool = True  # False: no stretch of it was detected (silence, or only borrowed stretches)
 
 
 def _recognise(model: Any, audio: np.ndarray, options: TranscribeOptions, language: str | None,
@@ -133,17 +134,18 @@ def _result(segments: list[Segment], runs: list[Run], audio: np.ndarray, options
             speech_s: float, started: float, min_probability: float) -> TranscriptResult:
     shares: dict[str, list[float]] = {}
     for r in runs:
-        if r.language:
+        if r.language and r.detected:  # silence alone says nothing about the language
             seconds = (r.end - r.start) / SAMPLE_RATE
             d, p = shares.setdefault(r.language, [0.0, 0.0])
             shares[r.language] = [d + seconds, p + r.probability * seconds]
     languages = sorted((LanguageShare(language=lang, duration=round(d, 3), probability=round(p / max(d, 1e-9), 4))
                         for lang, (d, p) in shares.items()), key=lambda x: -x.duration)
-    top = languages[0] if languages else LanguageShare(language="", probability=0.0)
+    # No speech detected anywhere: the language it was recognised in, not reported as uncertain.
+    top = languages[0] if languages else LanguageShare(language=runs[0].language or "" if runs else "", probability=0.0)
     return TranscriptResult(
         text=" ".join(s.text for s in segments if s.text).strip(),
         language=top.language, language_probability=top.probability,
-        language_uncertain=bool(top.language) and top.probability < min_probability, languages=languages,
+        language_uncertain=bool(languages) and top.probability < min_probability, languages=languages,
         duration=round(len(audio) / SAMPLE_RATE, 3), speech_duration=round(speech_s, 3), segments=segments,
         model=model, task=options.task, recognition_s=round(time.monotonic() - started, 3))
 
@@ -189,7 +191,7 @@ def constrain(probs: dict[str, float], expected: tuple[str, ...]) -> tuple[str, 
     if expected:
         total = sum(probs.get(lang, 0.0) for lang in expected)
         best = max(expected, key=lambda lang: probs.get(lang, 0.0))
-        return best, (probs.get(best, 0.0) / total if total > 0 else 1.0 / len(expected))
+        return best, (probs.get(best, 0.0) / total if total > 0 else 0.0)  # none of them scored: undecided
     best = max(probs, key=probs.__getitem__)
     return best, probs[best]
 
@@ -204,10 +206,10 @@ def _detect(model: Any, audio: np.ndarray, start: int, end: int, mask: np.ndarra
             expected: tuple[str, ...]) -> Detected:
     speech = audio[start:end] if mask is None else audio[start:end][mask[start:end]]
     if len(speech) < min(MIN_SPEECH, max(end - start, 1)):
-        return Detected(start, end, None, 0.0, 0.0, len(speech))
+        return Detected(start, end, None, 0.0, raw=0.0, speech=len(speech))
     probs = _window_probs(model, speech[:WINDOW])
     language, p = constrain(probs, expected)
-    return Detected(start, end, language, p, probs.get(language, 0.0), len(speech))
+    return Detected(start, end, language, p, raw=probs.get(language, 0.0), speech=len(speech))
 
 
 def _utterances(start: int, end: int, mask: np.ndarray) -> list[tuple[int, int]]:
@@ -271,13 +273,15 @@ def language_runs(windows: list[Detected], min_probability: float, fallback: str
     switch the recognizer's language. Longer uncertain stretches keep their own language and
     their low probability, which the result reports.
     """
-    first = next((w.language for w in windows if w.language), fallback)
+    def own(w: Detected) -> str | None:
+        return w.language if w.language and (w.probability >= min_probability or w.speech >= SHORT_SPEECH) else None
+
+    first = next((own(w) for w in windows if own(w)), next((w.language for w in windows if w.language), fallback))
     runs: list[Run] = []
     weights: list[int] = []  # samples each run's probability is averaged over (its own stretches)
     for w in windows:
-        own = w.language if w.language and (w.probability >= min_probability or w.speech >= SHORT_SPEECH) else None
-        language = own or (runs[-1].language if runs else first)
-        weight = (w.end - w.start) if own else 0  # borrowed stretches do not change the run's confidence
+        language = own(w) or (runs[-1].language if runs else first)
+        weight = (w.end - w.start) if own(w) else 0  # borrowed stretches do not change the run's confidence
         if not runs or runs[-1].language != language:
             runs.append(Run(w.start, w.end, language, 0.0))
             weights.append(0)
@@ -286,6 +290,8 @@ def language_runs(windows: list[Detected], min_probability: float, fallback: str
             prev.probability = (prev.probability * weights[-1] + w.probability * weight) / (weights[-1] + weight)
             weights[-1] += weight
         prev.end = w.end
+    for run, weight in zip(runs, weights):
+        run.detected = weight > 0
     return runs
 
 
