@@ -104,22 +104,19 @@ class ModelSet:
             return (f"config.model={requested!r} is not a model of this server; it has {self.label} "
                     "(see GetCapabilities), or leave it empty to route automatically")
         candidates = [self.by_name[requested]] if requested else self.specs
-        known = {lang for s in candidates for lang in s.languages}
+        multilingual = any(s.multilingual for s in candidates)
+        which = f"the model {requested}" if requested else f"the server's model {self.label}"
+        if task == "translate" and not multilingual:
+            return (f"config.task=TRANSLATE needs a multilingual model; {which} is English-only (its output "
+                    "is already English). Use TRANSCRIBE, or ask the operator for a multilingual model "
+                    "(MP4T_WHISPER_MODELS)")
+        known = {lang for s in candidates for lang in s.languages} | {"en"}
         for field, codes in (("language_code", [language] if language else []), ("expected_language_codes", expected)):
-            unknown = [c for c in codes if c not in known and c != "en"]
-            if unknown and any(s.multilingual for s in candidates):
+            unknown = [c for c in codes if c not in known]
+            if unknown and multilingual:
                 return (f"config.{field}: no model of this server recognises {', '.join(unknown)} "
                         f"(see GetCapabilities.models)")
-        if not any(s.multilingual for s in candidates):
-            which = f"the model {requested}" if requested else f"the server's model {self.label}"
-            if task == "translate":
-                return (f"config.task=TRANSLATE needs a multilingual model; {which} is English-only (its output "
-                        "is already English). Use TRANSCRIBE, or ask the operator for a multilingual model "
-                        "(MP4T_WHISPER_MODELS)")
-            for field, codes in (("language_code", [language] if language else []),
-                                 ("expected_language_codes", expected)):
-                other = [c for c in codes if c != "en"]
-                if other:
-                    return (f"config.{field}: {which} only recognises English, not {', '.join(other)}; use 'en' or "
-                            "another model (GetCapabilities lists them)")
+            if unknown:
+                return (f"config.{field}: {which} only recognises English, not {', '.join(unknown)}; use 'en' or "
+                        "another model (GetCapabilities lists them)")
         return None

@@ -62,8 +62,9 @@ def prepare_audio(media: Media, s: Settings, store: ObjectStore) -> PreparedMedi
     return PreparedMedia(duration, info.format_name, info.audio_codec, key)
 
 
+@functools.lru_cache(maxsize=8)
 def load_spec(s: Settings, spec: ModelSpec) -> Any:
-    """One model of the set, loaded once per process (load_model is cached)."""
+    """One model of the set, loaded once per process: jobs do not re-check the model files."""
     try:
         path = locate(spec.source, s.resolved_models_dir)
     except ModelFilesMissing as exc:

