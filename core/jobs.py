@@ -15,11 +15,13 @@ from typing import Any, Callable
 import peewee as pw
 
 from core import outbox, plan, runtime
+from core.items import items_of, settle_items
 from core.plan import STAGE_PERCENT
 from mp4totext.contracts import (
     TERMINAL_STATES,
     ClaimOutcome,
     DeletedEvent,
+    ItemStatus,
     JobState,
     MediaState,
     ProgressEvent,
@@ -49,11 +51,13 @@ def _fresh(heartbeat: dt.datetime | None, lease_s: float) -> bool:
     return heartbeat is not None and (utcnow() - heartbeat).total_seconds() < lease_s
 
 
-def event_of(job: Transcription, heartbeat: bool = False) -> ProgressEvent:
+def event_of(job: Transcription, heartbeat: bool = False, items: list[ItemStatus] | None = None) -> ProgressEvent:
+    if items is None:
+        items = items_of([job.id]).get(job.id, []) if job.ai_items else []
     return ProgressEvent(id=job.id, sequence=job.sequence, state=job.state, stage=job.stage,
                          progress=round(job.progress, 2), processed_s=job.processed_s, duration_s=job.duration_s,
                          error_message=job.error_message, attempts=job.attempts, heartbeat=heartbeat,
-                         time=dt.datetime.now(dt.timezone.utc))
+                         time=dt.datetime.now(dt.timezone.utc), items=items)
 
 
 def publish(job: Transcription) -> None:
@@ -66,8 +70,10 @@ def current_events(job_ids: list[str], chunk: int = 500) -> dict[str, ProgressEv
     found: dict[str, ProgressEvent] = {}
     with connection():
         for i in range(0, len(job_ids), chunk):
-            for job in Transcription.select().where(Transcription.id.in_(job_ids[i:i + chunk])):
-                found[job.id] = event_of(job)
+            rows = list(Transcription.select().where(Transcription.id.in_(job_ids[i:i + chunk])))
+            items = items_of([job.id for job in rows if job.ai_items])
+            for job in rows:
+                found[job.id] = event_of(job, items=items.get(job.id, []))
     return found
 
 
@@ -368,6 +374,8 @@ def _finish(job: Transcription, state: str, reason: str, message: str) -> None:
     else:
         job.error_reason = reason
         job.error_message = message
+    if job.ai_items:
+        settle_items(job, state)
     _bump(job, detail=reason or state)
 
 

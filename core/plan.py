@@ -25,6 +25,7 @@ ROUTES = {
     "transcribe": "high",
     "diarize": "diarize",
     "finalize": "critical",
+    "enhance": "default",  # AI items (core.enhancements), after the transcript exists
     "maintenance": "low",
 }
 

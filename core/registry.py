@@ -45,6 +45,21 @@ def diarization_status() -> tuple[bool, str]:
                    f"Operators: {DIARIZATION_HOW_TO}")
 
 
+AI_HOW_TO = (
+    "run a worker for the default queue (mp4totext worker --queues default) with an OpenAI-compatible model "
+    "configured: MP4T_LLM_MODEL (e.g. gpt-4o-mini, or the model a local llama.cpp/vLLM/Ollama server serves), "
+    "MP4T_LLM_BASE_URL (e.g. http://127.0.0.1:8080/v1; empty = OpenAI) and MP4T_LLM_API_KEY")
+
+
+def ai_status() -> tuple[bool, str, str]:
+    """(available, model, reason): is a worker with a configured LLM alive?"""
+    models = live_capability("ai")
+    if models:
+        return True, sorted(set(models))[0], ""
+    return False, "", ("clean-up, translation, summaries and lecture notes are not available on this server: no "
+                       f"worker has a language model configured. Operators: {AI_HOW_TO}")
+
+
 def forget_dead_workers() -> int:
     with connection():
         return WorkerInfo.delete().where(WorkerInfo.heartbeat_time < utcnow() - FORGET_AFTER).execute()

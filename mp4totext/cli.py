@@ -30,7 +30,7 @@ from rich.progress import (
 )
 
 from mp4totext import config
-from mp4totext.client import Client
+from mp4totext.client import Client, enhancement_requests
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
 
@@ -48,7 +48,8 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.server, key)
 
 
-EXPORT_CHOICES = ["text", "txt", "srt", "vtt", "json", "tsv"]
+EXPORT_CHOICES = ["text", "txt", "srt", "vtt", "json", "tsv", "md"]
+ITEM_CHOICES = ["cleanup", "translation", "summary", "lecture_notes"]
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -68,6 +69,9 @@ def _config(args: argparse.Namespace) -> dict:
         cfg["beam_size"] = args.beam_size
     if getattr(args, "no_vad", False):
         cfg["enable_vad"] = False
+    items = _items(args)
+    if items:
+        cfg["enhancements"] = items
     if getattr(args, "speakers", False) or getattr(args, "min_speakers", 0) or getattr(args, "max_speakers", 0):
         cfg["diarization_config"] = tpb.DiarizationConfig(
             enable_speaker_diarization=True, min_speaker_count=args.min_speakers or 0,
@@ -84,10 +88,26 @@ def _write(args: argparse.Namespace, data: bytes) -> None:
         sys.stdout.flush()
 
 
+def _items(args: argparse.Namespace) -> list:
+    translate = [c.strip() for c in (getattr(args, "translate_to", None) or "").split(",") if c.strip()]
+    return enhancement_requests(getattr(args, "cleanup", False), translate, getattr(args, "summary", False),
+                                getattr(args, "notes", False), getattr(args, "ai_language", "") or "")
+
+
 def _export(client: Client, args: argparse.Namespace, name: str) -> bytes:
     fmt = "txt" if args.format == "text" else args.format
     return client.export(name, fmt, getattr(args, "max_line_length", 0) or 0,
-                         getattr(args, "max_lines", 0) or 0, getattr(args, "max_caption_seconds", 0.0) or 0.0)
+                         getattr(args, "max_lines", 0) or 0, getattr(args, "max_caption_seconds", 0.0) or 0.0,
+                         kind=getattr(args, "item", "") or "", language=getattr(args, "item_language", "") or "")
+
+
+def _items_report(job: tpb.Transcription) -> None:
+    for e in job.enhancements:
+        kind = tpb.EnhancementKind.Name(e.kind).removeprefix("ENHANCEMENT_KIND_").lower()
+        state = tpb.EnhancementState.Name(e.state).removeprefix("ENHANCEMENT_STATE_")
+        lang = f" {e.target_language_code}" if e.target_language_code else ""
+        why = f": {e.error_message}" if e.error_message else ""
+        stderr.print(f"{kind}{lang}: {state} ({e.usage.prompt_tokens}+{e.usage.completion_tokens} tokens){why}")
 
 
 stderr = Console(stderr=True, highlight=False)
@@ -133,6 +153,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             return 1
         for warning in job.warnings:
             stderr.print(f"warning: {warning}")
+        _items_report(job)
         _write(args, _export(client, args, job.name))
         r = job.result
         speakers = f" speakers={r.speaker_count}" if r.speaker_count else ""
@@ -140,6 +161,20 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         stderr.print(f"language={r.language_code} ({r.language_probability:.2f}){mixed} model={r.model} "
                      f"duration={r.duration.ToTimedelta()} processing={r.processing_duration.ToTimedelta()}{speakers}")
     return 0
+
+
+def cmd_enhance(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        items = _items(args)
+        if not items:
+            stderr.print("nothing asked: give --cleanup, --translate-to, --summary or --notes")
+            return 2
+        job = client.enhance(args.name, items)
+        _watch(client, job.name)
+        job = client.get(job.name, basic=True)
+        _items_report(job)
+        failed = [e for e in job.enhancements if e.state != tpb.ENHANCEMENT_STATE_SUCCEEDED]
+    return 1 if failed else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -206,6 +241,13 @@ def add_commands(sub: Any) -> None:
         sp.add_argument("--max-caption-seconds", type=float, default=0.0, help="subtitles: longest caption (6)")
         sp.add_argument("-o", "--output", help="write here instead of stdout")
 
+    def ai_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--cleanup", action="store_true", help="AI clean-up of the transcript (punctuation, fillers)")
+        sp.add_argument("--translate-to", help="AI translation into these languages, e.g. en,de")
+        sp.add_argument("--summary", action="store_true", help="AI summary (decisions and action items for meetings)")
+        sp.add_argument("--notes", action="store_true", help="AI lecture notes")
+        sp.add_argument("--ai-language", default="", help="language of the summary/notes (default: the transcript's)")
+
     sp = sub.add_parser("transcribe", help="upload FILE, watch progress, print or save the transcript")
     sp.add_argument("file")
     sp.add_argument("--language", default="", help="BCP-47 code or 'auto' (default)")
@@ -221,12 +263,21 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--hotword", action="append", help="custom vocabulary (repeat for several)")
     sp.add_argument("--beam-size", type=int, default=0)
     sp.add_argument("--no-vad", action="store_true", help="do not skip silence")
+    ai_args(sp)
     export_args(sp)
     client_args(sp)
     sp.set_defaults(fn=cmd_transcribe)
 
-    sp = sub.add_parser("export", help="download transcriptions/ID as txt, srt, vtt, json or tsv")
+    sp = sub.add_parser("enhance", help="ask for AI items on transcriptions/ID and watch them")
     sp.add_argument("name")
+    ai_args(sp)
+    client_args(sp)
+    sp.set_defaults(fn=cmd_enhance)
+
+    sp = sub.add_parser("export", help="download transcriptions/ID (or one of its AI items) as a file")
+    sp.add_argument("name")
+    sp.add_argument("--item", choices=ITEM_CHOICES, help="export this AI item instead of the transcript")
+    sp.add_argument("--item-language", default="", help="the AI item's target language (translations)")
     export_args(sp)
     client_args(sp)
     sp.set_defaults(fn=cmd_export)

@@ -19,6 +19,25 @@ from mp4totext.v1 import transcription_pb2 as tpb
 CHUNK = 1024 * 1024  # the server's per-message limit
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TERMINAL = (tpb.TRANSCRIPTION_STATE_SUCCEEDED, tpb.TRANSCRIPTION_STATE_FAILED, tpb.TRANSCRIPTION_STATE_CANCELLED)
+ITEM_TERMINAL = (tpb.ENHANCEMENT_STATE_SUCCEEDED, tpb.ENHANCEMENT_STATE_FAILED, tpb.ENHANCEMENT_STATE_CANCELLED)
+
+
+def ended(ev: tpb.WatchTranscriptionResponse) -> bool:
+    """The last event of a Watch: the job ended and so did each of its AI items."""
+    return ev.state in TERMINAL and all(i.state in ITEM_TERMINAL for i in ev.enhancements)
+
+
+def enhancement_requests(cleanup: bool = False, translate: list[str] | None = None, summary: bool = False,
+                         notes: bool = False, language: str = "") -> list[tpb.EnhancementRequest]:
+    """AI items: a clean-up, translations into ``translate``, a summary and lecture notes (in ``language``,
+    default the transcript's)."""
+    out = [tpb.EnhancementRequest(kind=tpb.ENHANCEMENT_KIND_CLEANUP)] if cleanup else []
+    out += [tpb.EnhancementRequest(kind=tpb.ENHANCEMENT_KIND_TRANSLATION, target_language_code=code)
+            for code in translate or []]
+    for wanted, kind in ((summary, tpb.ENHANCEMENT_KIND_SUMMARY), (notes, tpb.ENHANCEMENT_KIND_LECTURE_NOTES)):
+        if wanted:
+            out.append(tpb.EnhancementRequest(kind=kind, target_language_code=language))
+    return out
 
 
 RETRY_BUDGET_S = 60.0  # outlasts a broker or server restart (seen: the API back 7-14 s after RabbitMQ)
@@ -153,7 +172,7 @@ class Client:
                     if not ev.heartbeat:
                         last = max(last, ev.sequence)
                     yield ev
-                    if ev.state in TERMINAL:
+                    if ended(ev):
                         return
                 # Stream ended without a terminal event (server shut down): resume.
             except grpc.RpcError as exc:
@@ -163,12 +182,22 @@ class Client:
             failures += 1
             time.sleep(backoff(failures))
 
+    def enhance(self, name: str, items: list[tpb.EnhancementRequest], request_id: str | None = None,
+                ) -> tpb.Transcription:
+        """Ask for AI items on a transcription (idempotent by request_id)."""
+        req = tpb.EnhanceTranscriptionRequest(name=name, enhancements=items, request_id=request_id or str(uuid.uuid4()))
+        return self.call(self.transcriptions.EnhanceTranscription, req)
+
     def export(self, name: str, fmt: str, max_line_length: int = 0, max_lines_per_caption: int = 0,
-               max_caption_s: float = 0.0) -> bytes:
-        """Download a SUCCEEDED transcription as txt, srt, vtt, json or tsv (whole stream retried)."""
+               max_caption_s: float = 0.0, kind: str = "", language: str = "") -> bytes:
+        """Download a SUCCEEDED transcription as txt, srt, vtt, json or tsv (whole stream retried),
+        or one of its AI items (``kind``: cleanup, translation, summary, lecture_notes; md for documents)."""
+        fmt = "markdown" if fmt == "md" else fmt
         req = tpb.ExportTranscriptionRequest(
             name=name, format=tpb.ExportFormat.Value(f"EXPORT_FORMAT_{fmt.upper()}"),
-            max_line_length=max_line_length, max_lines_per_caption=max_lines_per_caption)
+            max_line_length=max_line_length, max_lines_per_caption=max_lines_per_caption,
+            enhancement_kind=tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{kind.upper()}") if kind else 0,
+            target_language_code=language)
         if max_caption_s:
             req.max_caption_duration.CopyFrom(duration_pb2.Duration(seconds=int(max_caption_s),
                                                                     nanos=int(max_caption_s % 1 * 1e9)))

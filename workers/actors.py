@@ -23,7 +23,7 @@ from mp4totext.contracts import Stage, TranscriptResult
 from observability import tracing
 from storage.db import Media
 from storage.objects import ObjectStore, audio_key
-from workers import maintenance
+from workers import ai_runner, maintenance
 from workers.pipeline import (
     JobFailed,
     JobStage,
@@ -168,10 +168,11 @@ def register(broker: dramatiq.Broker, s: Settings) -> dict[str, dramatiq.Actor]:
     retry = {"max_retries": max_retries, "min_backoff": s.retry_min_backoff_ms, "max_backoff": s.retry_max_backoff_ms,
              "throws": (JobFailed,)}
     limits_s = {"prepare_media": s.prepare_time_limit_s, "transcribe": s.job_time_limit_s + 60,
-                "diarize": s.diarization_time_limit_s + 60, "finalize": 60, "maintenance": 600}
+                "diarize": s.diarization_time_limit_s + 60, "finalize": 60, "maintenance": 600,
+                "enhance": s.ai_time_limit_s + 60}
     functions: dict[str, Callable[[str], None]] = {
         "prepare_media": _prepare_media, "transcribe": _job_actor(TRANSCRIBE), "diarize": _job_actor(DIARIZE),
-        "finalize": finalize, "maintenance": maintenance.sweep}
+        "finalize": finalize, "maintenance": maintenance.sweep, "enhance": ai_runner.run_enhancement}
     return {name: dramatiq.actor(fn, actor_name=name, queue_name=ROUTES[name], broker=broker,
                                  time_limit=limits_s[name] * 1000, **retry)
             for name, fn in functions.items()}

@@ -57,6 +57,8 @@ def _capabilities(settings: Settings, queues: list[str],
             metrics.MODEL_LOAD.labels("diarization", label).set(seconds)
             log.info("diarization_pipeline_loaded", pipeline=label, seconds=round(seconds, 3))
             capabilities["diarization"] = label
+    if "default" in queues and settings.ai_enabled:
+        capabilities["ai"] = settings.llm_model  # servers accept AI items while such a worker lives
     return queues, capabilities, unavailable
 
 

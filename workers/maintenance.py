@@ -6,7 +6,7 @@ import threading
 
 import structlog
 
-from core import jobs, plan, registry, runtime
+from core import enhancements, jobs, plan, registry, runtime
 from core.queue import enqueue
 from mp4totext.contracts import Priority, broker_priority
 
@@ -20,14 +20,17 @@ def sweep(_unused: str = "") -> None:
     structlog.contextvars.bind_contextvars(stage="maintenance")
     aborted = rt.store.abort_stale_uploads(dt.timedelta(seconds=s.stale_upload_s))
     stuck_media, stuck_jobs = jobs.stuck(dt.timedelta(seconds=s.stuck_after_s))
+    stuck_items = enhancements.stuck(dt.timedelta(seconds=s.stuck_after_s))
     registry.forget_dead_workers()
     # Recovered work continues the trace it belongs to.
     for m in stuck_media:
         enqueue("prepare_media", m.id, broker_priority(Priority.NORMAL), m.trace_context)
     for j in stuck_jobs:
         enqueue(plan.actor_for(j.stage), j.id, j.priority, j.trace_context)
+    for item_id, priority, trace_context in stuck_items:
+        enqueue(enhancements.ACTOR, item_id, priority, trace_context)
     log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted,
-             requeued=len(stuck_media) + len(stuck_jobs))
+             requeued=len(stuck_media) + len(stuck_jobs) + len(stuck_items))
 
 
 def schedule(interval_s: float, stop: threading.Event) -> threading.Thread:

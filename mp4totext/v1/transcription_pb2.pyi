@@ -45,6 +45,24 @@ class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EXPORT_FORMAT_VTT: _ClassVar[ExportFormat]
     EXPORT_FORMAT_JSON: _ClassVar[ExportFormat]
     EXPORT_FORMAT_TSV: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_MARKDOWN: _ClassVar[ExportFormat]
+
+class EnhancementKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENHANCEMENT_KIND_UNSPECIFIED: _ClassVar[EnhancementKind]
+    ENHANCEMENT_KIND_CLEANUP: _ClassVar[EnhancementKind]
+    ENHANCEMENT_KIND_TRANSLATION: _ClassVar[EnhancementKind]
+    ENHANCEMENT_KIND_SUMMARY: _ClassVar[EnhancementKind]
+    ENHANCEMENT_KIND_LECTURE_NOTES: _ClassVar[EnhancementKind]
+
+class EnhancementState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENHANCEMENT_STATE_UNSPECIFIED: _ClassVar[EnhancementState]
+    ENHANCEMENT_STATE_PENDING: _ClassVar[EnhancementState]
+    ENHANCEMENT_STATE_RUNNING: _ClassVar[EnhancementState]
+    ENHANCEMENT_STATE_SUCCEEDED: _ClassVar[EnhancementState]
+    ENHANCEMENT_STATE_FAILED: _ClassVar[EnhancementState]
+    ENHANCEMENT_STATE_CANCELLED: _ClassVar[EnhancementState]
 
 class DiarizationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -88,6 +106,18 @@ EXPORT_FORMAT_SRT: ExportFormat
 EXPORT_FORMAT_VTT: ExportFormat
 EXPORT_FORMAT_JSON: ExportFormat
 EXPORT_FORMAT_TSV: ExportFormat
+EXPORT_FORMAT_MARKDOWN: ExportFormat
+ENHANCEMENT_KIND_UNSPECIFIED: EnhancementKind
+ENHANCEMENT_KIND_CLEANUP: EnhancementKind
+ENHANCEMENT_KIND_TRANSLATION: EnhancementKind
+ENHANCEMENT_KIND_SUMMARY: EnhancementKind
+ENHANCEMENT_KIND_LECTURE_NOTES: EnhancementKind
+ENHANCEMENT_STATE_UNSPECIFIED: EnhancementState
+ENHANCEMENT_STATE_PENDING: EnhancementState
+ENHANCEMENT_STATE_RUNNING: EnhancementState
+ENHANCEMENT_STATE_SUCCEEDED: EnhancementState
+ENHANCEMENT_STATE_FAILED: EnhancementState
+ENHANCEMENT_STATE_CANCELLED: EnhancementState
 DIARIZATION_STATE_UNSPECIFIED: DiarizationState
 DIARIZATION_STATE_NOT_REQUESTED: DiarizationState
 DIARIZATION_STATE_SUCCEEDED: DiarizationState
@@ -101,6 +131,146 @@ TRANSCRIPTION_VIEW_UNSPECIFIED: TranscriptionView
 TRANSCRIPTION_VIEW_BASIC: TranscriptionView
 TRANSCRIPTION_VIEW_FULL: TranscriptionView
 
+class EnhancementRequest(_message.Message):
+    __slots__ = ("kind", "target_language_code")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
+    kind: EnhancementKind
+    target_language_code: str
+    def __init__(self, kind: _Optional[_Union[EnhancementKind, str]] = ..., target_language_code: _Optional[str] = ...) -> None: ...
+
+class TokenUsage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens", "cost")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[float] = ...) -> None: ...
+
+class ActionItem(_message.Message):
+    __slots__ = ("description", "owner")
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    description: str
+    owner: str
+    def __init__(self, description: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+
+class Summary(_message.Message):
+    __slots__ = ("abstract", "key_points", "decisions", "action_items")
+    ABSTRACT_FIELD_NUMBER: _ClassVar[int]
+    KEY_POINTS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    abstract: str
+    key_points: _containers.RepeatedScalarFieldContainer[str]
+    decisions: _containers.RepeatedScalarFieldContainer[str]
+    action_items: _containers.RepeatedCompositeFieldContainer[ActionItem]
+    def __init__(self, abstract: _Optional[str] = ..., key_points: _Optional[_Iterable[str]] = ..., decisions: _Optional[_Iterable[str]] = ..., action_items: _Optional[_Iterable[_Union[ActionItem, _Mapping]]] = ...) -> None: ...
+
+class OutlineItem(_message.Message):
+    __slots__ = ("title", "start_offset", "points")
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    title: str
+    start_offset: _duration_pb2.Duration
+    points: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, title: _Optional[str] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., points: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class KeyTerm(_message.Message):
+    __slots__ = ("term", "definition")
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    term: str
+    definition: str
+    def __init__(self, term: _Optional[str] = ..., definition: _Optional[str] = ...) -> None: ...
+
+class ReviewQuestion(_message.Message):
+    __slots__ = ("question", "answer")
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    answer: str
+    def __init__(self, question: _Optional[str] = ..., answer: _Optional[str] = ...) -> None: ...
+
+class LectureNotes(_message.Message):
+    __slots__ = ("title", "outline", "key_terms", "examples", "review_questions")
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    OUTLINE_FIELD_NUMBER: _ClassVar[int]
+    KEY_TERMS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    title: str
+    outline: _containers.RepeatedCompositeFieldContainer[OutlineItem]
+    key_terms: _containers.RepeatedCompositeFieldContainer[KeyTerm]
+    examples: _containers.RepeatedScalarFieldContainer[str]
+    review_questions: _containers.RepeatedCompositeFieldContainer[ReviewQuestion]
+    def __init__(self, title: _Optional[str] = ..., outline: _Optional[_Iterable[_Union[OutlineItem, _Mapping]]] = ..., key_terms: _Optional[_Iterable[_Union[KeyTerm, _Mapping]]] = ..., examples: _Optional[_Iterable[str]] = ..., review_questions: _Optional[_Iterable[_Union[ReviewQuestion, _Mapping]]] = ...) -> None: ...
+
+class Enhancement(_message.Message):
+    __slots__ = ("id", "kind", "target_language_code", "state", "error_reason", "error_message", "model", "usage", "chunks_done", "chunks_total", "attempt_count", "create_time", "start_time", "end_time", "language_code", "request_id", "request_count", "segments", "summary", "lecture_notes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    LECTURE_NOTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: EnhancementKind
+    target_language_code: str
+    state: EnhancementState
+    error_reason: str
+    error_message: str
+    model: str
+    usage: TokenUsage
+    chunks_done: int
+    chunks_total: int
+    attempt_count: int
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    language_code: str
+    request_id: str
+    request_count: int
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    summary: Summary
+    lecture_notes: LectureNotes
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[EnhancementKind, str]] = ..., target_language_code: _Optional[str] = ..., state: _Optional[_Union[EnhancementState, str]] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., attempt_count: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., language_code: _Optional[str] = ..., request_id: _Optional[str] = ..., request_count: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., lecture_notes: _Optional[_Union[LectureNotes, _Mapping]] = ...) -> None: ...
+
+class EnhancementStatus(_message.Message):
+    __slots__ = ("id", "kind", "target_language_code", "state", "chunks_done", "chunks_total", "error_message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: EnhancementKind
+    target_language_code: str
+    state: EnhancementState
+    chunks_done: int
+    chunks_total: int
+    error_message: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[EnhancementKind, str]] = ..., target_language_code: _Optional[str] = ..., state: _Optional[_Union[EnhancementState, str]] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
 class DiarizationConfig(_message.Message):
     __slots__ = ("enable_speaker_diarization", "min_speaker_count", "max_speaker_count")
     ENABLE_SPEAKER_DIARIZATION_FIELD_NUMBER: _ClassVar[int]
@@ -112,7 +282,7 @@ class DiarizationConfig(_message.Message):
     def __init__(self, enable_speaker_diarization: _Optional[bool] = ..., min_speaker_count: _Optional[int] = ..., max_speaker_count: _Optional[int] = ...) -> None: ...
 
 class TranscriptionConfig(_message.Message):
-    __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority", "diarization_config", "task", "initial_prompt", "hotwords", "model", "expected_language_codes")
+    __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority", "diarization_config", "task", "initial_prompt", "hotwords", "model", "expected_language_codes", "enhancements")
     LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENABLE_VAD_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +294,7 @@ class TranscriptionConfig(_message.Message):
     HOTWORDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_LANGUAGE_CODES_FIELD_NUMBER: _ClassVar[int]
+    ENHANCEMENTS_FIELD_NUMBER: _ClassVar[int]
     language_code: str
     beam_size: int
     enable_vad: bool
@@ -135,7 +306,8 @@ class TranscriptionConfig(_message.Message):
     hotwords: _containers.RepeatedScalarFieldContainer[str]
     model: str
     expected_language_codes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, language_code: _Optional[str] = ..., beam_size: _Optional[int] = ..., enable_vad: _Optional[bool] = ..., enable_word_time_offsets: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ..., diarization_config: _Optional[_Union[DiarizationConfig, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., expected_language_codes: _Optional[_Iterable[str]] = ...) -> None: ...
+    enhancements: _containers.RepeatedCompositeFieldContainer[EnhancementRequest]
+    def __init__(self, language_code: _Optional[str] = ..., beam_size: _Optional[int] = ..., enable_vad: _Optional[bool] = ..., enable_word_time_offsets: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ..., diarization_config: _Optional[_Union[DiarizationConfig, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., initial_prompt: _Optional[str] = ..., hotwords: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., expected_language_codes: _Optional[_Iterable[str]] = ..., enhancements: _Optional[_Iterable[_Union[EnhancementRequest, _Mapping]]] = ...) -> None: ...
 
 class Word(_message.Message):
     __slots__ = ("word", "start_offset", "end_offset", "probability", "speaker_label")
@@ -238,7 +410,7 @@ class TranscriptionResult(_message.Message):
     def __init__(self, text: _Optional[str] = ..., language_code: _Optional[str] = ..., language_probability: _Optional[float] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., model: _Optional[str] = ..., processing_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speech_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., speakers: _Optional[_Iterable[_Union[Speaker, _Mapping]]] = ..., speaker_count: _Optional[int] = ..., diarization: _Optional[_Union[DiarizationInfo, _Mapping]] = ..., task: _Optional[_Union[TranscriptionTask, str]] = ..., language_uncertain: _Optional[bool] = ..., languages: _Optional[_Iterable[_Union[LanguageShare, _Mapping]]] = ...) -> None: ...
 
 class Transcription(_message.Message):
-    __slots__ = ("name", "media", "config", "state", "stage", "progress_percent", "processed_duration", "attempt_count", "error_message", "result", "create_time", "update_time", "start_time", "end_time", "request_id", "cancel_requested", "sequence", "error_reason", "warnings")
+    __slots__ = ("name", "media", "config", "state", "stage", "progress_percent", "processed_duration", "attempt_count", "error_message", "result", "create_time", "update_time", "start_time", "end_time", "request_id", "cancel_requested", "sequence", "error_reason", "warnings", "enhancements", "ai_usage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEDIA_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +430,8 @@ class Transcription(_message.Message):
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_REASON_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    ENHANCEMENTS_FIELD_NUMBER: _ClassVar[int]
+    AI_USAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     media: str
     config: TranscriptionConfig
@@ -277,7 +451,9 @@ class Transcription(_message.Message):
     sequence: int
     error_reason: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., media: _Optional[str] = ..., config: _Optional[_Union[TranscriptionConfig, _Mapping]] = ..., state: _Optional[_Union[TranscriptionState, str]] = ..., stage: _Optional[_Union[TranscriptionStage, str]] = ..., progress_percent: _Optional[float] = ..., processed_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_count: _Optional[int] = ..., error_message: _Optional[str] = ..., result: _Optional[_Union[TranscriptionResult, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., sequence: _Optional[int] = ..., error_reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    enhancements: _containers.RepeatedCompositeFieldContainer[Enhancement]
+    ai_usage: TokenUsage
+    def __init__(self, name: _Optional[str] = ..., media: _Optional[str] = ..., config: _Optional[_Union[TranscriptionConfig, _Mapping]] = ..., state: _Optional[_Union[TranscriptionState, str]] = ..., stage: _Optional[_Union[TranscriptionStage, str]] = ..., progress_percent: _Optional[float] = ..., processed_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attempt_count: _Optional[int] = ..., error_message: _Optional[str] = ..., result: _Optional[_Union[TranscriptionResult, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., sequence: _Optional[int] = ..., error_reason: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., enhancements: _Optional[_Iterable[_Union[Enhancement, _Mapping]]] = ..., ai_usage: _Optional[_Union[TokenUsage, _Mapping]] = ...) -> None: ...
 
 class CreateTranscriptionRequest(_message.Message):
     __slots__ = ("media", "config", "request_id")
@@ -342,7 +518,7 @@ class WatchTranscriptionRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
 class WatchTranscriptionResponse(_message.Message):
-    __slots__ = ("sequence", "state", "stage", "progress_percent", "processed_duration", "media_duration", "heartbeat", "error_message", "event_time", "attempt_count")
+    __slots__ = ("sequence", "state", "stage", "progress_percent", "processed_duration", "media_duration", "heartbeat", "error_message", "event_time", "attempt_count", "enhancements")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +529,7 @@ class WatchTranscriptionResponse(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EVENT_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ENHANCEMENTS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     state: TranscriptionState
     stage: TranscriptionStage
@@ -363,21 +540,36 @@ class WatchTranscriptionResponse(_message.Message):
     error_message: str
     event_time: _timestamp_pb2.Timestamp
     attempt_count: int
-    def __init__(self, sequence: _Optional[int] = ..., state: _Optional[_Union[TranscriptionState, str]] = ..., stage: _Optional[_Union[TranscriptionStage, str]] = ..., progress_percent: _Optional[float] = ..., processed_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., error_message: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ...) -> None: ...
+    enhancements: _containers.RepeatedCompositeFieldContainer[EnhancementStatus]
+    def __init__(self, sequence: _Optional[int] = ..., state: _Optional[_Union[TranscriptionState, str]] = ..., stage: _Optional[_Union[TranscriptionStage, str]] = ..., progress_percent: _Optional[float] = ..., processed_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., heartbeat: _Optional[bool] = ..., error_message: _Optional[str] = ..., event_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt_count: _Optional[int] = ..., enhancements: _Optional[_Iterable[_Union[EnhancementStatus, _Mapping]]] = ...) -> None: ...
 
 class ExportTranscriptionRequest(_message.Message):
-    __slots__ = ("name", "format", "max_line_length", "max_lines_per_caption", "max_caption_duration")
+    __slots__ = ("name", "format", "max_line_length", "max_lines_per_caption", "max_caption_duration", "enhancement_kind", "target_language_code")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     MAX_LINE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_LINES_PER_CAPTION_FIELD_NUMBER: _ClassVar[int]
     MAX_CAPTION_DURATION_FIELD_NUMBER: _ClassVar[int]
+    ENHANCEMENT_KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LANGUAGE_CODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: ExportFormat
     max_line_length: int
     max_lines_per_caption: int
     max_caption_duration: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., max_line_length: _Optional[int] = ..., max_lines_per_caption: _Optional[int] = ..., max_caption_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    enhancement_kind: EnhancementKind
+    target_language_code: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., max_line_length: _Optional[int] = ..., max_lines_per_caption: _Optional[int] = ..., max_caption_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., enhancement_kind: _Optional[_Union[EnhancementKind, str]] = ..., target_language_code: _Optional[str] = ...) -> None: ...
+
+class EnhanceTranscriptionRequest(_message.Message):
+    __slots__ = ("name", "enhancements", "request_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENHANCEMENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    enhancements: _containers.RepeatedCompositeFieldContainer[EnhancementRequest]
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., enhancements: _Optional[_Iterable[_Union[EnhancementRequest, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ExportTranscriptionResponse(_message.Message):
     __slots__ = ("data", "content_type", "filename")
@@ -394,7 +586,7 @@ class GetCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("model", "multilingual", "translation_available", "diarization_available", "diarization_unavailable_reason", "export_formats", "max_upload_bytes", "max_media_duration", "max_beam_size", "models")
+    __slots__ = ("model", "multilingual", "translation_available", "diarization_available", "diarization_unavailable_reason", "export_formats", "max_upload_bytes", "max_media_duration", "max_beam_size", "models", "ai_available", "ai_unavailable_reason", "ai_model", "enhancement_kinds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MULTILINGUAL_FIELD_NUMBER: _ClassVar[int]
     TRANSLATION_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
@@ -405,6 +597,10 @@ class Capabilities(_message.Message):
     MAX_MEDIA_DURATION_FIELD_NUMBER: _ClassVar[int]
     MAX_BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    AI_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    AI_UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    AI_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENHANCEMENT_KINDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     multilingual: bool
     translation_available: bool
@@ -415,7 +611,11 @@ class Capabilities(_message.Message):
     max_media_duration: _duration_pb2.Duration
     max_beam_size: int
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, model: _Optional[str] = ..., multilingual: _Optional[bool] = ..., translation_available: _Optional[bool] = ..., diarization_available: _Optional[bool] = ..., diarization_unavailable_reason: _Optional[str] = ..., export_formats: _Optional[_Iterable[_Union[ExportFormat, str]]] = ..., max_upload_bytes: _Optional[int] = ..., max_media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_beam_size: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    ai_available: bool
+    ai_unavailable_reason: str
+    ai_model: str
+    enhancement_kinds: _containers.RepeatedScalarFieldContainer[EnhancementKind]
+    def __init__(self, model: _Optional[str] = ..., multilingual: _Optional[bool] = ..., translation_available: _Optional[bool] = ..., diarization_available: _Optional[bool] = ..., diarization_unavailable_reason: _Optional[str] = ..., export_formats: _Optional[_Iterable[_Union[ExportFormat, str]]] = ..., max_upload_bytes: _Optional[int] = ..., max_media_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_beam_size: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., ai_available: _Optional[bool] = ..., ai_unavailable_reason: _Optional[str] = ..., ai_model: _Optional[str] = ..., enhancement_kinds: _Optional[_Iterable[_Union[EnhancementKind, str]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "multilingual", "language_codes", "translation_available")

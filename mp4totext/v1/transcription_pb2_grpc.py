@@ -78,6 +78,11 @@ class TranscriptionServiceStub:
                 request_serializer=mp4totext_dot_v1_dot_transcription__pb2.GetCapabilitiesRequest.SerializeToString,
                 response_deserializer=mp4totext_dot_v1_dot_transcription__pb2.Capabilities.FromString,
                 _registered_method=True)
+        self.EnhanceTranscription = channel.unary_unary(
+                '/mp4totext.v1.TranscriptionService/EnhanceTranscription',
+                request_serializer=mp4totext_dot_v1_dot_transcription__pb2.EnhanceTranscriptionRequest.SerializeToString,
+                response_deserializer=mp4totext_dot_v1_dot_transcription__pb2.Transcription.FromString,
+                _registered_method=True)
 
 
 class TranscriptionServiceServicer:
@@ -155,6 +160,19 @@ class TranscriptionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnhanceTranscription(self, request, context):
+        """Asks for AI items (clean-up, translations, summary, lecture notes) on an existing
+        transcription. Items of a SUCCEEDED transcription start at once, those of a QUEUED or
+        RUNNING one when its transcript is done; FAILED_PRECONDITION for a FAILED or CANCELLED one,
+        or when no worker has a language model configured (GetCapabilities says so). One item per
+        kind and language: asking again for one that FAILED or was CANCELLED runs it again, others
+        are left as they are. Idempotent by request_id. Returns the transcription with its items.
+        CancelTranscription on a SUCCEEDED transcription cancels its unfinished items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TranscriptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +215,11 @@ def add_TranscriptionServiceServicer_to_server(servicer, server):
                     servicer.GetCapabilities,
                     request_deserializer=mp4totext_dot_v1_dot_transcription__pb2.GetCapabilitiesRequest.FromString,
                     response_serializer=mp4totext_dot_v1_dot_transcription__pb2.Capabilities.SerializeToString,
+            ),
+            'EnhanceTranscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnhanceTranscription,
+                    request_deserializer=mp4totext_dot_v1_dot_transcription__pb2.EnhanceTranscriptionRequest.FromString,
+                    response_serializer=mp4totext_dot_v1_dot_transcription__pb2.Transcription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -418,6 +441,33 @@ class TranscriptionService:
             '/mp4totext.v1.TranscriptionService/GetCapabilities',
             mp4totext_dot_v1_dot_transcription__pb2.GetCapabilitiesRequest.SerializeToString,
             mp4totext_dot_v1_dot_transcription__pb2.Capabilities.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnhanceTranscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mp4totext.v1.TranscriptionService/EnhanceTranscription',
+            mp4totext_dot_v1_dot_transcription__pb2.EnhanceTranscriptionRequest.SerializeToString,
+            mp4totext_dot_v1_dot_transcription__pb2.Transcription.FromString,
             options,
             channel_credentials,
             insecure,

@@ -157,8 +157,8 @@ def test_adding_a_field_is_not_breaking(buf: Buf, tmp_path: pathlib.Path) -> Non
     ws = _copy_workspace(tmp_path)
     media = ws / "protos/mp4totext/v1/media.proto"
     _edit(media, "  string request_id = 13;\n}", "  string request_id = 13;\n  // New.\n  string label = 14;\n}")
-    _edit(ws / "protos/mp4totext/v1/transcription.proto", "  repeated ModelInfo models = 10;\n}",
-          "  repeated ModelInfo models = 10;\n  repeated string languages = 11;\n}")
+    _edit(ws / "protos/mp4totext/v1/transcription.proto", "  repeated EnhancementKind enhancement_kinds = 14;\n}",
+          "  repeated EnhancementKind enhancement_kinds = 14;\n  repeated string languages = 15;\n}")
     assert buf("lint", "protos", cwd=ws).returncode == 0
     proc = buf.breaking(BASELINE, cwd=ws)
     assert proc.returncode == 0, _out(proc)

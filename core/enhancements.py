@@ -1,0 +1,307 @@
+"""Guarded state transitions of AI items (clean-up, translation, summary, lecture notes).
+
+An item belongs to a transcription and runs on the ``default`` queue once the transcript
+exists (core.items starts waiting items with the job's success). Like the job stages, an item
+is claimed by the Dramatiq message that runs it; every answer the LLM gives for a chunk is
+stored with its token usage in one transaction (``save_chunk``), so a redelivered message
+resumes after the stored chunks instead of paying for them again. Every transition bumps the
+job's sequence and publishes its event: Watch shows items like stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import peewee as pw
+
+from core import jobs, outbox
+from core.jobs import LostClaim
+from mp4totext.contracts import ClaimOutcome, JobState
+from mp4totext.enhancements import ITEM_TERMINAL, EnhancementRequest, EnhancementState, TokenUsage
+from observability.metrics import AI_ITEMS_FINISHED
+from storage.db import Enhancement, EnhancementChunk, LlmUsage, Transcription, add_event, connection, locked, utcnow
+
+ACTOR = "enhance"
+MAX_ITEMS = 20  # per transcription
+
+
+class NotAllowed(Exception):
+    """The transcription cannot take AI items now (failed, cancelled)."""
+
+
+def _touch(job: Transcription, detail: str) -> None:
+    job.sequence += 1
+    job.update_time = utcnow()
+    job.save()
+    add_event(job, detail)
+
+
+def _job_locked(job_id: str) -> Transcription | None:
+    return jobs._get_locked(job_id)
+
+
+def _publish(job_id: str) -> None:
+    with connection():
+        job = Transcription.get_or_none(Transcription.id == job_id)
+    if job is not None:
+        jobs.publish(job)
+
+
+def request(job_id: str, tenant_id: str, wanted: list[EnhancementRequest], request_id: str | None) -> bool:
+    """Create the items ``wanted`` of a transcription (one per kind and language; one that
+    FAILED or was CANCELLED is asked again, the others are left as they are). Items of a
+    SUCCEEDED job are queued now, the others when its transcript is done. Returns False when
+    ``request_id`` was used on this transcription already (nothing changed: a retry)."""
+    with outbox.sending():
+        with locked():
+            job = _job_locked(job_id)
+            if job is None:
+                raise LostClaim(job_id)
+            if job.state in (JobState.FAILED, JobState.CANCELLED):
+                raise NotAllowed(f"transcriptions/{job_id} is {job.state}: there is no transcript to work on")
+            if request_id and Enhancement.select().where(Enhancement.transcription == job_id,
+                                                         Enhancement.request_id == request_id).exists():
+                return False
+            existing = {(e.kind, e.language): e for e in Enhancement.select().where(
+                Enhancement.transcription == job_id)}
+            new = [w for w in wanted if w.key not in existing]
+            if len(existing) + len(new) > MAX_ITEMS:
+                raise NotAllowed(f"transcriptions/{job_id} would have {len(existing) + len(new)} AI items; "
+                                 f"at most {MAX_ITEMS}")
+            queued = []
+            for w in wanted:
+                item = existing.get(w.key)
+                if item is None:
+                    item = Enhancement.create(tenant=tenant_id, transcription=job_id, kind=w.kind.value,
+                                              language=w.language.lower(), request_id=request_id)
+                    existing[w.key] = item
+                elif item.state in (EnhancementState.FAILED, EnhancementState.CANCELLED):
+                    item.state, item.error_reason, item.error_message = EnhancementState.PENDING, "", ""
+                    item.attempts, item.cancel_requested, item.end_time = 0, False, None
+                    item.request_id, item.update_time = request_id, utcnow()
+                    item.save()
+                else:
+                    continue
+                queued.append(item)
+            job.ai_items = len(existing)
+            _touch(job, "AI items requested: " + ", ".join(f"{i.kind} {i.language}".strip() for i in queued))
+            if job.state == JobState.SUCCEEDED:
+                for item in queued:
+                    outbox.add(ACTOR, item.id, job.priority, job.trace_context)
+    _publish(job_id)
+    return True
+
+
+@dataclasses.dataclass
+class ItemClaim:
+    outcome: ClaimOutcome
+    item: Enhancement | None = None
+    job: Transcription | None = None
+
+
+def claim(item_id: str, message_id: str, max_attempts: int, lease_s: float) -> ItemClaim:
+    """Claim ``item_id`` for ``message_id`` (see core.jobs.claim_stage for the outcomes)."""
+    with locked():
+        item = jobs._for_update(Enhancement.select().where(Enhancement.id == item_id)).first()
+        if item is None or item.state in ITEM_TERMINAL:
+            return ItemClaim(ClaimOutcome.DONE, item)
+        job = Transcription.get_or_none(Transcription.id == item.transcription_id)
+        if job is None or job.state != JobState.SUCCEEDED:
+            return ItemClaim(ClaimOutcome.SKIP, item, job)  # core.items starts it with the job's success
+        if item.cancel_requested:
+            _end(item, job, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
+            outcome = ClaimOutcome.CANCELLED
+        elif item.claim_message_id not in (None, message_id) and jobs._fresh(item.heartbeat_time, lease_s):
+            return ItemClaim(ClaimOutcome.SKIP, item, job)
+        else:
+            item.attempts += 1
+            if item.attempts > max_attempts:
+                last = f"; last error: {item.error_message}" if item.error_message else ""
+                _end(item, job, EnhancementState.FAILED, "ATTEMPTS_EXHAUSTED",
+                     f"attempted {max_attempts} times without finishing (a worker crashed or timed out each "
+                     f"time){last}")
+                outcome = ClaimOutcome.EXHAUSTED
+            else:
+                item.state, item.claim_message_id = EnhancementState.RUNNING, message_id
+                item.heartbeat_time = item.update_time = utcnow()
+                item.start_time = item.start_time or utcnow()
+                item.save()
+                _touch(job, f"{item.kind} attempt {item.attempts}")
+                outcome = ClaimOutcome.RUN
+    _publish(item.transcription_id)
+    return ItemClaim(outcome, item, job)
+
+
+def stored_chunks(item_id: str) -> dict[str, Any]:
+    with connection():
+        return {c.key: c.output for c in EnhancementChunk.select(EnhancementChunk.key, EnhancementChunk.output)
+                .where(EnhancementChunk.enhancement == item_id)}
+
+
+def _owned(item_id: str, message_id: str) -> Enhancement:
+    item = jobs._for_update(Enhancement.select().where(Enhancement.id == item_id)).first()
+    if item is None or item.claim_message_id != message_id or item.state != EnhancementState.RUNNING:
+        raise LostClaim(item_id)
+    return item
+
+
+def count_request(item_id: str, message_id: str) -> None:
+    """One more request sent for this item (before it is sent: a lost answer still counts)."""
+    with connection():
+        Enhancement.update(requests=Enhancement.requests + 1).where(
+            Enhancement.id == item_id, Enhancement.claim_message_id == message_id).execute()
+
+
+def set_progress(item_id: str, message_id: str, done: int, total: int) -> bool:
+    """Record chunks done / total; returns whether the client asked to cancel."""
+    with locked():
+        item = _owned(item_id, message_id)
+        item.chunks_done, item.chunks_total = done, total
+        item.heartbeat_time = item.update_time = utcnow()
+        item.save()
+        job = _job_locked(item.transcription_id)
+        if job is not None:
+            _touch(job, "")
+    _publish(item.transcription_id)
+    return item.cancel_requested
+
+
+def save_chunk(item_id: str, message_id: str, key: str, output: Any, usage: TokenUsage, model: str,
+               done: int, total: int) -> bool:
+    """Store one chunk's answer, its usage (item and tenant ledger) and progress, in one
+    transaction; returns whether the client asked to cancel. Raises LostClaim if not ours."""
+    with locked():
+        item = _owned(item_id, message_id)
+        inserted = EnhancementChunk.insert(enhancement=item_id, key=key, output=output,
+                                           prompt_tokens=usage.prompt_tokens,
+                                           completion_tokens=usage.completion_tokens).on_conflict_ignore().execute()
+        if inserted:
+            item.prompt_tokens += usage.prompt_tokens
+            item.completion_tokens += usage.completion_tokens
+            item.cost = round(item.cost + usage.cost, 8)
+            _ledger(item.tenant_id, model, usage)
+        item.model = model
+        item.chunks_done, item.chunks_total = done, total
+        item.heartbeat_time = item.update_time = utcnow()
+        item.save()
+        job = _job_locked(item.transcription_id)
+        if job is not None:
+            _touch(job, "")
+    _publish(item.transcription_id)
+    return item.cancel_requested
+
+
+def _ledger(tenant_id: str, model: str, usage: TokenUsage) -> None:
+    day = dt.datetime.now(dt.timezone.utc).date()
+    LlmUsage.insert(tenant=tenant_id, day=day, model=model, prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens, cost=usage.cost, chunks=1).on_conflict(
+        conflict_target=[LlmUsage.tenant, LlmUsage.day, LlmUsage.model],
+        update={LlmUsage.prompt_tokens: LlmUsage.prompt_tokens + usage.prompt_tokens,
+                LlmUsage.completion_tokens: LlmUsage.completion_tokens + usage.completion_tokens,
+                LlmUsage.cost: LlmUsage.cost + usage.cost, LlmUsage.chunks: LlmUsage.chunks + 1}).execute()
+
+
+def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, message: str,
+         result: Any = None, output_language: str = "") -> None:
+    now = utcnow()
+    item.state, item.error_reason, item.error_message = state, reason, message
+    item.claim_message_id, item.end_time, item.update_time = None, now, now
+    if result is not None:
+        item.result, item.output_language = result, output_language
+    item.save()
+    AI_ITEMS_FINISHED.labels(item.kind, state, reason or state).inc()
+    if job is None:
+        return
+    if state == EnhancementState.FAILED:
+        what = f"{item.kind.lower().replace('_', ' ')}{' (' + item.language + ')' if item.language else ''}"
+        warning = f"{what} failed, the transcript is unaffected: {message}"
+        job.warnings = list(dict.fromkeys([*(job.warnings or []), warning]))
+    _touch(job, f"{item.kind} {state}")
+
+
+def finish(item_id: str, message_id: str | None, state: str, reason: str = "", message: str = "",
+           result: Any = None, output_language: str = "") -> bool:
+    """End the item (SUCCEEDED with its result, FAILED with a warning on the job, CANCELLED).
+    With a ``message_id`` only while that message holds it. Returns whether it changed."""
+    with locked():
+        item = jobs._for_update(Enhancement.select().where(Enhancement.id == item_id)).first()
+        if item is None or item.state in ITEM_TERMINAL:
+            return False
+        if message_id is not None and item.claim_message_id != message_id:
+            return False
+        _end(item, _job_locked(item.transcription_id), state, reason, message, result, output_language)
+    _publish(item.transcription_id)
+    return True
+
+
+def release_for_retry(item_id: str, message_id: str, error: str, outage: bool = False) -> None:
+    """A transient failure: give the item back for the next delivery (an outage's attempt is not counted)."""
+    with connection():
+        Enhancement.update(claim_message_id=None, error_message=error, update_time=utcnow(),
+                           attempts=Enhancement.attempts - (1 if outage else 0)).where(
+            Enhancement.id == item_id, Enhancement.claim_message_id == message_id).execute()
+
+
+def heartbeat(item_id: str, message_id: str, older_than_s: float) -> None:
+    """Keep the claim fresh while one long request runs (the watchdog calls this)."""
+    now = utcnow()
+    with connection():
+        Enhancement.update(heartbeat_time=now).where(
+            Enhancement.id == item_id, Enhancement.claim_message_id == message_id,
+            Enhancement.heartbeat_time < now - dt.timedelta(seconds=older_than_s)).execute()
+
+
+def request_cancel(job_id: str) -> int:
+    """Cancel the job's unfinished items: waiting ones now, running ones between chunks."""
+    with locked():
+        job = _job_locked(job_id)
+        if job is None or not job.ai_items:
+            return 0
+        items = list(Enhancement.select().where(Enhancement.transcription == job_id,
+                                                Enhancement.state.not_in(list(ITEM_TERMINAL))))
+        for item in items:
+            if item.state == EnhancementState.PENDING:
+                _end(item, None, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
+            else:
+                item.cancel_requested = True
+                item.save()
+        if items:
+            _touch(job, "AI items: cancel requested")
+    _publish(job_id)
+    return len(items)
+
+
+def stuck(older_than: dt.timedelta) -> list[tuple[str, int, Any]]:
+    """Items of succeeded jobs that made no progress for ``older_than`` (message lost):
+    (item id, priority, trace context) to enqueue again."""
+    cutoff = utcnow() - older_than
+    with connection():
+        waiting = (Enhancement.state == EnhancementState.PENDING) & (Enhancement.update_time < cutoff)
+        running = (Enhancement.state == EnhancementState.RUNNING) & (Enhancement.heartbeat_time < cutoff)
+        rows = (Enhancement.select(Enhancement.id, Transcription.priority, Transcription.trace_context)
+                .join(Transcription).where(Transcription.state == JobState.SUCCEEDED, waiting | running).tuples())
+        return list(rows)
+
+
+def items(job_id: str, with_results: bool = True) -> list[Enhancement]:
+    """A transcription's items, oldest first (without their results unless asked)."""
+    fields = [f for f in Enhancement._meta.sorted_fields if with_results or f.name != "result"]
+    with connection():
+        return list(Enhancement.select(*fields).where(Enhancement.transcription == job_id)
+                    .order_by(Enhancement.create_time, Enhancement.id))
+
+
+def find(job_id: str, kind: str, language: str) -> Enhancement | None:
+    with connection():
+        return Enhancement.get_or_none(Enhancement.transcription == job_id, Enhancement.kind == kind,
+                                       Enhancement.language == language.lower())
+
+
+def usage_of(job_id: str) -> TokenUsage:
+    with connection():
+        row = (Enhancement.select(pw.fn.SUM(Enhancement.prompt_tokens), pw.fn.SUM(Enhancement.completion_tokens),
+                                  pw.fn.SUM(Enhancement.cost)).where(Enhancement.transcription == job_id).tuples()
+               .first())
+    p, c, cost = row or (0, 0, 0.0)
+    return TokenUsage(prompt_tokens=int(p or 0), completion_tokens=int(c or 0), cost=round(float(cost or 0.0), 8))

@@ -1,0 +1,161 @@
+"""Typed contracts of the AI layer: what a user can ask for, and the documented shapes of what
+comes back (validated with these models, published as JSON schemas in docs/schemas/).
+
+An *enhancement* is one AI item of a transcription: a clean-up, a translation into one
+language, a summary or lecture notes. It has a state of its own; the transcript it reads is
+never changed by it.
+"""
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from mp4totext.contracts import _Model
+
+
+class EnhancementKind(enum.StrEnum):
+    CLEANUP = "CLEANUP"
+    TRANSLATION = "TRANSLATION"
+    SUMMARY = "SUMMARY"
+    LECTURE_NOTES = "LECTURE_NOTES"
+
+
+class EnhancementState(enum.StrEnum):
+    PENDING = "PENDING"  # waiting for its transcript, or queued
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+ITEM_TERMINAL = frozenset({EnhancementState.SUCCEEDED, EnhancementState.FAILED, EnhancementState.CANCELLED})
+
+# BCP-47 as clients send it: a language subtag and optional script/region/variant subtags.
+BCP47 = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")
+
+
+class EnhancementRequest(_Model):
+    """One item a user asked for. ``language`` is the output language (BCP-47); "" = the transcript's."""
+
+    kind: EnhancementKind
+    language: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.kind.value, self.language.lower()
+
+
+# ---------------------------------------------------------------- outputs (the documented schemas)
+
+
+class _Out(BaseModel):
+    """Every field required, nothing else allowed: the shape structured outputs enforce. Lengths
+    are bounded: a document stays readable, and a grammar-constrained model cannot ramble on
+    inside one string until its token limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _text(n: int) -> Any:
+    return Annotated[str, StringConstraints(max_length=n)]
+
+
+Line = _text(400)
+
+
+class ActionItem(_Out):
+    description: _text(400) = Field(description="What is to be done.")
+    owner: _text(100) = Field(description="Who does it, when the transcript names someone; else empty.")
+
+
+class Summary(_Out):
+    abstract: _text(1500) = Field(description="A short abstract of the whole recording: 2-5 sentences.")
+    key_points: list[Line] = Field(max_length=15, description="The main points, most important first.")
+    decisions: list[Line] = Field(max_length=15, description="Decisions that were made (meetings); empty when none.")
+    action_items: list[ActionItem] = Field(max_length=20, description="Tasks agreed on (meetings); empty when none.")
+
+
+class OutlineItem(_Out):
+    title: _text(200) = Field(description="Heading of this part of the lecture.")
+    start_s: float = Field(ge=0, description="Where this part starts, in seconds from the beginning.")
+    points: list[Line] = Field(max_length=12, description="What this part says, as short bullet points.")
+
+
+class KeyTerm(_Out):
+    term: _text(120)
+    definition: _text(500)
+
+
+class ReviewQuestion(_Out):
+    question: _text(400)
+    answer: _text(800)
+
+
+class LectureNotes(_Out):
+    title: _text(200) = Field(description="A title for the lecture.")
+    outline: list[OutlineItem] = Field(max_length=40, description="The lecture's parts in order, with where each "
+                                                                  "starts.")
+    key_terms: list[KeyTerm] = Field(max_length=40, description="Terms the lecture introduces, with definitions.")
+    examples: list[_text(800)] = Field(max_length=20, description="Worked examples and formulas, as given in the "
+                                                                  "lecture.")
+    review_questions: list[ReviewQuestion] = Field(max_length=20, description="Questions to review the lecture, "
+                                                                             "with answers.")
+
+
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of an output model (what docs/schemas/ holds and the LLM is held to)."""
+    return model.model_json_schema()
+
+
+# Keywords OpenAI's strict structured outputs refuse; the answer is still validated against them.
+_NOT_STRICT = frozenset({"maxLength", "minLength", "maxItems", "minItems", "minimum", "maximum", "exclusiveMinimum",
+                         "exclusiveMaximum", "pattern", "format"})
+
+
+def strict_schema(schema: Any) -> Any:
+    """``schema`` without the keywords strict structured outputs do not take (recursively)."""
+    if isinstance(schema, dict):
+        return {k: strict_schema(v) for k, v in schema.items() if k not in _NOT_STRICT or not isinstance(v, (int, str))
+                or k == "properties"}
+    if isinstance(schema, list):
+        return [strict_schema(v) for v in schema]
+    return schema
+
+
+def segment_texts_schema(ids: list[int]) -> dict[str, Any]:
+    """Clean-up and translation output for a batch: one string per segment id, exactly those ids."""
+    return {"type": "object", "properties": {str(i): {"type": "string"} for i in ids},
+            "required": [str(i) for i in ids], "additionalProperties": False}
+
+
+class TokenUsage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+    def __add__(self, other: "TokenUsage") -> "TokenUsage":
+        return TokenUsage(prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+                          completion_tokens=self.completion_tokens + other.completion_tokens,
+                          cost=round(self.cost + other.cost, 8))
+
+
+DOCUMENTED = {"lecture-notes": LectureNotes, "summary": Summary}  # docs/schemas/<name>.schema.json
+
+
+def documented_schema(name: str) -> dict[str, Any]:
+    """The published JSON schema of an output (``python -m mp4totext.enhancements DIR`` writes them)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://mp4totext.dev/schemas/{name}.schema.json", **schema_of(DOCUMENTED[name])}
+
+
+if __name__ == "__main__":
+    import json
+    import pathlib
+    import sys
+
+    out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "docs/schemas")
+    for doc in DOCUMENTED:
+        (out / f"{doc}.schema.json").write_text(json.dumps(documented_schema(doc), indent=2, ensure_ascii=False) + "\n")

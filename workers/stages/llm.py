@@ -1,0 +1,238 @@
+"""Talking to a model: any OpenAI-compatible Chat Completions server, through the official client.
+
+- JSON answers held to a schema: structured outputs (``json_schema``) where the server has
+  them, else JSON mode (``json_object``) with the schema in the prompt, else the prompt alone
+  (``MP4T_LLM_JSON_MODE``; ``auto`` steps down once when a server refuses a mode). Every answer
+  is parsed and validated; an invalid one is repaired once (the error goes back to the model),
+  then it fails clearly (``LLMOutputError``).
+- Retries with backoff on 408/409/429/5xx, timeouts and connection errors are the client's own
+  (``max_retries``; it honours Retry-After). What still fails is ``transient`` for the runner.
+- At most ``MP4T_LLM_MAX_CONCURRENCY`` requests in flight per process.
+- Tokens are counted, not guessed: the server's own tokenizer where it has an endpoint for it
+  (llama.cpp, llama-cpp-python, vLLM), else the UTF-8 byte count, which bounds any byte-level
+  BPE tokenizer's count from above (chunks come out smaller, never truncated).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable
+
+import openai
+import structlog
+
+from mp4totext.config import Settings
+from mp4totext.enhancements import TokenUsage, strict_schema
+from observability import metrics
+
+log = structlog.get_logger(__name__)
+
+MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (generous for common templates)
+MODES = ("json_schema", "json_object", "none")
+
+
+class LLMError(Exception):
+    """The AI layer cannot do this; retrying will not help (the message says why)."""
+
+
+class LLMOutputError(LLMError):
+    """The model's answer did not match the schema, even after one repair."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    value: Any
+    usage: TokenUsage
+    requests: int
+
+
+def transient(exc: BaseException) -> bool:
+    """A failure that may pass (server down, overloaded, slow): the runner retries the item later."""
+    if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
+                        openai.InternalServerError)):
+        return True
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in (408, 409, 429) or (
+        isinstance(exc, openai.APIStatusError) and exc.status_code >= 500)
+
+
+def _outcome(exc: BaseException) -> str:
+    if isinstance(exc, openai.RateLimitError):
+        return "rate_limited"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, openai.APIStatusError) and exc.status_code >= 500:
+        return "server_error"
+    return "refused"
+
+
+@functools.lru_cache(maxsize=8)
+def _slots(n: int) -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(max(1, n))
+
+
+class TokenCounter:
+    """Counts tokens with the server's tokenizer endpoint, found once; else UTF-8 bytes (a bound)."""
+
+    def __init__(self, base_url: str, model: str, how: str, timeout_s: float = 10.0) -> None:
+        self.root = base_url.rstrip("/").removesuffix("/v1")
+        self.model, self.how, self.timeout_s = model, how, timeout_s
+        self.endpoint: Callable[[str], int] | None = None
+        self.probed = how != "auto" or not base_url
+        self.lock = threading.Lock()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(f"{self.root}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310 - the configured server
+            return json.loads(resp.read())
+
+    def _candidates(self) -> list[Callable[[str], int]]:
+        def llama_cpp_python(text: str) -> int:  # llama-cpp-python's server
+            return int(self._post("/extras/tokenize/count", {"input": text, "model": self.model})["count"])
+
+        def llama_cpp(text: str) -> int:  # llama.cpp's llama-server
+            return len(self._post("/tokenize", {"content": text})["tokens"])
+
+        def vllm(text: str) -> int:
+            return int(self._post("/tokenize", {"model": self.model, "prompt": text})["count"])
+
+        return [llama_cpp_python, llama_cpp, vllm]
+
+    def _probe(self) -> None:
+        with self.lock:
+            if self.probed:
+                return
+            for fn in self._candidates():
+                try:
+                    if fn("probe, one two") > 0:
+                        self.endpoint = fn
+                        break
+                except (OSError, KeyError, ValueError, TypeError):  # URLError and HTTPError are OSErrors
+                    continue
+            self.probed = True
+            log.info("llm_tokenizer", endpoint=self.endpoint.__name__ if self.endpoint else "utf8_bytes")
+
+    @property
+    def exact(self) -> bool:
+        self._probe()
+        return self.endpoint is not None
+
+    def __call__(self, text: str) -> int:
+        self._probe()
+        if self.endpoint is not None and text:
+            try:
+                return self.endpoint(text)
+            except OSError:
+                pass  # the server is busy or gone: the bound is always safe
+        return len(text.encode("utf-8"))
+
+
+class LLM:
+    """One configured model. ``on_request`` runs before each request is sent (accounting)."""
+
+    def __init__(self, s: Settings) -> None:
+        if not s.llm_model:
+            raise LLMError("no LLM is configured: set MP4T_LLM_MODEL (and MP4T_LLM_BASE_URL, MP4T_LLM_API_KEY)")
+        self.s = s
+        self.model = s.llm_model
+        self.client = openai.OpenAI(base_url=s.llm_base_url or None, api_key=s.llm_api_key or "not-needed",
+                                    timeout=s.llm_timeout_s, max_retries=s.llm_max_retries)
+        self.count = TokenCounter(s.llm_base_url, s.llm_model, s.llm_tokenizer)
+        self.mode = s.llm_json_mode if s.llm_json_mode in MODES else "json_schema"
+        self.auto = s.llm_json_mode == "auto"
+        self.confirmed = False  # the server took a request in this mode
+        self.slots = _slots(s.llm_max_concurrency)
+
+    def cost(self, prompt: int, completion: int) -> float:
+        return round(prompt / 1000 * self.s.llm_price_prompt_per_1k
+                     + completion / 1000 * self.s.llm_price_completion_per_1k, 8)
+
+    def prompt_tokens(self, *texts: str) -> int:
+        return sum(self.count(t) + MESSAGE_OVERHEAD for t in texts)
+
+    def _format(self, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+        # Length bounds stay out of what the server gets (strict mode refuses them, and llama.cpp's
+        # grammar for a long maxLength does not parse); the answer is validated against them.
+        if self.mode == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": name, "schema": strict_schema(schema),
+                                                           "strict": True}}
+        if self.mode == "json_object":  # llama.cpp servers turn the schema into a grammar; others ignore it
+            return {"type": "json_object", "schema": strict_schema(schema)}
+        return None
+
+    def _send(self, messages: list[dict[str, str]], name: str, schema: dict[str, Any],
+              max_tokens: int) -> Any:
+        while True:
+            fmt = self._format(name, schema)
+            extra = {"response_format": fmt} if fmt else {}
+            started = time.monotonic()
+            probing = self.auto and not self.confirmed and self.mode != "none"
+            # While auto mode is finding out what the server takes, a refusal is not retried (some
+            # servers answer an unknown response_format with a 500).
+            client = self.client.with_options(max_retries=0) if probing else self.client
+            try:
+                with self.slots:
+                    resp = client.chat.completions.create(
+                        model=self.model, messages=messages, max_tokens=max_tokens,
+                        temperature=self.s.llm_temperature, **extra)
+                self.confirmed = True
+            except openai.APIStatusError as exc:
+                if probing and ("response_format" in str(exc) or "json" in str(exc).lower()):
+                    log.warning("llm_json_mode_refused", mode=self.mode, error=str(exc)[:300])
+                    self.mode = MODES[MODES.index(self.mode) + 1]
+                    continue
+                metrics.LLM_REQUESTS.labels(self.model, _outcome(exc)).inc()
+                if not transient(exc):
+                    raise LLMError(f"the LLM server refused the request ({exc.status_code}): {exc}") from exc
+                raise
+            except openai.OpenAIError as exc:
+                metrics.LLM_REQUESTS.labels(self.model, _outcome(exc)).inc()
+                if isinstance(exc, openai.APIStatusError) and not transient(exc):
+                    raise LLMError(f"the LLM server refused the request ({exc.status_code}): {exc}") from exc
+                raise
+            finally:
+                metrics.LLM_LATENCY.labels(self.model).observe(time.monotonic() - started)
+            return resp
+
+    def ask_json(self, system: str, user: str, name: str, schema: dict[str, Any],
+                 validate: Callable[[Any], Any], max_tokens: int,
+                 on_request: Callable[[], None] = lambda: None) -> Answer:
+        """The model's answer to ``user``, parsed and checked by ``validate`` (which raises
+        ValueError with a message the model can act on). One repair, then LLMOutputError."""
+        if self.mode != "json_schema":
+            system = f"{system}\n\nAnswer with one JSON object that follows this JSON schema:\n{json.dumps(schema)}"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        usage, error = TokenUsage(), ""
+        for attempt in (1, 2):
+            on_request()
+            resp = self._send(messages, name, schema, max_tokens)
+            p = resp.usage.prompt_tokens if resp.usage else 0
+            c = resp.usage.completion_tokens if resp.usage else 0
+            usage = usage + TokenUsage(prompt_tokens=p, completion_tokens=c, cost=self.cost(p, c))
+            metrics.LLM_TOKENS.labels(self.model, "prompt").inc(p)
+            metrics.LLM_TOKENS.labels(self.model, "completion").inc(c)
+            choice = resp.choices[0]
+            text = choice.message.content or ""
+            try:
+                if choice.finish_reason == "length":
+                    raise ValueError(f"the answer was cut off after {c} tokens (max_tokens={max_tokens})")
+                # strict=False: raw newlines inside strings (some servers' grammars let them through)
+                value = validate(json.loads(text, strict=False))
+            except (ValueError, TypeError) as exc:  # json.JSONDecodeError and pydantic's errors are ValueErrors
+                error = str(exc)[:800]
+                metrics.LLM_REQUESTS.labels(self.model, "invalid_output").inc()
+                log.warning("llm_invalid_output", attempt=attempt, error=error, answer=text[:200])
+                messages = [*messages[:2], {"role": "assistant", "content": text[:4000]},
+                            {"role": "user", "content": f"That answer is not valid: {error}. Answer again with "
+                                                        "only the corrected JSON object, nothing else."}]
+                continue
+            metrics.LLM_REQUESTS.labels(self.model, "ok").inc()
+            return Answer(value, usage, attempt)
+        raise LLMOutputError(f"the model's answer did not match the expected JSON after one repair: {error}")
