@@ -49,6 +49,9 @@ class Chunks:
     def request(self) -> None:
         pass
 
+    def spent(self, usage: TokenUsage) -> None:
+        pass
+
 
 class Recording:
     """Wraps ``client.chat.completions.create``: keeps each request's arguments."""

@@ -41,6 +41,20 @@ def _job_locked(job_id: str) -> Transcription | None:
     return jobs._get_locked(job_id)
 
 
+def _item_locked(item_id: str) -> Enhancement | None:
+    return jobs._for_update(Enhancement.select().where(Enhancement.id == item_id)).first()
+
+
+def _lock(item_id: str) -> tuple[Transcription | None, Enhancement | None]:
+    """The item's job and the item, locked in that order (the order of every writer here: job,
+    then its items), inside the caller's transaction."""
+    row = Enhancement.select(Enhancement.transcription).where(Enhancement.id == item_id).first()
+    if row is None:
+        return None, None
+    job = _job_locked(row.transcription_id)
+    return job, _item_locked(item_id)
+
+
 def _publish(job_id: str) -> None:
     with connection():
         job = Transcription.get_or_none(Transcription.id == job_id)
@@ -81,7 +95,9 @@ def request(job_id: str, tenant_id: str, wanted: list[EnhancementRequest], reque
                     item.attempts, item.cancel_requested, item.end_time = 0, False, None
                     item.request_id, item.update_time = request_id, utcnow()
                     item.save()
-                else:
+                else:  # waiting or running: asked again, a cancel requested for it no longer holds
+                    if item.cancel_requested:
+                        Enhancement.update(cancel_requested=False).where(Enhancement.id == item.id).execute()
                     continue
                 queued.append(item)
             job.ai_items = len(existing)
@@ -103,10 +119,9 @@ class ItemClaim:
 def claim(item_id: str, message_id: str, max_attempts: int, lease_s: float) -> ItemClaim:
     """Claim ``item_id`` for ``message_id`` (see core.jobs.claim_stage for the outcomes)."""
     with locked():
-        item = jobs._for_update(Enhancement.select().where(Enhancement.id == item_id)).first()
+        job, item = _lock(item_id)
         if item is None or item.state in ITEM_TERMINAL:
             return ItemClaim(ClaimOutcome.DONE, item)
-        job = Transcription.get_or_none(Transcription.id == item.transcription_id)
         if job is None or job.state != JobState.SUCCEEDED:
             return ItemClaim(ClaimOutcome.SKIP, item, job)  # core.items starts it with the job's success
         if item.cancel_requested:
@@ -139,11 +154,24 @@ def stored_chunks(item_id: str) -> dict[str, Any]:
                 .where(EnhancementChunk.enhancement == item_id)}
 
 
-def _owned(item_id: str, message_id: str) -> Enhancement:
-    item = jobs._for_update(Enhancement.select().where(Enhancement.id == item_id)).first()
+def _owned(item_id: str, message_id: str) -> tuple[Transcription | None, Enhancement]:
+    job, item = _lock(item_id)
     if item is None or item.claim_message_id != message_id or item.state != EnhancementState.RUNNING:
         raise LostClaim(item_id)
-    return item
+    return job, item
+
+
+def spend(item_id: str, message_id: str, usage: TokenUsage, model: str) -> None:
+    """Record what one response cost, on the item and the tenant's ledger (every response, as it
+    arrives: repairs and answers that failed validation are paid for too)."""
+    with locked():
+        n = Enhancement.update(prompt_tokens=Enhancement.prompt_tokens + usage.prompt_tokens,
+                               completion_tokens=Enhancement.completion_tokens + usage.completion_tokens,
+                               cost=Enhancement.cost + usage.cost, model=model).where(
+            Enhancement.id == item_id, Enhancement.claim_message_id == message_id).execute()
+        if n:
+            row = Enhancement.select(Enhancement.tenant).where(Enhancement.id == item_id).first()
+            _ledger(row.tenant_id, model, usage)
 
 
 def count_request(item_id: str, message_id: str) -> None:
@@ -155,37 +183,26 @@ def count_request(item_id: str, message_id: str) -> None:
 
 def set_progress(item_id: str, message_id: str, done: int, total: int) -> bool:
     """Record chunks done / total; returns whether the client asked to cancel."""
-    with locked():
-        item = _owned(item_id, message_id)
-        item.chunks_done, item.chunks_total = done, total
-        item.heartbeat_time = item.update_time = utcnow()
-        item.save()
-        job = _job_locked(item.transcription_id)
-        if job is not None:
-            _touch(job, "")
-    _publish(item.transcription_id)
-    return item.cancel_requested
+    return save_chunk(item_id, message_id, None, None, TokenUsage(), None, done, total)
 
 
-def save_chunk(item_id: str, message_id: str, key: str, output: Any, usage: TokenUsage, model: str,
+def save_chunk(item_id: str, message_id: str, key: str | None, output: Any, usage: TokenUsage, model: str | None,
                done: int, total: int) -> bool:
-    """Store one chunk's answer, its usage (item and tenant ledger) and progress, in one
-    transaction; returns whether the client asked to cancel. Raises LostClaim if not ours."""
+    """Store one chunk's answer (with what it cost, for the record: ``spend`` bills it) and the
+    progress, in one transaction (no ``key``: the progress only); returns whether the client
+    asked to cancel. Raises LostClaim if the item is not ours."""
     with locked():
-        item = _owned(item_id, message_id)
-        inserted = EnhancementChunk.insert(enhancement=item_id, key=key, output=output,
-                                           prompt_tokens=usage.prompt_tokens,
-                                           completion_tokens=usage.completion_tokens).on_conflict_ignore().execute()
-        if inserted:
-            item.prompt_tokens += usage.prompt_tokens
-            item.completion_tokens += usage.completion_tokens
-            item.cost = round(item.cost + usage.cost, 8)
-            _ledger(item.tenant_id, model, usage)
-        item.model = model
+        job, item = _owned(item_id, message_id)
+        # The item is locked and ours: nobody else can store this key now (checked, not inferred from
+        # an ignored insert, whose result SQLite does not report).
+        if key is not None and not EnhancementChunk.select().where(EnhancementChunk.enhancement == item_id,
+                                                                   EnhancementChunk.key == key).exists():
+            EnhancementChunk.create(enhancement=item_id, key=key, output=output, prompt_tokens=usage.prompt_tokens,
+                                    completion_tokens=usage.completion_tokens)
+        item.model = model or item.model
         item.chunks_done, item.chunks_total = done, total
         item.heartbeat_time = item.update_time = utcnow()
         item.save()
-        job = _job_locked(item.transcription_id)
         if job is not None:
             _touch(job, "")
     _publish(item.transcription_id)
@@ -195,11 +212,11 @@ def save_chunk(item_id: str, message_id: str, key: str, output: Any, usage: Toke
 def _ledger(tenant_id: str, model: str, usage: TokenUsage) -> None:
     day = dt.datetime.now(dt.timezone.utc).date()
     LlmUsage.insert(tenant=tenant_id, day=day, model=model, prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens, cost=usage.cost, chunks=1).on_conflict(
+                    completion_tokens=usage.completion_tokens, cost=usage.cost, responses=1).on_conflict(
         conflict_target=[LlmUsage.tenant, LlmUsage.day, LlmUsage.model],
         update={LlmUsage.prompt_tokens: LlmUsage.prompt_tokens + usage.prompt_tokens,
                 LlmUsage.completion_tokens: LlmUsage.completion_tokens + usage.completion_tokens,
-                LlmUsage.cost: LlmUsage.cost + usage.cost, LlmUsage.chunks: LlmUsage.chunks + 1}).execute()
+                LlmUsage.cost: LlmUsage.cost + usage.cost, LlmUsage.responses: LlmUsage.responses + 1}).execute()
 
 
 def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, message: str,
@@ -209,6 +226,7 @@ def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, 
     item.claim_message_id, item.end_time, item.update_time = None, now, now
     if result is not None:
         item.result, item.output_language = result, output_language
+        item.chunks_total = item.chunks_done = max(item.chunks_done, 1)  # done: the estimate gives way
     item.save()
     AI_ITEMS_FINISHED.labels(item.kind, state, reason or state).inc()
     if job is None:
@@ -225,12 +243,12 @@ def finish(item_id: str, message_id: str | None, state: str, reason: str = "", m
     """End the item (SUCCEEDED with its result, FAILED with a warning on the job, CANCELLED).
     With a ``message_id`` only while that message holds it. Returns whether it changed."""
     with locked():
-        item = jobs._for_update(Enhancement.select().where(Enhancement.id == item_id)).first()
+        job, item = _lock(item_id)
         if item is None or item.state in ITEM_TERMINAL:
             return False
         if message_id is not None and item.claim_message_id != message_id:
             return False
-        _end(item, _job_locked(item.transcription_id), state, reason, message, result, output_language)
+        _end(item, job, state, reason, message, result, output_language)
     _publish(item.transcription_id)
     return True
 
@@ -260,12 +278,14 @@ def request_cancel(job_id: str) -> int:
             return 0
         items = list(Enhancement.select().where(Enhancement.transcription == job_id,
                                                 Enhancement.state.not_in(list(ITEM_TERMINAL))))
-        for item in items:
+        for item in items:  # locked after the job, as everywhere
+            item = _item_locked(item.id)
+            if item is None or item.state in ITEM_TERMINAL:
+                continue
             if item.state == EnhancementState.PENDING:
                 _end(item, None, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
             else:
-                item.cancel_requested = True
-                item.save()
+                Enhancement.update(cancel_requested=True).where(Enhancement.id == item.id).execute()
         if items:
             _touch(job, "AI items: cancel requested")
     _publish(job_id)

@@ -29,14 +29,21 @@ def items_of(job_ids: list[str]) -> dict[str, list[ItemStatus]]:
 
 def settle_items(job: Transcription, state: str) -> None:
     """Its AI items waiting for the transcript start with the job's success (their messages are
-    committed with it), or end with its failure."""
+    committed with it), or end with its failure or cancellation (also one asked for while the
+    job finished: a cancel requested then still holds for the items)."""
     waiting = Enhancement.select(Enhancement.id).where(Enhancement.transcription == job.id,
                                                        Enhancement.state == "PENDING")
-    if state == JobState.SUCCEEDED:
-        for item in waiting:
-            outbox.add("enhance", item.id, job.priority, job.trace_context)
+    if state == JobState.SUCCEEDED and not job.cancel_requested:
+        ids = [item.id for item in waiting]
+        for item_id in ids:
+            outbox.add("enhance", item_id, job.priority, job.trace_context)
+        if ids:  # queued now: the maintenance sweep measures a lost message from here
+            Enhancement.update(update_time=utcnow()).where(Enhancement.id.in_(ids)).execute()
         return
-    Enhancement.update(state="CANCELLED" if state == JobState.CANCELLED else "FAILED", end_time=utcnow(),
-                       error_reason="TRANSCRIPTION_" + state,
-                       error_message=f"the transcription is {state}: there is no transcript to work on").where(
+    if state == JobState.SUCCEEDED:
+        reason, message = "CANCELLED", "cancelled by the client"
+    else:
+        reason, message = "TRANSCRIPTION_" + state, f"the transcription is {state}: there is no transcript to work on"
+    Enhancement.update(state="CANCELLED" if reason == "CANCELLED" or state == JobState.CANCELLED else "FAILED",
+                       end_time=utcnow(), update_time=utcnow(), error_reason=reason, error_message=message).where(
         Enhancement.transcription == job.id, Enhancement.state == "PENDING").execute()

@@ -152,9 +152,9 @@ def media_failed(media_id: str, message: str) -> list[Transcription]:
         Media.update(state=MediaState.FAILED, error_message=message, claim_message_id=None, update_time=utcnow()).where(
             Media.id == media_id, Media.state == MediaState.PROCESSING
         ).execute()
-        waiting = list(
+        waiting = list(_for_update(
             Transcription.select().where(Transcription.media == media_id, Transcription.state.not_in(TERMINAL_STATES))
-        )
+        ))
         for job in waiting:
             _finish(job, JobState.FAILED, reason="MEDIA_INVALID", message=f"media/{media_id} is not usable: {message}")
     for job in waiting:
@@ -374,8 +374,7 @@ def _finish(job: Transcription, state: str, reason: str, message: str) -> None:
     else:
         job.error_reason = reason
         job.error_message = message
-    if job.ai_items:
-        settle_items(job, state)
+    settle_items(job, state)
     _bump(job, detail=reason or state)
 
 

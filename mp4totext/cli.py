@@ -30,7 +30,7 @@ from rich.progress import (
 )
 
 from mp4totext import config
-from mp4totext.client import Client, enhancement_requests
+from mp4totext.client import ITEM_TERMINAL, Client, enhancement_requests
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
 
@@ -133,6 +133,10 @@ def _watch(client: Client, name: str) -> None:
             speed = ""
             if started is not None and bars.get_time() > started[0] and done_s > started[1]:
                 speed = f" {(done_s - started[1]) / (bars.get_time() - started[0]):.1f}x real time"
+            if ev.enhancements and ev.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED:  # the AI items run now
+                ended = sum(i.state in ITEM_TERMINAL for i in ev.enhancements)
+                chunks = sum(i.chunks_done for i in ev.enhancements), sum(i.chunks_total for i in ev.enhancements)
+                stage, speed = f"AI items {ended}/{len(ev.enhancements)}", f", chunks {chunks[0]}/{chunks[1]}"
             bars.update(task, completed=ev.progress_percent, detail=f"{stage}{speed}")
 
 

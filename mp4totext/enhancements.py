@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
 from mp4totext.contracts import _Model
 
@@ -52,57 +52,46 @@ class EnhancementRequest(_Model):
 
 
 class _Out(BaseModel):
-    """Every field required, nothing else allowed: the shape structured outputs enforce. Lengths
-    are bounded: a document stays readable, and a grammar-constrained model cannot ramble on
-    inside one string until its token limit."""
+    """Every field required, nothing else allowed: the shape structured outputs enforce."""
 
     model_config = ConfigDict(extra="forbid")
 
 
-def _text(n: int) -> Any:
-    return Annotated[str, StringConstraints(max_length=n)]
-
-
-Line = _text(400)
-
-
 class ActionItem(_Out):
-    description: _text(400) = Field(description="What is to be done.")
-    owner: _text(100) = Field(description="Who does it, when the transcript names someone; else empty.")
+    description: str = Field(description="What is to be done.")
+    owner: str = Field(description="Who does it, when the transcript names someone; else empty.")
 
 
 class Summary(_Out):
-    abstract: _text(1500) = Field(description="A short abstract of the whole recording: 2-5 sentences.")
-    key_points: list[Line] = Field(max_length=15, description="The main points, most important first.")
-    decisions: list[Line] = Field(max_length=15, description="Decisions that were made (meetings); empty when none.")
-    action_items: list[ActionItem] = Field(max_length=20, description="Tasks agreed on (meetings); empty when none.")
+    abstract: str = Field(description="A short abstract of the whole recording: 2-5 sentences.")
+    key_points: list[str] = Field(description="The main points, most important first.")
+    decisions: list[str] = Field(description="Decisions that were made (meetings); empty when none.")
+    action_items: list[ActionItem] = Field(description="Tasks agreed on (meetings); empty when none.")
 
 
 class OutlineItem(_Out):
-    title: _text(200) = Field(description="Heading of this part of the lecture.")
-    start_s: float = Field(ge=0, description="Where this part starts, in seconds from the beginning.")
-    points: list[Line] = Field(max_length=12, description="What this part says, as short bullet points.")
+    title: str = Field(description="Heading of this part of the lecture.")
+    start_s: float = Field(ge=0, description="Where this part starts, in seconds from the beginning (snapped to "
+                                             "the start of a segment of the transcript).")
+    points: list[str] = Field(description="What this part says, as short bullet points.")
 
 
 class KeyTerm(_Out):
-    term: _text(120)
-    definition: _text(500)
+    term: str
+    definition: str
 
 
 class ReviewQuestion(_Out):
-    question: _text(400)
-    answer: _text(800)
+    question: str
+    answer: str
 
 
 class LectureNotes(_Out):
-    title: _text(200) = Field(description="A title for the lecture.")
-    outline: list[OutlineItem] = Field(max_length=40, description="The lecture's parts in order, with where each "
-                                                                  "starts.")
-    key_terms: list[KeyTerm] = Field(max_length=40, description="Terms the lecture introduces, with definitions.")
-    examples: list[_text(800)] = Field(max_length=20, description="Worked examples and formulas, as given in the "
-                                                                  "lecture.")
-    review_questions: list[ReviewQuestion] = Field(max_length=20, description="Questions to review the lecture, "
-                                                                             "with answers.")
+    title: str = Field(description="A title for the lecture.")
+    outline: list[OutlineItem] = Field(description="The lecture's parts in order, with where each starts.")
+    key_terms: list[KeyTerm] = Field(description="Terms the lecture introduces, with definitions.")
+    examples: list[str] = Field(description="Worked examples and formulas, as given in the lecture.")
+    review_questions: list[ReviewQuestion] = Field(description="Questions to review the lecture, with answers.")
 
 
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:

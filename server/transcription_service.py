@@ -23,6 +23,7 @@ from server.resources import delete_transcription, get_job, get_media, job_by_re
 from server.validation import (
     EXPORT_FORMATS,
     KIND_NAMES,
+    check_ai,
     enhancement_requests,
     enum_filter,
     export_options,
@@ -103,9 +104,10 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         return convert.transcription_to_proto(job)
 
     def EnhanceTranscription(self, request: tpb.EnhanceTranscriptionRequest, context: grpc.ServicerContext):
-        wanted = enhancement_requests(request.enhancements, "enhancements", registry.ai_status, required=True)
+        wanted = enhancement_requests(request.enhancements, "enhancements", None, required=True)
         rid = request_id(request.request_id)
         job = get_job(request.name)
+        check_ai(registry.ai_status)
         try:
             enhancements.request(job.id, job.tenant_id, wanted, rid or None)
         except enhancements.NotAllowed as exc:

@@ -161,7 +161,7 @@ MAX_AI_ITEMS = 20
 KIND_NAMES = {tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{k}"): k for k in EnhancementKind}
 
 
-def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[bool, str, str]],
+def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[bool, str, str]] | None,
                          required: bool = False) -> list[EnhancementRequest]:
     """AI item requests: known kinds, BCP-47 target languages (required for translation, refused
     for clean-up), no duplicates; FAILED_PRECONDITION when no worker has a language model."""
@@ -189,10 +189,15 @@ def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[b
                           "language); ask for a TRANSLATION instead")
         req = EnhancementRequest(kind=kind, language=lang.lower())
         out.setdefault(req.key, req)
+    if ai_status is not None:
+        check_ai(ai_status)
+    return list(out.values())
+
+
+def check_ai(ai_status: Callable[[], tuple[bool, str, str]]) -> None:
     available, _model, reason = ai_status()
     if not available:
         raise failed_precondition(reason)
-    return list(out.values())
 
 
 def job_config(cfg: tpb.TranscriptionConfig, models: ModelSet,

@@ -185,7 +185,7 @@ class EnhancementChunk(BaseModel):
 
 
 class LlmUsage(BaseModel):
-    """LLM tokens and cost per tenant, day and model (each stored chunk counted once)."""
+    """LLM tokens and cost per tenant, day and model (every response counted once, as it arrives)."""
 
     id = pw.AutoField()
     tenant = pw.ForeignKeyField(Tenant, on_delete="CASCADE")
@@ -194,7 +194,7 @@ class LlmUsage(BaseModel):
     prompt_tokens = pw.BigIntegerField(default=0)
     completion_tokens = pw.BigIntegerField(default=0)
     cost = pw.DoubleField(default=0.0)
-    chunks = pw.IntegerField(default=0)
+    responses = pw.IntegerField(default=0)
 
     class Meta:
         indexes = ((("tenant", "day", "model"), True),)

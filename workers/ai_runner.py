@@ -5,7 +5,7 @@ Failure policy, as for the optional job stages (workers.pipeline):
 - cancelled by the client (checked between chunks, and by the watchdog): CANCELLED;
 - an outage of our own infrastructure: released uncounted, Dramatiq retries with backoff;
 - the LLM server unreachable, overloaded or failing after the client's own retries: released,
-  retried by Dramatiq with backoff until the item's attempts reach ``max_attempts``;
+  retried by Dramatiq with backoff until the item's attempts reach ``MP4T_LLM_MAX_ATTEMPTS``;
 - an invalid answer after a repair, a refused request, the time limit: FAILED at once.
 A failed item never touches the transcript: the job stays SUCCEEDED and gets a warning.
 """
@@ -58,6 +58,9 @@ class StoredChunks:
     def request(self) -> None:
         enhancements.count_request(self.item_id, self.msg_id)
 
+    def spent(self, usage: TokenUsage) -> None:
+        enhancements.spend(self.item_id, self.msg_id, usage, self.model)
+
 
 def _stop_reason(item_id: str, msg_id: str, lease_s: float) -> type[BaseException] | None:
     enhancements.heartbeat(item_id, msg_id, lease_s / 3)
@@ -74,7 +77,7 @@ def run_enhancement(item_id: str) -> None:
     s = runtime.get().settings
     msg_id = message_id()
     structlog.contextvars.bind_contextvars(item_id=item_id, stage="enhance")
-    claim = enhancements.claim(item_id, msg_id, s.max_attempts, s.lease_s)
+    claim = enhancements.claim(item_id, msg_id, s.llm_max_attempts, s.lease_s)
     if claim.outcome != ClaimOutcome.RUN:
         log.info("stage_skipped", outcome=claim.outcome.value)
         return
@@ -120,7 +123,7 @@ def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Set
         enhancements.release_for_retry(item_id, msg_id, error, outage=True)
         finished("enhance", "outage", started, level="warning", error=error, retrying=True)
         raise exc
-    elif isinstance(exc, Exception) and attempts < s.max_attempts:
+    elif isinstance(exc, Exception) and attempts < s.llm_max_attempts:
         enhancements.release_for_retry(item_id, msg_id, error)
         finished("enhance", "error", started, level="warning", error=error, retrying=True)
         raise exc

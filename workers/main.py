@@ -59,6 +59,10 @@ def _capabilities(settings: Settings, queues: list[str],
             capabilities["diarization"] = label
     if "default" in queues and settings.ai_enabled:
         capabilities["ai"] = settings.llm_model  # servers accept AI items while such a worker lives
+    elif "default" in queues:
+        # The default queue holds only AI items: a worker without a model leaves them to one that has one.
+        log.info("ai_unavailable", reason="MP4T_LLM_MODEL is not set: not consuming the default queue")
+        queues = [q for q in queues if q != "default"]
     return queues, capabilities, unavailable
 
 

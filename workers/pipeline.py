@@ -376,7 +376,8 @@ def finalize(job_id: str) -> None:
     """FINALIZING -> SUCCEEDED (a no-op for a job that is not there, e.g. a redelivery)."""
     structlog.contextvars.bind_contextvars(job_id=job_id, stage="finalize")
     started = time.monotonic()
-    job = jobs.finish(job_id, JobState.SUCCEEDED, only_stage=Stage.FINALIZING)
+    with outbox.sending():  # the AI items' messages, committed with the success, go out now
+        job = jobs.finish(job_id, JobState.SUCCEEDED, only_stage=Stage.FINALIZING)
     if job is not None:
         tracing.set_attributes(**{"mp4t.job_id": job_id, "mp4t.tenant_id": job.tenant_id,
                                   "mp4t.processing_s": job.processing_s})

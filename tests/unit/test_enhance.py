@@ -105,6 +105,9 @@ class MemoryChunks:
     def request(self) -> None:
         self.requests += 1
 
+    def spent(self, usage: TokenUsage) -> None:
+        self.paid = getattr(self, "paid", TokenUsage()) + usage
+
 
 @pytest.fixture(scope="module")
 def llm(llm_server: Any) -> Any:
@@ -123,14 +126,14 @@ def _transcript(n: int) -> TranscriptResult:
 
 
 def test_batches_cover_each_segment_once_and_resume(llm: Any) -> None:
-    r = _transcript(24)
+    r = _transcript(40)
     budget = enhance.Budget(context=900, max_output=300)
     first = MemoryChunks()
     out = enhance.run(EnhancementKind.CLEANUP, r, "en", llm, first, budget)
     assert len(first.stored) >= 3, "expected several batches at this budget"
     ids = [int(k) for v in first.stored.values() for k in v]
-    assert sorted(ids) == list(range(24)) and len(ids) == len(set(ids))
-    assert [s["id"] for s in out["segments"]] == list(range(24))
+    assert sorted(ids) == list(range(40)) and len(ids) == len(set(ids))
+    assert [s["id"] for s in out["segments"]] == list(range(40))
     assert llm.count.exact and first.usage.prompt_tokens > 0  # counted by the server's tokenizer
     # A redelivery with all but the last chunk stored asks only for that one.
     keys = sorted(first.stored, key=lambda k: int(k.split(":")[1].split("-")[0]))
@@ -141,7 +144,7 @@ def test_batches_cover_each_segment_once_and_resume(llm: Any) -> None:
 
 def test_summary_map_reduces_a_long_transcript(llm: Any) -> None:
     chunks = MemoryChunks()
-    out = enhance.run(EnhancementKind.SUMMARY, _transcript(60), "en", llm, chunks, enhance.Budget(1100, 400))
+    out = enhance.run(EnhancementKind.SUMMARY, _transcript(120), "en", llm, chunks, enhance.Budget(2048, 600))
     assert Summary.model_validate(out)
     assert sum(k.startswith("map:") for k in chunks.stored) >= 2 and any(k.startswith("reduce:") for k in chunks.stored)
 
@@ -152,3 +155,35 @@ def test_outline_times_snap_to_segments_and_stay_in_order() -> None:
              "outline": [{"title": "a", "start_s": 5.2, "points": []}, {"title": "b", "start_s": 1.2e8, "points": []},
                          {"title": "c", "start_s": 2.0, "points": []}, {"title": "d", "start_s": 21, "points": []}]}
     assert [o["start_s"] for o in check(notes)["outline"]] == [4.0, 4.0, 4.0, 20.0]
+
+
+def test_a_job_with_unfinished_items_is_not_the_end_of_watch() -> None:
+    from mp4totext.contracts import ItemStatus, ProgressEvent
+    ev = ProgressEvent(id="j", sequence=3, state="SUCCEEDED", stage="DONE",
+                       items=[ItemStatus(id="a", kind="SUMMARY", state="SUCCEEDED"),
+                              ItemStatus(id="b", kind="CLEANUP", state="RUNNING", chunks_done=1, chunks_total=3)])
+    assert not ev.terminal
+    ev.items[1].state = "FAILED"
+    assert ev.terminal
+    assert ProgressEvent(id="j", sequence=1, state="RUNNING", stage="TRANSCRIBING").terminal is False
+
+
+def test_an_answer_that_stays_invalid_is_repaired_once_then_fails(llm: Any) -> None:
+    from workers.stages.llm import LLMOutputError
+    sent = []
+
+    def never(value: Any) -> Any:
+        raise ValueError("the key 'fruit' must be 'banana'")
+
+    with pytest.raises(LLMOutputError, match="after one repair: the key 'fruit' must be 'banana'"):
+        llm.ask_json("Reply with JSON.", "Name a fruit.", "fruit", {"type": "object", "properties": {
+            "fruit": {"type": "string"}}, "required": ["fruit"], "additionalProperties": False}, never, 40,
+            on_request=lambda: sent.append(1))
+    assert len(sent) == 2
+
+
+def test_parts_answered_already_are_kept_and_the_rest_packed() -> None:
+    lines = [Line(i, "x", 10) for i in range(10)]
+    stored = {"map:2-4": {}, "map:3-6": {}, "reduce:1:abc": {}}  # 3-6 overlaps a kept part: another plan's
+    parts = enhance._plan_parts(lines, stored, 30)
+    assert [[line.id for line in p] for p in parts] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import hashlib
 import json
 import math
 from typing import Any, Callable, Protocol
@@ -61,6 +62,8 @@ class Chunks(Protocol):
     def progress(self, done: int, total: int) -> None: ...
 
     def request(self) -> None: ...
+
+    def spent(self, usage: TokenUsage) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +168,8 @@ def _segments(kind: EnhancementKind, result: TranscriptResult, language: str, ll
         prompt = overhead + sum(line.tokens for line in group)
         try:
             answer = llm.ask_json(SYSTEM, user, "segments", segment_texts_schema(ids), _checker(ids),
-                                  budget.output_for(prompt), on_request=chunks.request)
+                                  budget.output_for(prompt), on_request=chunks.request, shorten=False,
+                                  on_usage=chunks.spent)
         except LLMOutputError:
             if len(group) == 1:
                 raise
@@ -179,12 +183,14 @@ def _segments(kind: EnhancementKind, result: TranscriptResult, language: str, ll
     return texts
 
 
-def rewritten(result: TranscriptResult, texts: dict[int, str], language: str) -> TranscriptResult:
+def rewritten(result: TranscriptResult, texts: dict[int, str], language: str | None) -> TranscriptResult:
     """The transcript with each segment's text replaced (ids, times and speakers kept; word
-    timings dropped: they belong to the original words)."""
-    segments = [s.model_copy(update={"text": texts.get(s.id, s.text), "words": [], "language": language})
+    timings dropped: they belong to the original words). ``language`` None keeps each segment's
+    own (a clean-up of a transcript in several languages)."""
+    segments = [s.model_copy(update={"text": texts.get(s.id, s.text), "words": [],
+                                     "language": s.language if language is None else language})
                 for s in result.segments]
-    return result.model_copy(update={"segments": segments, "language": language,
+    return result.model_copy(update={"segments": segments, "language": language or result.language,
                                      "text": " ".join(s.text for s in segments if s.text).strip()})
 
 
@@ -217,59 +223,110 @@ def _doc_checker(model: type[BaseModel], starts: list[float], duration: float) -
     return check
 
 
+def _reduce_key(level: int, keys: list[str]) -> str:
+    """A merge's key names what it merged (content-addressed): a redelivery that groups the
+    partials differently never reuses a merge of other inputs."""
+    return f"reduce:{level}:{hashlib.sha256(chr(31).join(keys).encode()).hexdigest()[:20]}"
+
+
 def _document(kind: EnhancementKind, result: TranscriptResult, language: str, llm: LLM, chunks: Chunks,
               budget: Budget) -> dict[str, Any]:
+    """One call when the transcript fits; else map (a partial per part) and reduce (merge as many
+    partials as fit, round after round). Each answer is held to ``part_out`` tokens, a quarter
+    of what is left after the prompt, so at least three partials always fit one merge."""
     model, name, task = _DOC[kind]
     task = f"{task} Write in {language_name(language)}."
     schema = schema_of(model)
     check = _doc_checker(model, [seg.start for seg in result.segments], result.duration)
-    overhead = llm.prompt_tokens(SYSTEM, task + "\n<transcript>\n</transcript>")
+    overhead = llm.prompt_tokens(SYSTEM, task + "\n<transcript>\n</transcript>") + 48
     if llm.mode != "json_schema":
-        overhead += llm.count(json.dumps(schema)) + 32
-    limit = max(64, budget.usable() - overhead - min(budget.max_output, budget.usable() // 3))
+        overhead += llm.count(json.dumps(schema))
+    room = budget.usable() - overhead
+    if room < 256:
+        raise LLMOutputError(f"the context window ({budget.context} tokens) leaves {room} for the transcript; "
+                             "raise MP4T_LLM_CONTEXT_TOKENS")
     lines = [Line(s.id, f"[{_clock(s.start)}] {s.speaker + ': ' if s.speaker else ''}{s.text.strip()}", 0)
              for s in result.segments if s.text.strip()]
     for line in lines:
         line.tokens = llm.count(line.text) + 1
-    parts = _pack(lines, limit) or [[]]
-    single = len(parts) == 1
-    total = 1 if single else len(parts) + max(1, math.ceil(len(parts) / 4))
-    done = len(chunks.stored)
-    chunks.progress(done, total)
-
-    def ask(key: str, prompt: str, body: str) -> dict[str, Any]:
-        nonlocal done, total
-        if key in chunks.stored:
-            return chunks.stored[key]
-        user = f"{prompt}\n<transcript>\n{body}\n</transcript>"
-        answer = llm.ask_json(SYSTEM, user, name, schema, check, budget.output_for(overhead + llm.count(body)),
-                              on_request=chunks.request)
-        done += 1
-        total = max(total, done)
-        chunks.put(key, answer.value, answer.usage, done, total)
-        return answer.value
-
-    if single:
-        return ask("all", task, "\n".join(line.text for line in parts[0]))
-    partials = [ask(_key("map", part), f"{task} This is part {i + 1} of {len(parts)} of the transcript.",
-                    "\n".join(line.text for line in part)) for i, part in enumerate(parts)]
+    ask = _Asker(llm, chunks, name, schema, check)
+    if sum(line.tokens for line in lines) + min(budget.max_output, room // 2) <= room:
+        ask.total = 1
+        chunks.progress(0, 1)
+        return ask("all", task, "\n".join(line.text for line in lines), min(budget.max_output, room // 2))
+    part_out = min(budget.max_output, room // 4)
+    parts = _plan_parts(lines, chunks.stored, room - part_out)
+    ask.total = len(parts) + max(1, math.ceil((len(parts) - 1) / 2))
+    ask.done = sum(1 for key in chunks.stored if key.startswith("map:") and key in {_key("map", p) for p in parts})
+    chunks.progress(ask.done, ask.total)
+    partials = [(_key("map", part), ask(_key("map", part), f"{task} This is part {i + 1} of {len(parts)} of the "
+                                        "transcript.", "\n".join(line.text for line in part), part_out))
+                for i, part in enumerate(parts)]
+    merge = (f"{task} The transcript is given as partial {name.replace('_', ' ')} of its consecutive parts, in "
+             "order, one JSON object per line: merge them into one for the whole recording.")
     level = 0
     while True:
         level += 1
-        docs = [Line(i, json.dumps(p, ensure_ascii=False), 0) for i, p in enumerate(partials)]
+        docs = [Line(i, json.dumps(value, ensure_ascii=False), 0) for i, (_k, value) in enumerate(partials)]
         for d in docs:
-            d.tokens = llm.count(d.text)
-        groups = _pack(docs, limit)
-        merge = (f"{task} The transcript is given as partial {name.replace('_', ' ')} of its consecutive parts, in "
-                 "order, one JSON object per line: merge them into one for the whole recording.")
+            d.tokens = llm.count(d.text) + 1
+        groups = _pack(docs, room - part_out)
         if len(groups) == 1:
-            return ask(f"reduce:{level}:final", merge, "\n".join(d.text for d in docs))
-        if len(groups) >= len(docs):
-            raise LLMOutputError(f"the partial {name} do not fit the context window together; "
-                                 "raise MP4T_LLM_CONTEXT_TOKENS or lower MP4T_LLM_MAX_OUTPUT_TOKENS")
-        total += len(groups)
-        partials = [ask(f"reduce:{level}:{g[0].id}-{g[-1].id}", merge, "\n".join(d.text for d in g))
-                    for g in groups]
+            keys = [k for k, _v in partials]
+            return ask(_reduce_key(level, keys), merge, "\n".join(d.text for d in docs),
+                       min(budget.max_output, room - sum(d.tokens for d in docs)))
+        ask.total = max(ask.total, ask.done + len(groups) + 1)
+        merged = []
+        for g in groups:
+            keys = [partials[d.id][0] for d in g]
+            key = _reduce_key(level, keys)
+            merged.append((key, partials[g[0].id][1] if len(g) == 1 else
+                           ask(key, merge, "\n".join(d.text for d in g), part_out)))
+        partials = merged
+
+
+class _Asker:
+    """Asks for one chunk unless it is stored; stores the answer; counts progress."""
+
+    def __init__(self, llm: LLM, chunks: Chunks, name: str, schema: dict[str, Any],
+                 check: Callable[[Any], Any]) -> None:
+        self.llm, self.chunks, self.name, self.schema, self.check = llm, chunks, name, schema, check
+        self.done, self.total = 0, 1
+
+    def __call__(self, key: str, prompt: str, body: str, max_tokens: int) -> dict[str, Any]:
+        if key in self.chunks.stored:
+            return self.chunks.stored[key]
+        answer = self.llm.ask_json(SYSTEM, f"{prompt}\n<transcript>\n{body}\n</transcript>", self.name, self.schema,
+                                   self.check, max_tokens, on_request=self.chunks.request, on_usage=self.chunks.spent)
+        self.done += 1
+        self.total = max(self.total, self.done)
+        self.chunks.put(key, answer.value, answer.usage, self.done, self.total)
+        return answer.value
+
+
+def _plan_parts(lines: list[Line], stored: dict[str, Any], limit: int) -> list[list[Line]]:
+    """Parts of at most ``limit`` tokens; parts answered already (stored ``map:`` keys) are kept as
+    they were, so a redelivery asks only for the rest."""
+    by_id = {line.id: i for i, line in enumerate(lines)}
+    kept: list[list[Line]] = []
+    covered: set[int] = set()
+    ranges = sorted(tuple(int(x) for x in key[4:].split("-")) for key in stored if key.startswith("map:"))
+    for first, last in ranges:  # a part that overlaps one kept already (another plan's) is not used
+        if first in by_id and last in by_id:
+            part = lines[by_id[first]:by_id[last] + 1]
+            if not covered & {line.id for line in part}:
+                kept.append(part)
+                covered |= {line.id for line in part}
+    rest: list[list[Line]] = []
+    run: list[Line] = []
+    for line in lines:  # runs of lines no kept part covers, each packed on its own
+        if line.id in covered:
+            rest += _pack(run, limit)
+            run = []
+        else:
+            run.append(line)
+    rest += _pack(run, limit)
+    return sorted(kept + rest, key=lambda part: by_id[part[0].id])
 
 
 def run(kind: EnhancementKind, result: TranscriptResult, language: str, llm: LLM, chunks: Chunks,
@@ -277,5 +334,6 @@ def run(kind: EnhancementKind, result: TranscriptResult, language: str, llm: LLM
     """The item's result: a rewritten transcript (clean-up, translation), or a document."""
     if kind in (EnhancementKind.CLEANUP, EnhancementKind.TRANSLATION):
         texts = _segments(kind, result, language, llm, chunks, budget)
-        return rewritten(result, texts, language).to_json()
+        keep = kind == EnhancementKind.CLEANUP
+        return rewritten(result, texts, None if keep else language).to_json()
     return _document(kind, result, language, llm, chunks, budget)

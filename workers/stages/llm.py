@@ -44,6 +44,10 @@ class LLMOutputError(LLMError):
     """The model's answer did not match the schema, even after one repair."""
 
 
+class LLMUnreachable(Exception):
+    """The LLM server did not answer (transient: the item is tried again later)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Answer:
     value: Any
@@ -53,7 +57,7 @@ class Answer:
 
 def transient(exc: BaseException) -> bool:
     """A failure that may pass (server down, overloaded, slow): the runner retries the item later."""
-    if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
+    if isinstance(exc, (LLMUnreachable, openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
                         openai.InternalServerError)):
         return True
     return isinstance(exc, openai.APIStatusError) and exc.status_code in (408, 409, 429) or (
@@ -106,16 +110,26 @@ class TokenCounter:
         return [llama_cpp_python, llama_cpp, vllm]
 
     def _probe(self) -> None:
+        """Find the endpoint once. A server that does not answer at all is not a server without
+        one: that raises (the item waits for the server), so counts never switch mid-item."""
         with self.lock:
             if self.probed:
                 return
+            unreachable = 0
             for fn in self._candidates():
                 try:
                     if fn("probe, one two") > 0:
                         self.endpoint = fn
                         break
-                except (OSError, KeyError, ValueError, TypeError):  # URLError and HTTPError are OSErrors
+                except urllib.error.HTTPError:
+                    continue  # it answered: not this endpoint
+                except OSError as exc:  # connection refused, timeout
+                    unreachable += 1
+                    error = exc
+                except (KeyError, ValueError, TypeError):
                     continue
+            if self.endpoint is None and unreachable == len(self._candidates()):
+                raise LLMUnreachable(f"the LLM server at {self.root} did not answer: {error}")
             self.probed = True
             log.info("llm_tokenizer", endpoint=self.endpoint.__name__ if self.endpoint else "utf8_bytes")
 
@@ -129,8 +143,8 @@ class TokenCounter:
         if self.endpoint is not None and text:
             try:
                 return self.endpoint(text)
-            except OSError:
-                pass  # the server is busy or gone: the bound is always safe
+            except OSError as exc:  # counting the same way throughout keeps an item's chunks stable
+                raise LLMUnreachable(f"the LLM server's tokenizer did not answer: {exc}") from exc
         return len(text.encode("utf-8"))
 
 
@@ -148,6 +162,7 @@ class LLM:
         self.mode = s.llm_json_mode if s.llm_json_mode in MODES else "json_schema"
         self.auto = s.llm_json_mode == "auto"
         self.confirmed = False  # the server took a request in this mode
+        self.mode_lock = threading.Lock()
         self.slots = _slots(s.llm_max_concurrency)
 
     def cost(self, prompt: int, completion: int) -> float:
@@ -167,13 +182,26 @@ class LLM:
             return {"type": "json_object", "schema": strict_schema(schema)}
         return None
 
-    def _send(self, messages: list[dict[str, str]], name: str, schema: dict[str, Any],
-              max_tokens: int) -> Any:
+    def _step_down(self, refused: str, exc: Exception) -> None:
+        with self.mode_lock:
+            if self.mode == refused:  # another thread may have stepped down already
+                log.warning("llm_json_mode_refused", mode=refused, error=str(exc)[:300])
+                self.mode = MODES[MODES.index(refused) + 1]
+
+    def _messages(self, system: str, user: list[dict[str, str]], schema: dict[str, Any]) -> list[dict[str, str]]:
+        if self.mode != "json_schema":
+            system = f"{system}\n\nAnswer with one JSON object that follows this JSON schema:\n{json.dumps(schema)}"
+        return [{"role": "system", "content": system}, *user]
+
+    def _send(self, system: str, user: list[dict[str, str]], name: str, schema: dict[str, Any],
+              max_tokens: int, temperature: float) -> Any:
         while True:
+            mode = self.mode
+            messages = self._messages(system, user, schema)
             fmt = self._format(name, schema)
             extra = {"response_format": fmt} if fmt else {}
             started = time.monotonic()
-            probing = self.auto and not self.confirmed and self.mode != "none"
+            probing = self.auto and not self.confirmed and mode != "none"
             # While auto mode is finding out what the server takes, a refusal is not retried (some
             # servers answer an unknown response_format with a 500).
             client = self.client.with_options(max_retries=0) if probing else self.client
@@ -181,12 +209,11 @@ class LLM:
                 with self.slots:
                     resp = client.chat.completions.create(
                         model=self.model, messages=messages, max_tokens=max_tokens,
-                        temperature=self.s.llm_temperature, **extra)
+                        temperature=temperature, **extra)
                 self.confirmed = True
             except openai.APIStatusError as exc:
                 if probing and ("response_format" in str(exc) or "json" in str(exc).lower()):
-                    log.warning("llm_json_mode_refused", mode=self.mode, error=str(exc)[:300])
-                    self.mode = MODES[MODES.index(self.mode) + 1]
+                    self._step_down(mode, exc)
                     continue
                 metrics.LLM_REQUESTS.labels(self.model, _outcome(exc)).inc()
                 if not transient(exc):
@@ -203,19 +230,24 @@ class LLM:
 
     def ask_json(self, system: str, user: str, name: str, schema: dict[str, Any],
                  validate: Callable[[Any], Any], max_tokens: int,
-                 on_request: Callable[[], None] = lambda: None) -> Answer:
+                 on_request: Callable[[], None] = lambda: None, shorten: bool = True,
+                 on_usage: Callable[[TokenUsage], None] = lambda _u: None) -> Answer:
         """The model's answer to ``user``, parsed and checked by ``validate`` (which raises
-        ValueError with a message the model can act on). One repair, then LLMOutputError."""
-        if self.mode != "json_schema":
-            system = f"{system}\n\nAnswer with one JSON object that follows this JSON schema:\n{json.dumps(schema)}"
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        usage, error = TokenUsage(), ""
+        ValueError with a message the model can act on). One repair, then LLMOutputError.
+
+        An answer cut off at ``max_tokens`` is asked again afresh, for a shorter one and sampled
+        differently, when ``shorten``; else it fails at once (a batch of segments is split
+        instead: every segment must keep its whole text)."""
+        turns = [{"role": "user", "content": user}]
+        usage, error, temperature = TokenUsage(), "", self.s.llm_temperature
         for attempt in (1, 2):
             on_request()
-            resp = self._send(messages, name, schema, max_tokens)
+            resp = self._send(system, turns, name, schema, max_tokens, temperature)
             p = resp.usage.prompt_tokens if resp.usage else 0
             c = resp.usage.completion_tokens if resp.usage else 0
-            usage = usage + TokenUsage(prompt_tokens=p, completion_tokens=c, cost=self.cost(p, c))
+            spent = TokenUsage(prompt_tokens=p, completion_tokens=c, cost=self.cost(p, c))
+            usage = usage + spent
+            on_usage(spent)  # paid for, whatever the answer is worth
             metrics.LLM_TOKENS.labels(self.model, "prompt").inc(p)
             metrics.LLM_TOKENS.labels(self.model, "completion").inc(c)
             choice = resp.choices[0]
@@ -229,9 +261,16 @@ class LLM:
                 error = str(exc)[:800]
                 metrics.LLM_REQUESTS.labels(self.model, "invalid_output").inc()
                 log.warning("llm_invalid_output", attempt=attempt, error=error, answer=text[:200])
-                messages = [*messages[:2], {"role": "assistant", "content": text[:4000]},
-                            {"role": "user", "content": f"That answer is not valid: {error}. Answer again with "
-                                                        "only the corrected JSON object, nothing else."}]
+                if choice.finish_reason == "length":
+                    if not shorten:
+                        raise LLMOutputError(f"the model's answer was cut off: {error}") from None
+                    turns = [{"role": "user", "content": f"{user}\n\nKeep the answer short: every text value one "
+                                                         "or two sentences, every list a few items."}]
+                    temperature = max(temperature, 0.7)
+                else:
+                    turns = [turns[0], {"role": "assistant", "content": text[:4000]},
+                             {"role": "user", "content": f"That answer is not valid: {error}. Answer again with "
+                                                         "only the corrected JSON object, nothing else."}]
                 continue
             metrics.LLM_REQUESTS.labels(self.model, "ok").inc()
             return Answer(value, usage, attempt)
