@@ -101,7 +101,8 @@ def run_enhancement(item_id: str) -> None:
     except BaseException as exc:  # noqa: BLE001 - classified below; Dramatiq's own exits re-raised there
         _failed(item_id, msg_id, exc, item.attempts, s, started)
         return
-    enhancements.finish(item_id, msg_id, EnhancementState.SUCCEEDED, result=out, output_language=language)
+    written_in = result.language if kind == EnhancementKind.CLEANUP else language  # a clean-up keeps the language
+    enhancements.finish(item_id, msg_id, EnhancementState.SUCCEEDED, result=out, output_language=written_in)
     finished("enhance", "succeeded", started, kind=kind.value, language=language, model=llm.model)
 
 

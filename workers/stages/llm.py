@@ -28,7 +28,7 @@ import structlog
 
 from mp4totext.config import Settings
 from mp4totext.enhancements import TokenUsage, strict_schema
-from observability import metrics
+from observability import metrics, tracing
 
 log = structlog.get_logger(__name__)
 
@@ -206,10 +206,15 @@ class LLM:
             # servers answer an unknown response_format with a 500).
             client = self.client.with_options(max_retries=0) if probing else self.client
             try:
-                with self.slots:
+                with self.slots, tracing.stage_span("llm chat completion", **{
+                        "gen_ai.system": "openai", "gen_ai.request.model": self.model,
+                        "gen_ai.request.max_tokens": max_tokens, "mp4t.llm.json_mode": mode}) as span:
                     resp = client.chat.completions.create(
                         model=self.model, messages=messages, max_tokens=max_tokens,
                         temperature=temperature, **extra)
+                    if resp.usage:
+                        span.set_attributes({"gen_ai.usage.input_tokens": resp.usage.prompt_tokens,
+                                             "gen_ai.usage.output_tokens": resp.usage.completion_tokens})
                 self.confirmed = True
             except openai.APIStatusError as exc:
                 if probing and ("response_format" in str(exc) or "json" in str(exc).lower()):
