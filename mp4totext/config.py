@@ -131,9 +131,9 @@ class Settings:
     llm_json_mode: str = "auto"  # auto | json_schema | json_object | none (prompted, then validated)
     llm_tokenizer: str = "auto"  # auto (the server's /tokenize where it has one) | bytes (UTF-8 bytes: a bound)
     llm_temperature: float = 0.2
-    # An item is tried this often (each try: the client's own retries) before the LLM server being
-    # unreachable or failing fails it; with Dramatiq's backoff that rides out a few minutes of outage.
-    llm_max_attempts: int = 6
+    # An LLM server that is down or overloaded fails nothing for MP4T_OUTAGE_BUDGET_S after an item
+    # started (tries are not counted); after that, or for other errors, an item is tried this often.
+    llm_max_attempts: int = 4
     llm_price_prompt_per_1k: float = 0.0  # cost accounting, in the operator's currency
     llm_price_completion_per_1k: float = 0.0
     ai_time_limit_s: int = 3600  # one AI item (all its chunks)

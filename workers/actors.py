@@ -173,6 +173,8 @@ def register(broker: dramatiq.Broker, s: Settings) -> dict[str, dramatiq.Actor]:
     functions: dict[str, Callable[[str], None]] = {
         "prepare_media": _prepare_media, "transcribe": _job_actor(TRANSCRIBE), "diarize": _job_actor(DIARIZE),
         "finalize": finalize, "maintenance": maintenance.sweep, "enhance": ai_runner.run_enhancement}
+    retries = {name: retry for name in functions}
+    retries["enhance"] = {**retry, "max_retries": max_retries + max(0, s.llm_max_attempts - s.max_attempts)}
     return {name: dramatiq.actor(fn, actor_name=name, queue_name=ROUTES[name], broker=broker,
-                                 time_limit=limits_s[name] * 1000, **retry)
+                                 time_limit=limits_s[name] * 1000, **retries[name])
             for name, fn in functions.items()}

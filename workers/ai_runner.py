@@ -24,7 +24,7 @@ from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, TranscriptResult
 from mp4totext.enhancements import EnhancementKind, EnhancementState, TokenUsage
 from observability import tracing
-from storage.db import Enhancement, connection, drop_broken_connection
+from storage.db import Enhancement, connection, drop_broken_connection, utcnow
 from workers.pipeline import Cancelled, JobTimeout, finished, message_id
 from workers.stages import enhance
 from workers.stages.llm import LLM, LLMError, LLMOutputError, transient
@@ -70,6 +70,15 @@ def _stop_reason(item_id: str, msg_id: str, lease_s: float) -> type[BaseExceptio
     if row is None or row.claim_message_id != msg_id:
         return LostClaim
     return Cancelled if row.cancel_requested else None
+
+
+def _outage_budget_left(item_id: str, s: Settings) -> bool:
+    """Whether the item started less than MP4T_OUTAGE_BUDGET_S ago (an LLM outage shorter than
+    that fails nothing; after it, each try counts toward MP4T_LLM_MAX_ATTEMPTS)."""
+    with connection():
+        row = Enhancement.select(Enhancement.start_time).where(Enhancement.id == item_id).first()
+    return row is not None and row.start_time is not None and \
+        (utcnow() - row.start_time).total_seconds() < s.outage_budget_s
 
 
 def run_enhancement(item_id: str) -> None:
@@ -123,6 +132,11 @@ def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Set
         drop_broken_connection()
         enhancements.release_for_retry(item_id, msg_id, error, outage=True)
         finished("enhance", "outage", started, level="warning", error=error, retrying=True)
+        raise exc
+    elif isinstance(exc, Exception) and transient(exc) and _outage_budget_left(item_id, s):
+        # the LLM server is down or overloaded: wait it out uncounted, as an outage of our own services
+        enhancements.release_for_retry(item_id, msg_id, error, outage=True)
+        finished("enhance", "llm_unavailable", started, level="warning", error=error, retrying=True)
         raise exc
     elif isinstance(exc, Exception) and attempts < s.llm_max_attempts:
         enhancements.release_for_retry(item_id, msg_id, error)

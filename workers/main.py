@@ -63,6 +63,9 @@ def _capabilities(settings: Settings, queues: list[str],
         # The default queue holds only AI items: a worker without a model leaves them to one that has one.
         log.info("ai_unavailable", reason="MP4T_LLM_MODEL is not set: not consuming the default queue")
         queues = [q for q in queues if q != "default"]
+        if not queues:  # an empty list would make Dramatiq consume every queue
+            raise SystemExit("worker for the default queue cannot start: no language model is configured "
+                             "(set MP4T_LLM_MODEL, MP4T_LLM_BASE_URL and MP4T_LLM_API_KEY)")
     return queues, capabilities, unavailable
 
 

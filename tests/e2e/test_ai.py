@@ -194,7 +194,7 @@ def test_llm_server_down_fails_the_item_not_the_job(stack: Stack, client: Client
                                                     speech_mp4: pathlib.Path, llm_server: Any) -> None:
     stack.restart_worker("default", **llm_env(llm_server, MP4T_LLM_BASE_URL=f"http://127.0.0.1:{_closed_port()}/v1",
                                               MP4T_LLM_MAX_RETRIES="1", MP4T_LLM_TIMEOUT_S="5",
-                                              MP4T_LLM_MAX_ATTEMPTS="3"))
+                                              MP4T_LLM_MAX_ATTEMPTS="3", MP4T_OUTAGE_BUDGET_S="4"))
     try:
         job = client.wait(transcribe(client, speech_mp4, enhancements=enhancement_requests(cleanup=True)).name)
     finally:

@@ -187,3 +187,36 @@ def test_parts_answered_already_are_kept_and_the_rest_packed() -> None:
     stored = {"map:2-4": {}, "map:3-6": {}, "reduce:1:abc": {}}  # 3-6 overlaps a kept part: another plan's
     parts = enhance._plan_parts(lines, stored, 30)
     assert [[line.id for line in p] for p in parts] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
+
+
+class ByteCountingModel:
+    """Counts in UTF-8 bytes (as for a server without a tokenizer endpoint) and answers with two
+    bytes per token it may use (real text has about four): no two partials pair up by count."""
+
+    mode = "json_schema"
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    def count(self, text: str) -> int:
+        return len(text.encode())
+
+    def prompt_tokens(self, *texts: str) -> int:
+        return sum(self.count(t) + 8 for t in texts)
+
+    def ask_json(self, system: str, user: str, name: str, schema: Any, check: Any, max_tokens: int,
+                 **_kw: Any) -> Any:
+        from workers.stages.llm import Answer
+        self.requests.append(user)
+        value = check({"abstract": "x" * (2 * max_tokens), "key_points": [], "decisions": [],
+                       "action_items": []})
+        return Answer(value, TokenUsage(prompt_tokens=1, completion_tokens=1), 1)
+
+
+def test_merges_that_do_not_pair_by_count_still_end() -> None:
+    model = ByteCountingModel()
+    chunks = MemoryChunks()
+    out = enhance.run(EnhancementKind.SUMMARY, _transcript(200), "en", model, chunks, enhance.Budget(4096, 2048))
+    maps = sum(k.startswith("map:") for k in chunks.stored)
+    assert out["abstract"] and maps >= 4
+    assert len(model.requests) < 2 * maps + 2, "the merge rounds must make progress"

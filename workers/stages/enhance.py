@@ -22,7 +22,6 @@ import bisect
 import dataclasses
 import hashlib
 import json
-import math
 from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel
@@ -256,12 +255,13 @@ def _document(kind: EnhancementKind, result: TranscriptResult, language: str, ll
         return ask("all", task, "\n".join(line.text for line in lines), min(budget.max_output, room // 2))
     part_out = min(budget.max_output, room // 4)
     parts = _plan_parts(lines, chunks.stored, room - part_out)
-    ask.total = len(parts) + max(1, math.ceil((len(parts) - 1) / 2))
-    ask.done = sum(1 for key in chunks.stored if key.startswith("map:") and key in {_key("map", p) for p in parts})
-    chunks.progress(ask.done, ask.total)
+    ask.total = len(parts) + (1 if len(parts) > 1 else 0)  # at least one merge; more when they do not fit
+    chunks.progress(0, ask.total)
     partials = [(_key("map", part), ask(_key("map", part), f"{task} This is part {i + 1} of {len(parts)} of the "
                                         "transcript.", "\n".join(line.text for line in part), part_out))
                 for i, part in enumerate(parts)]
+    if len(partials) == 1:  # it fit after all (a short transcript whose answer needs the room)
+        return partials[0][1]
     merge = (f"{task} The transcript is given as partial {name.replace('_', ' ')} of its consecutive parts, in "
              "order, one JSON object per line: merge them into one for the whole recording.")
     level = 0
@@ -274,7 +274,9 @@ def _document(kind: EnhancementKind, result: TranscriptResult, language: str, ll
         if len(groups) == 1:
             keys = [k for k, _v in partials]
             return ask(_reduce_key(level, keys), merge, "\n".join(d.text for d in docs),
-                       min(budget.max_output, room - sum(d.tokens for d in docs)))
+                       max(part_out, min(budget.max_output, room - sum(d.tokens for d in docs))))
+        if len(groups) == len(docs):  # counted in bytes, none pair up: two partials of <= room/4 tokens fit
+            groups = [docs[i:i + 2] for i in range(0, len(docs), 2)]
         ask.total = max(ask.total, ask.done + len(groups) + 1)
         merged = []
         for g in groups:
@@ -294,7 +296,9 @@ class _Asker:
         self.done, self.total = 0, 1
 
     def __call__(self, key: str, prompt: str, body: str, max_tokens: int) -> dict[str, Any]:
-        if key in self.chunks.stored:
+        if key in self.chunks.stored:  # answered before a redelivery
+            self.done += 1
+            self.total = max(self.total, self.done)
             return self.chunks.stored[key]
         answer = self.llm.ask_json(SYSTEM, f"{prompt}\n<transcript>\n{body}\n</transcript>", self.name, self.schema,
                                    self.check, max_tokens, on_request=self.chunks.request, on_usage=self.chunks.spent)

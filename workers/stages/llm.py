@@ -121,8 +121,11 @@ class TokenCounter:
                     if fn("probe, one two") > 0:
                         self.endpoint = fn
                         break
-                except urllib.error.HTTPError:
-                    continue  # it answered: not this endpoint
+                except urllib.error.HTTPError as exc:
+                    if exc.code >= 500:  # loading its model, overloaded: no answer yet
+                        unreachable += 1
+                        error = exc
+                    continue  # 4xx: it answered, not this endpoint
                 except OSError as exc:  # connection refused, timeout
                     unreachable += 1
                     error = exc
@@ -276,6 +279,8 @@ class LLM:
                     turns = [turns[0], {"role": "assistant", "content": text[:4000]},
                              {"role": "user", "content": f"That answer is not valid: {error}. Answer again with "
                                                          "only the corrected JSON object, nothing else."}]
+                    # the bad answer and the error now take room in the context window
+                    max_tokens = max(16, max_tokens - self.count(turns[1]["content"] + turns[2]["content"]) - 64)
                 continue
             metrics.LLM_REQUESTS.labels(self.model, "ok").inc()
             return Answer(value, usage, attempt)
