@@ -68,8 +68,10 @@ def test_no_model_configured_is_refused_with_how_to(client: Client, speech_mp4: 
 def ai_worker(stack: Stack, llm_server: Any) -> Any:
     proc = stack.start_worker("default", **llm_env(llm_server))
     yield proc
-    stack.workers.pop("default", None)
     proc.stop()
+    current = stack.workers.pop("default", None)  # tests restart it: stop the one running now
+    if current is not None:
+        current.stop()
 
 
 @pytest.fixture(scope="module")
