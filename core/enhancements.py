@@ -13,14 +13,12 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-import peewee as pw
-
 from core import jobs, outbox
 from core.jobs import LostClaim
 from mp4totext.contracts import ClaimOutcome, JobState
 from mp4totext.enhancements import ITEM_TERMINAL, EnhancementRequest, EnhancementState, TokenUsage
 from observability.metrics import AI_ITEMS_FINISHED
-from storage.db import Enhancement, EnhancementChunk, LlmUsage, Transcription, add_event, connection, locked, utcnow
+from storage.db import Enhancement, EnhancementChunk, LlmUsage, Transcription, connection, locked, utcnow
 
 ACTOR = "enhance"
 MAX_ITEMS = 20  # per transcription
@@ -28,13 +26,6 @@ MAX_ITEMS = 20  # per transcription
 
 class NotAllowed(Exception):
     """The transcription cannot take AI items now (failed, cancelled)."""
-
-
-def _touch(job: Transcription, detail: str) -> None:
-    job.sequence += 1
-    job.update_time = utcnow()
-    job.save()
-    add_event(job, detail)
 
 
 def _job_locked(job_id: str) -> Transcription | None:
@@ -101,7 +92,7 @@ def request(job_id: str, tenant_id: str, wanted: list[EnhancementRequest], reque
                     continue
                 queued.append(item)
             job.ai_items = len(existing)
-            _touch(job, "AI items requested: " + ", ".join(f"{i.kind} {i.language}".strip() for i in queued))
+            jobs._bump(job, "AI items requested: " + ", ".join(f"{i.kind} {i.language}".strip() for i in queued))
             if job.state == JobState.SUCCEEDED:
                 for item in queued:
                     outbox.add(ACTOR, item.id, job.priority, job.trace_context)
@@ -142,7 +133,7 @@ def claim(item_id: str, message_id: str, max_attempts: int, lease_s: float) -> I
                 item.heartbeat_time = item.update_time = utcnow()
                 item.start_time = item.start_time or utcnow()
                 item.save()
-                _touch(job, f"{item.kind} attempt {item.attempts}")
+                jobs._bump(job, f"{item.kind} attempt {item.attempts}")
                 outcome = ClaimOutcome.RUN
     _publish(item.transcription_id)
     return ItemClaim(outcome, item, job)
@@ -204,7 +195,7 @@ def save_chunk(item_id: str, message_id: str, key: str | None, output: Any, usag
         item.heartbeat_time = item.update_time = utcnow()
         item.save()
         if job is not None:
-            _touch(job, "")
+            jobs._bump(job, "")
     _publish(item.transcription_id)
     return item.cancel_requested
 
@@ -235,7 +226,7 @@ def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, 
         what = f"{item.kind.lower().replace('_', ' ')}{' (' + item.language + ')' if item.language else ''}"
         warning = f"{what} failed, the transcript is unaffected: {message}"
         job.warnings = list(dict.fromkeys([*(job.warnings or []), warning]))
-    _touch(job, f"{item.kind} {state}")
+    jobs._bump(job, f"{item.kind} {state}")
 
 
 def finish(item_id: str, message_id: str | None, state: str, reason: str = "", message: str = "",
@@ -287,7 +278,7 @@ def request_cancel(job_id: str) -> int:
             else:
                 Enhancement.update(cancel_requested=True).where(Enhancement.id == item.id).execute()
         if items:
-            _touch(job, "AI items: cancel requested")
+            jobs._bump(job, "AI items: cancel requested")
     _publish(job_id)
     return len(items)
 
@@ -316,12 +307,3 @@ def find(job_id: str, kind: str, language: str) -> Enhancement | None:
     with connection():
         return Enhancement.get_or_none(Enhancement.transcription == job_id, Enhancement.kind == kind,
                                        Enhancement.language == language.lower())
-
-
-def usage_of(job_id: str) -> TokenUsage:
-    with connection():
-        row = (Enhancement.select(pw.fn.SUM(Enhancement.prompt_tokens), pw.fn.SUM(Enhancement.completion_tokens),
-                                  pw.fn.SUM(Enhancement.cost)).where(Enhancement.transcription == job_id).tuples()
-               .first())
-    p, c, cost = row or (0, 0, 0.0)
-    return TokenUsage(prompt_tokens=int(p or 0), completion_tokens=int(c or 0), cost=round(float(cost or 0.0), 8))

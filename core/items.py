@@ -40,10 +40,11 @@ def settle_items(job: Transcription, state: str) -> None:
         if ids:  # queued now: the maintenance sweep measures a lost message from here
             Enhancement.update(update_time=utcnow()).where(Enhancement.id.in_(ids)).execute()
         return
-    if state == JobState.SUCCEEDED:
-        reason, message = "CANCELLED", "cancelled by the client"
+    if state == JobState.SUCCEEDED:  # cancel requested
+        ended, reason, message = "CANCELLED", "CANCELLED", "cancelled by the client"
     else:
+        ended = "CANCELLED" if state == JobState.CANCELLED else "FAILED"
         reason, message = "TRANSCRIPTION_" + state, f"the transcription is {state}: there is no transcript to work on"
-    Enhancement.update(state="CANCELLED" if reason == "CANCELLED" or state == JobState.CANCELLED else "FAILED",
-                       end_time=utcnow(), update_time=utcnow(), error_reason=reason, error_message=message).where(
+    Enhancement.update(state=ended, end_time=utcnow(), update_time=utcnow(), error_reason=reason,
+                       error_message=message).where(
         Enhancement.transcription == job.id, Enhancement.state == "PENDING").execute()

@@ -374,7 +374,8 @@ def _finish(job: Transcription, state: str, reason: str, message: str) -> None:
     else:
         job.error_reason = reason
         job.error_message = message
-    settle_items(job, state)
+    if job.ai_items:  # read under the row lock every caller holds: items are added under it too
+        settle_items(job, state)
     _bump(job, detail=reason or state)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mp4totext.contracts import _Model
+from mp4totext.contracts import ITEM_TERMINAL_STATES, _Model
 
 
 class EnhancementKind(enum.StrEnum):
@@ -31,7 +31,7 @@ class EnhancementState(enum.StrEnum):
     CANCELLED = "CANCELLED"
 
 
-ITEM_TERMINAL = frozenset({EnhancementState.SUCCEEDED, EnhancementState.FAILED, EnhancementState.CANCELLED})
+ITEM_TERMINAL = ITEM_TERMINAL_STATES  # one set: EnhancementState values are these strings
 
 # BCP-47 as clients send it: a language subtag and optional script/region/variant subtags.
 BCP47 = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8}){0,3}$")

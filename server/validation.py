@@ -9,6 +9,7 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+from core.enhancements import MAX_ITEMS
 from core.export import FORMATS, SubtitleOptions
 from core.languages import whisper_language
 from core.models import ModelSet
@@ -157,7 +158,6 @@ def _diarization(dia: tpb.DiarizationConfig, status: Callable[[], tuple[bool, st
                               max_speakers=hi or None)
 
 
-MAX_AI_ITEMS = 20
 KIND_NAMES = {tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{k}"): k for k in EnhancementKind}
 
 
@@ -170,8 +170,8 @@ def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[b
         if required:
             raise invalid(f"{field} is required: at least one of CLEANUP, TRANSLATION, SUMMARY, LECTURE_NOTES")
         return []
-    if len(items) > MAX_AI_ITEMS:
-        raise invalid(f"{field} has {len(items)} items; at most {MAX_AI_ITEMS}")
+    if len(items) > MAX_ITEMS:
+        raise invalid(f"{field} has {len(items)} items; at most {MAX_ITEMS}")
     out: dict[tuple[str, str], EnhancementRequest] = {}
     for i, item in enumerate(items):
         kind = KIND_NAMES.get(item.kind)
