@@ -335,7 +335,9 @@ def test_stalled_upload_streams_cannot_lock_a_replica_out(stack: Stack, key_a: s
     import time
     import urllib.request
 
-    proc, target = stack.launch_server(MP4T_GRPC_MAX_WORKERS="8", MP4T_UPLOAD_IDLE_TIMEOUT_S="3")  # 4 uploads, 2/tenant
+    # 4 uploads, 2/tenant. The idle timeout must outlast the checks below on a loaded machine: CI once took
+    # over 3 s between the first stalled stream and the first refusal, and the reaper had freed its slot.
+    proc, target = stack.launch_server(MP4T_GRPC_MAX_WORKERS="8", MP4T_UPLOAD_IDLE_TIMEOUT_S="10")
     stop = threading.Event()
     channel = grpc.insecure_channel(target)
     streams: list[Any] = []
