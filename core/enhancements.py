@@ -13,7 +13,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from core import jobs, outbox
+from core import jobs, outbox, quotas, webhooks
 from core.jobs import LostClaim
 from mp4totext.contracts import ClaimOutcome, JobState
 from mp4totext.enhancements import ITEM_TERMINAL, EnhancementRequest, EnhancementState, TokenUsage
@@ -163,6 +163,7 @@ def spend(item_id: str, message_id: str, usage: TokenUsage, model: str) -> None:
         if n:
             row = Enhancement.select(Enhancement.tenant).where(Enhancement.id == item_id).first()
             _ledger(row.tenant_id, model, usage)
+            quotas.debit(row.tenant_id, usage.cost)  # prepaid tenants pay the LLM as it answers
 
 
 def count_request(item_id: str, message_id: str) -> None:
@@ -220,6 +221,7 @@ def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, 
         item.chunks_total = item.chunks_done = max(item.chunks_done, 1)  # done: the estimate gives way
     item.save()
     AI_ITEMS_FINISHED.labels(item.kind, state, reason or state).inc()
+    webhooks.item_finished(item, job)  # committed with the item's end
     if job is None:
         return
     if state == EnhancementState.FAILED:

@@ -5,7 +5,7 @@ Everything else about items (creating, claiming, saving chunks, finishing) is co
 """
 from __future__ import annotations
 
-from core import outbox
+from core import outbox, webhooks
 from mp4totext.contracts import ItemStatus, JobState
 from storage.db import Enhancement, Transcription, connection, utcnow
 
@@ -45,6 +45,10 @@ def settle_items(job: Transcription, state: str) -> None:
     else:
         ended = "CANCELLED" if state == JobState.CANCELLED else "FAILED"
         reason, message = "TRANSCRIPTION_" + state, f"the transcription is {state}: there is no transcript to work on"
+    ids = [item.id for item in waiting]
     Enhancement.update(state=ended, end_time=utcnow(), update_time=utcnow(), error_reason=reason,
                        error_message=message).where(
         Enhancement.transcription == job.id, Enhancement.state == "PENDING").execute()
+    if ids:  # their events commit with the job's end
+        for item in Enhancement.select().where(Enhancement.id.in_(ids)):
+            webhooks.item_finished(item, job)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import peewee as pw
 
-from core import outbox, plan, runtime
+from core import outbox, plan, quotas, runtime, usage, webhooks
 from core.items import items_of, settle_items
 from core.plan import STAGE_PERCENT
 from mp4totext.contracts import (
@@ -99,7 +99,8 @@ def _send_next(job: Transcription, trace_context: dict[str, str] | None) -> None
     """The message that runs the job's current stage, committed with the change (core.outbox);
     ``trace_context`` parents its PRODUCER span."""
     if job.stage in plan.ACTOR_FOR_STAGE:
-        outbox.add(plan.actor_for(job.stage), job.id, job.priority, trace_context)
+        # a tenant's burst goes lower than other tenants' first jobs (core.quotas)
+        outbox.add(plan.actor_for(job.stage), job.id, quotas.queue_priority(job), trace_context)
 
 
 def _get_locked(job_id: str) -> Transcription | None:
@@ -149,9 +150,12 @@ def media_exists(media_id: str) -> bool:
 def media_failed(media_id: str, message: str) -> list[Transcription]:
     """Mark media FAILED and fail the transcriptions that waited for it; return those."""
     with locked():
-        Media.update(state=MediaState.FAILED, error_message=message, claim_message_id=None, update_time=utcnow()).where(
+        changed = Media.update(state=MediaState.FAILED, error_message=message, claim_message_id=None,
+                               update_time=utcnow()).where(
             Media.id == media_id, Media.state == MediaState.PROCESSING
         ).execute()
+        if changed:
+            webhooks.media_failed(Media.get_by_id(media_id), message)
         waiting = list(_for_update(
             Transcription.select().where(Transcription.media == media_id, Transcription.state.not_in(TERMINAL_STATES))
         ))
@@ -185,11 +189,15 @@ def to_waiting(job_id: str) -> Transcription | None:
         if media.state != MediaState.READY:
             return None
         job.duration_s = media.duration_s
-        job.stage = Stage.WAITING
-        job.progress = STAGE_PERCENT[Stage.WAITING]
-        job.attempts = 0
-        _bump(job)
-        _send_next(job, job.trace_context)  # the job's own trace (the RPC that created it)
+        refused = quotas.reserve_duration(job, media.duration_s or 0.0)  # created before the duration was known
+        if refused:
+            _finish(job, JobState.FAILED, reason="QUOTA_EXCEEDED", message=refused)
+        else:
+            job.stage = Stage.WAITING
+            job.progress = STAGE_PERCENT[Stage.WAITING]
+            job.attempts = 0
+            _bump(job)
+            _send_next(job, job.trace_context)  # the job's own trace (the RPC that created it)
     publish(job)
     return job
 
@@ -376,7 +384,9 @@ def _finish(job: Transcription, state: str, reason: str, message: str) -> None:
         job.error_message = message
     if job.ai_items:  # read under the row lock every caller holds: items are added under it too
         settle_items(job, state)
+    usage.on_finish(job, state)  # charged once, with the change: success charges, failure releases
     _bump(job, detail=reason or state)
+    webhooks.job_finished(job)  # its event and deliveries commit with the state change
 
 
 def request_cancel(job: Transcription) -> Transcription:

@@ -27,6 +27,9 @@ ROUTES = {
     "finalize": "critical",
     "enhance": "default",  # AI items (core.enhancements), after the transcript exists
     "maintenance": "low",
+    "retention": "low",  # core.retention: expired data, orphans, temp files, VACUUM
+    "deliver_webhook": "critical",  # core.webhooks: notifications to the tenants' endpoints
+    "usage_report": "low",  # core.usage: the weekly usage report of a tenant
 }
 
 # The actor that moves a job on from each stage it can wait or run in (also how the

@@ -43,13 +43,15 @@ def get_broker() -> dramatiq.Broker:
     return _broker
 
 
-def enqueue(actor: str, object_id: str, priority: int, trace_context: Mapping[str, str] | None = None) -> None:
+def enqueue(actor: str, object_id: str, priority: int, trace_context: Mapping[str, str] | None = None,
+            delay_ms: int | None = None) -> None:
     """Send ``actor(object_id)`` for a job of broker ``priority`` (publish confirmed by RabbitMQ;
     finishing messages go first, see core.plan.message_priority).
 
-    ``trace_context`` (a job's stored context) parents the message's PRODUCER span.
+    ``trace_context`` (a job's stored context) parents the message's PRODUCER span; ``delay_ms``
+    holds the message back that long (Dramatiq's delay queue).
     """
     message = dramatiq.Message(queue_name=ROUTES[actor], actor_name=actor, args=(object_id,), kwargs={},
                                options={"broker_priority": message_priority(actor, priority)})
     with tracing.attached(trace_context):
-        get_broker().enqueue(message)
+        get_broker().enqueue(message, delay=delay_ms)

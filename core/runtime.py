@@ -6,7 +6,7 @@ from typing import Any
 
 from mp4totext import config
 from mp4totext.events import ProgressBus, make_bus
-from storage import db as dbmod
+from storage import schema
 from storage.objects import ObjectStore, make_store
 
 
@@ -24,7 +24,7 @@ _runtime: Runtime | None = None
 def init(settings: config.Settings | None = None, bus: ProgressBus | None = None) -> Runtime:
     global _runtime
     settings = settings or config.settings()
-    db = dbmod.init_db(settings.resolved_database_url, settings.database_pool_size)
+    db = schema.init_db(settings.resolved_database_url, settings.database_pool_size)
     _runtime = Runtime(settings=settings, db=db, store=make_store(settings), bus=bus or make_bus(settings))
     return _runtime
 

@@ -5,6 +5,9 @@
     mp4totext worker --queues high       Dramatiq worker for some queues
     mp4totext create-key --tenant NAME   create an API key (printed once)
     mp4totext revoke-key PREFIX          revoke it (its first 12 characters)
+    mp4totext set-quota TENANT --credits C ...   a tenant's quotas and prepaid credits (prints them)
+    mp4totext set-retention TENANT DAYS  keep its finished work DAYS days (0 = forever, 'default')
+    mp4totext sweep [--enqueue]          run the retention/maintenance sweep now
     mp4totext transcribe FILE            upload, watch, print the transcript (--speakers, --format srt...)
     mp4totext export transcriptions/ID   download as txt, srt, vtt, json or tsv
     mp4totext list|get|cancel|delete     manage media and transcriptions
@@ -41,6 +44,100 @@ def cmd_revoke_key(args: argparse.Namespace) -> int:
     n = revoke_key(args.prefix)
     print(f"revoked {n} key(s) starting {args.prefix!r}; servers stop accepting them within 30 s")
     return 0 if n else 1
+
+
+def cmd_set_retention(args: argparse.Namespace) -> int:
+    from core import retention
+
+    runtime.init()
+    try:
+        days = None if args.days == "default" else int(args.days)
+        tenant = retention.set_retention(args.tenant, days)
+    except (LookupError, ValueError) as exc:  # int("abc") too: say what DAYS may be
+        print(f"error: {exc}; DAYS is a number of days (0 = keep forever) or 'default'", file=sys.stderr)
+        return 1
+    effective = retention.retention_of(tenant, config.settings().retention_days)
+    print(json.dumps({"tenant": tenant.name, "tenant_id": tenant.id, "retention_days": tenant.retention_days,
+                      "effective_days": effective}))
+    return 0
+
+
+def _backup_store(s: config.Settings):  # type: ignore[no-untyped-def]
+    from storage.objects import make_store
+
+    store = make_store(s)
+    if hasattr(store, "ensure_bucket"):
+        store.ensure_bucket()
+    return store
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Backup without touching the schema (no runtime.init): the database as it is, then its objects."""
+    import pathlib
+
+    from launch import backup
+
+    s = config.settings()
+    setup_logging(s.log_level, s.log_format, "backup")
+    try:
+        out = backup.backup(s.resolved_database_url, _backup_store(s), pathlib.Path(args.dir))
+    except backup.BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: out[k] for k in ("folder", "started", "finished", "copied")} | {"objects": len(out["objects"])}))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from launch import backup
+
+    s = config.settings()
+    setup_logging(s.log_level, s.log_format, "restore")
+    try:
+        out = backup.restore(s.resolved_database_url, _backup_store(s),
+                             pathlib.Path(args.dir), pathlib.Path(args.backup) if args.backup else None)
+    except backup.BackupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run the retention sweep now in this process (or enqueue it for a low-queue worker)."""
+    from core import retention
+
+    s = config.settings()
+    setup_logging(s.log_level, s.log_format, "sweep")
+    rt = runtime.init(s)
+    if args.enqueue:
+        from core.queue import enqueue
+
+        make_broker(s)
+        enqueue("retention", args.label or "operator", 0)
+        print(json.dumps({"enqueued": "retention", "queue": "low"}))
+        return 0
+    report = retention.run(s, rt.store, label=args.label or "operator")
+    print(json.dumps(retention.summary(report)))
+    return 1 if report.failed else 0
+
+
+def cmd_set_quota(args: argparse.Namespace) -> int:
+    from core import quotas
+
+    runtime.init()
+    fields = {k: getattr(args, k) for k in ("concurrent_jobs", "monthly_audio_minutes", "storage_bytes",
+                                            "max_upload_bytes", "credits", "add_credits")}
+    if args.no_credits:
+        fields["credits"] = -1
+    try:
+        print(json.dumps(quotas.set_quota(args.tenant, **fields)))
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -86,6 +183,37 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("revoke-key", help="revoke an API key by its prefix (the first 12 characters)")
     sp.add_argument("prefix")
     sp.set_defaults(fn=cmd_revoke_key)
+
+    sp = sub.add_parser("set-retention", help="keep a tenant's finished transcriptions and media this many days")
+    sp.add_argument("tenant", help="tenant name or id")
+    sp.add_argument("days", help="days (0 = keep forever), or 'default' for MP4T_RETENTION_DAYS")
+    sp.set_defaults(fn=cmd_set_retention)
+
+    sp = sub.add_parser("sweep", help="run the retention and maintenance sweep once now (bounded; prints counts)")
+    sp.add_argument("--enqueue", action="store_true", help="send it to the low queue instead of running it here")
+    sp.add_argument("--label", default="", help="a name for this run in the retention_sweep log line")
+    sp.set_defaults(fn=cmd_sweep)
+
+    sp = sub.add_parser("set-quota", help="set a tenant's quotas (0 = unlimited, -1 = the MP4T_QUOTA_* default) "
+                        "and prepaid credits; prints the limits in force")
+    sp.add_argument("tenant", help="tenant name (or id)")
+    sp.add_argument("--concurrent-jobs", type=int, help="queued + running transcriptions")
+    sp.add_argument("--monthly-audio-minutes", type=float, help="audio transcribed per calendar month (UTC)")
+    sp.add_argument("--storage-bytes", type=int, help="media bytes stored")
+    sp.add_argument("--max-upload-bytes", type=int, help="one upload")
+    sp.add_argument("--credits", type=float, help="set the prepaid credit balance (priced by MP4T_PRICE_*)")
+    sp.add_argument("--add-credits", type=float, help="add to the balance")
+    sp.add_argument("--no-credits", action="store_true", help="turn prepaid credits off")
+    sp.set_defaults(fn=cmd_set_quota)
+
+    sp = sub.add_parser("backup", help="dump the database, then mirror every stored object, into DIR (incremental)")
+    sp.add_argument("dir", help="backup folder (a mounted volume or a synced folder; objects are copied once)")
+    sp.set_defaults(fn=cmd_backup)
+
+    sp = sub.add_parser("restore", help="restore the newest finished backup in DIR into an EMPTY database and store")
+    sp.add_argument("dir")
+    sp.add_argument("--backup", default="", help="a specific DIR/backups/<time> folder instead of the newest")
+    sp.set_defaults(fn=cmd_restore)
 
     sp = sub.add_parser("serve", help="run the gRPC server (configured by MP4T_* variables)")
     sp.set_defaults(fn=cmd_serve)

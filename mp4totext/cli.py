@@ -3,6 +3,8 @@
     mp4totext transcribe FILE            upload, watch, print the transcript (--speakers, --format srt...)
     mp4totext export transcriptions/ID   download as txt, srt, vtt, json or tsv
     mp4totext list|get|cancel|delete     manage media and transcriptions
+    mp4totext token --user ID [--ttl S]  mint an end-user token for your app (tenant API key)
+    mp4totext webhooks create URL --events ...|list|deliveries|redeliver NAME   (tenant API key)
 
 ``launch.cli`` adds the commands that run the service (serve, worker, embedded, create-key).
 In a terminal, progress shows as bars with speed and time left (rich); elsewhere only the
@@ -11,10 +13,11 @@ status lines (uploaded, created, the result's summary) are printed, to stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from google.protobuf import json_format
@@ -29,7 +32,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from mp4totext import config
+from mp4totext import cli_webhooks, config
 from mp4totext.client import ITEM_TERMINAL, Client, enhancement_requests
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
@@ -229,6 +232,31 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        resp = client.create_user_token(args.user, args.ttl, tuple(args.scope or ()))
+    print(json.dumps({"token": resp.token, "user_id": resp.user_id, "key_id": resp.key_id,
+                      "expire_time": resp.expire_time.ToJsonString(), "scopes": list(resp.scopes)}))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        resp = client.usage(args.start or "", args.end or "", args.user or "", args.per_user)
+    print(json.dumps(json_format.MessageToDict(resp, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def _add_usage(sub: Any, client_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    sp = sub.add_parser("usage", help="usage per day (audio, speakers, LLM, uploads) with totals and quotas")
+    sp.add_argument("--from", dest="start", help="first day YYYY-MM-DD (UTC; default the 1st of this month)")
+    sp.add_argument("--to", dest="end", help="last day YYYY-MM-DD (default today)")
+    sp.add_argument("--user", help="one end user's usage (tenant API key only)")
+    sp.add_argument("--per-user", action="store_true", help="one row per day and end user")
+    client_args(sp)
+    sp.set_defaults(fn=cmd_usage)
+
+
 def add_commands(sub: Any) -> None:
     """Add the user's commands to an argparse subparsers object."""
 
@@ -286,6 +314,15 @@ def add_commands(sub: Any) -> None:
     client_args(sp)
     sp.set_defaults(fn=cmd_export)
 
+    sp = sub.add_parser("token", help="mint an end-user token for your app's user (needs the tenant's API key)")
+    sp.add_argument("--user", required=True, help="your own id for the end user")
+    sp.add_argument("--ttl", type=float, default=None, help="lifetime in seconds (default 3600, at most 86400)")
+    sp.add_argument("--scope", action="append", choices=["read", "write"], help="restrict it (repeat); default both")
+    client_args(sp)
+    sp.set_defaults(fn=cmd_token)
+
+    _add_usage(sub, client_args)
+    cli_webhooks.add(sub, client_args, _client)
     sp = sub.add_parser("list", help="list media or transcriptions")
     sp.add_argument("what", choices=["media", "transcriptions"])
     client_args(sp)

@@ -1,6 +1,7 @@
 """Client library over the generated stubs: auth metadata, retries with backoff, upload, resumable Watch."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import random
@@ -13,10 +14,22 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from mp4totext.v1 import media_pb2, media_pb2_grpc, transcription_pb2_grpc
+from mp4totext import resumable
+from mp4totext.v1 import (
+    identity_pb2,
+    identity_pb2_grpc,
+    media_pb2,
+    media_pb2_grpc,
+    transcription_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
+)
 from mp4totext.v1 import transcription_pb2 as tpb
 
 CHUNK = 1024 * 1024  # the server's per-message limit
+RESUMABLE_MIN = 8 * 1024 * 1024  # larger files go through an upload session (mp4totext.resumable)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 TERMINAL = (tpb.TRANSCRIPTION_STATE_SUCCEEDED, tpb.TRANSCRIPTION_STATE_FAILED, tpb.TRANSCRIPTION_STATE_CANCELLED)
 ITEM_TERMINAL = (tpb.ENHANCEMENT_STATE_SUCCEEDED, tpb.ENHANCEMENT_STATE_FAILED, tpb.ENHANCEMENT_STATE_CANCELLED)
@@ -47,6 +60,20 @@ def backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
+def quota_failure(exc: grpc.RpcError) -> error_details_pb2.QuotaFailure | None:
+    """The google.rpc.QuotaFailure of an over-quota error (RESOURCE_EXHAUSTED), if it has one:
+    a limit, not a passing overload, so the client does not retry it."""
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (AttributeError, ValueError):
+        return None
+    for detail in status.details if status is not None else ():
+        failure = error_details_pb2.QuotaFailure()
+        if detail.Is(failure.DESCRIPTOR) and detail.Unpack(failure):
+            return failure
+    return None
+
+
 def server_retry_delay(exc: grpc.RpcError) -> float | None:
     """The delay a server asked for in the status's google.rpc.RetryInfo, if any."""
     try:
@@ -71,10 +98,14 @@ class Client:
         )
         self.media = media_pb2_grpc.MediaServiceStub(self.channel)
         self.transcriptions = transcription_pb2_grpc.TranscriptionServiceStub(self.channel)
+        self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(self.channel)
+        self.identity = identity_pb2_grpc.IdentityServiceStub(self.channel)
+        self.usage_stub = usage_pb2_grpc.UsageServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),)
         self.retries = retries
         self.retry_budget_s = retry_budget_s
         self.timeout = timeout
+        self.upload_stats = resumable.UploadStats()
 
     def close(self) -> None:
         self.channel.close()
@@ -109,6 +140,8 @@ class Client:
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or (self.retries is not None and attempt >= self.retries):
                     raise
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and quota_failure(exc) is not None:
+                    raise  # over a quota: retrying will not help
                 delay = server_retry_delay(exc) or backoff(attempt)
                 if time.monotonic() + delay > deadline:
                     raise
@@ -122,12 +155,20 @@ class Client:
     # -- media
     def upload(self, path: str, content_type: str = "", request_id: str | None = None,
                on_progress: Callable[[int, int], None] | None = None, timeout: float = 3600.0,
-               checksum: bool = True) -> media_pb2.Media:
-        """Upload a file; retried from the start on UNAVAILABLE with the same request_id.
+               checksum: bool = True, resumable_upload: bool | None = None) -> media_pb2.Media:
+        """Upload a file. Files of RESUMABLE_MIN bytes or more (or with ``resumable_upload``) go
+        through an upload session that resumes after a broken stream from the committed size, on
+        any replica (``self.upload_stats`` tells what was sent); smaller ones in one stream,
+        retried from the start on UNAVAILABLE with the same request_id.
 
-        With ``checksum`` the file's sha256 is sent so the server rejects a corrupted transfer.
+        With ``checksum`` the file's sha256 is sent so the server rejects a corrupted transfer
+        (always, for an upload session).
         """
         size = os.path.getsize(path)
+        if resumable_upload or (resumable_upload is None and size >= RESUMABLE_MIN):
+            self.upload_stats = resumable.UploadStats()
+            return resumable.upload(self, path, _sha256_file(path), lambda exc, n: server_retry_delay(exc) or
+                                    backoff(n), content_type, request_id, on_progress, timeout, self.upload_stats)
         sha = _sha256_file(path) if checksum else ""
         request_id = request_id or str(uuid.uuid4())
 
@@ -203,6 +244,43 @@ class Client:
                                                                     nanos=int(max_caption_s % 1 * 1e9)))
         return self._retrying(lambda: b"".join(part.data for part in self.transcriptions.ExportTranscription(
             req, metadata=self._md(), timeout=self.timeout * 4)))
+
+    def create_user_token(self, user_id: str, ttl_s: float | None = None,
+                          scopes: tuple[str, ...] = ()) -> identity_pb2.CreateUserTokenResponse:
+        """An end-user token for ``user_id`` (needs the tenant's API key): pass its ``token`` to
+        ``Client(target, token)`` in the user's app."""
+        req = identity_pb2.CreateUserTokenRequest(user_id=user_id, scopes=list(scopes))
+        if ttl_s is not None:
+            req.ttl.FromTimedelta(dt.timedelta(seconds=ttl_s))
+        return self.call(self.identity.CreateUserToken, req)
+
+    def usage(self, start_day: str = "", end_day: str = "", user_id: str = "",
+              per_user: bool = False) -> usage_pb2.GetUsageResponse:
+        """Usage per day (YYYY-MM-DD, UTC; default this month) with totals and the tenant's quotas."""
+        return self.call(self.usage_stub.GetUsage, usage_pb2.GetUsageRequest(
+            start_day=start_day, end_day=end_day, user_id=user_id, per_user=per_user))
+
+    # -- webhooks (the tenant's API key only)
+    def create_webhook(self, url: str, event_types: list[str] | None = None, description: str = "",
+                       request_id: str | None = None) -> webhooks_pb2.CreateWebhookEndpointResponse:
+        """A new endpoint; the response's ``secret`` (whsec_...) is shown only here."""
+        spec = webhooks_pb2.WebhookEndpoint(url=url, event_types=event_types or [], description=description)
+        return self.call(self.webhooks.CreateWebhookEndpoint, webhooks_pb2.CreateWebhookEndpointRequest(
+            webhook_endpoint=spec, request_id=request_id or str(uuid.uuid4())))
+
+    def list_webhooks(self) -> list[webhooks_pb2.WebhookEndpoint]:
+        return list(self.call(self.webhooks.ListWebhookEndpoints,
+                              webhooks_pb2.ListWebhookEndpointsRequest(page_size=1000)).webhook_endpoints)
+
+    def webhook_deliveries(self, endpoint: str = "", event: str = "", page_size: int = 100,
+                           ) -> list[webhooks_pb2.WebhookDelivery]:
+        req = webhooks_pb2.ListWebhookDeliveriesRequest(parent=endpoint, event=event, page_size=page_size)
+        return list(self.call(self.webhooks.ListWebhookDeliveries, req).webhook_deliveries)
+
+    def redeliver_webhook(self, name: str) -> list[webhooks_pb2.WebhookDelivery]:
+        """Send again (same webhook-id): ``webhookDeliveries/<id>`` or every delivery of ``webhookEvents/<id>``."""
+        return list(self.call(self.webhooks.RedeliverWebhook,
+                              webhooks_pb2.RedeliverWebhookRequest(name=name)).webhook_deliveries)
 
     def capabilities(self) -> tpb.Capabilities:
         return self.call(self.transcriptions.GetCapabilities, tpb.GetCapabilitiesRequest())

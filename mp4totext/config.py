@@ -67,6 +67,11 @@ class Settings:
     # upload_idle_timeout_s is ended (zero-byte chunks are not progress).
     max_uploads: int = 0
     upload_idle_timeout_s: float = 60.0
+    # Resumable uploads (CreateUploadSession): parts of this size are stored and committed (at least
+    # 5 MiB, the S3 minimum; a broken stream re-sends at most one part); an unfinished session is
+    # deleted and its parts discarded by maintenance this long after it was created.
+    upload_part_size: int = 8 * 1024 * 1024
+    upload_session_ttl_s: float = 7 * 24 * 3600.0
     max_preparing_per_tenant: int = 50
     max_preparing_total: int = 2000
     backpressure_retry_s: float = 5.0
@@ -89,6 +94,13 @@ class Settings:
     maintenance_interval_s: float = 900.0  # low-queue workers enqueue maintenance this often
     stale_upload_s: float = 24 * 3600.0  # abort incomplete multipart uploads older than this
     stuck_after_s: float = 1800.0  # re-enqueue work that made no progress for this long
+    # -- retention and maintenance (core.retention, on the low queue)
+    retention_days: int = 90  # tenants without their own setting; 0 = keep forever
+    retention_interval_s: float = 3600.0  # low-queue workers enqueue the retention sweep this often (0 = never)
+    sweep_batch: int = 500  # rows/objects one sweep deletes per kind at most; the rest go next time
+    orphan_min_age_s: float = 2 * 24 * 3600.0  # objects with no row are removed only after this (in-flight uploads)
+    temp_max_age_s: float = 24 * 3600.0  # workers' temp dirs (mp4t-*) older than this are removed
+    vacuum_interval_s: float = 24 * 3600.0  # PostgreSQL: VACUUM (ANALYZE) the hot tables this often (0 = never)
     ffmpeg: str = "ffmpeg"
     ffprobe: str = "ffprobe"
     max_media_duration_s: float = 4 * 3600.0
@@ -137,6 +149,31 @@ class Settings:
     llm_price_prompt_per_1k: float = 0.0  # cost accounting, in the operator's currency
     llm_price_completion_per_1k: float = 0.0
     ai_time_limit_s: int = 3600  # one AI item (all its chunks)
+    # -- quotas, usage and credits (core/quotas.py, core/usage.py). Defaults for tenants without
+    # their own setting (`mp4totext set-quota`); 0 = unlimited.
+    quota_concurrent_jobs: int = 0  # QUEUED + RUNNING transcriptions of a tenant
+    quota_monthly_audio_minutes: float = 0.0  # calendar month, UTC
+    quota_storage_bytes: int = 0  # bytes of media stored
+    quota_max_upload_bytes: int = 0  # one upload (MP4T_MAX_UPLOAD_BYTES still bounds every tenant)
+    price_per_audio_minute: float = 0.0  # credits debited per minute transcribed (prepaid tenants)
+    price_per_speaker_minute: float = 0.0  # and per minute of speaker recognition
+    # Fairness: a tenant's transcriptions beyond this many queued/running ones go to the broker at a
+    # lower priority (minus 4), so another tenant's first jobs overtake a burst. 0 = off.
+    fair_share_jobs: int = 2
+    # -- webhooks (core/webhooks.py, delivered by the deliver_webhook actor on the critical queue)
+    # Retry delays after each failed attempt (seconds, plus up to 20 % jitter); after the last one
+    # the delivery is FAILED. The default spans about 27.6 h, like Standard Webhooks/Svix.
+    webhook_retry_schedule_s: str = "5,300,1800,7200,18000,36000,36000"
+    webhook_timeout_s: float = 10.0  # one HTTP attempt (connect + answer)
+    webhook_secret_grace_s: float = 86400.0  # after a rotation the old secret keeps signing this long
+    # CIDRs a webhook may target although they are not public (loopback, RFC 1918, ...), comma-separated;
+    # empty = public addresses only (SSRF protection, checked at creation and at every delivery).
+    webhook_allow_nets: str = ""
+    webhook_log_days: int = 30  # finished deliveries (the delivery log) are kept this long; 0 = forever
+    # -- end-user tokens (core/identity.py): HS256 JWTs a tenant's backend mints for its app users
+    token_default_ttl_s: float = 3600.0  # CreateUserToken without a ttl
+    token_max_ttl_s: float = 86400.0  # the longest ttl; a rotated key keeps verifying this long
+    token_cache_s: float = 5.0  # servers cache signing keys and revocations this long (revocation delay)
     # -- progress bus (RabbitMQ topic exchange, or in-process in embedded mode)
     progress_exchange: str = "mp4totext.progress"
 

@@ -16,15 +16,18 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core import jobs, outbox, runtime
-from mp4totext.v1 import media_pb2_grpc, transcription_pb2_grpc
+from mp4totext.v1 import identity_pb2_grpc, media_pb2_grpc, transcription_pb2_grpc, usage_pb2_grpc, webhooks_pb2_grpc
 from observability import metrics, tracing
 from server.auth import Authenticator
 from server.health import SERVICE_NAMES, HealthMonitor
+from server.identity_service import IdentityService
 from server.interceptors import AuthInterceptor, ObservabilityInterceptor
 from server.load import HandlerLoad
 from server.media_service import MediaService
 from server.resources import trace_parent_for
 from server.transcription_service import TranscriptionService
+from server.usage_service import UsageService
+from server.webhook_service import WebhookService
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -98,6 +101,9 @@ class Server:
         )
         media_pb2_grpc.add_MediaServiceServicer_to_server(MediaService(), server)
         transcription_pb2_grpc.add_TranscriptionServiceServicer_to_server(TranscriptionService(), server)
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(), server)
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityService(), server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -105,7 +111,7 @@ class Server:
 
     def _trace_parent(self, method: str, request: Any, metadata: Any) -> dict[str, str] | None:
         key = dict(metadata or ()).get("authorization")
-        return trace_parent_for(method, request, lambda: self.auth.tenant_for(key))
+        return trace_parent_for(method, request, lambda: self.auth.owner_for(key))
 
     def _on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

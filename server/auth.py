@@ -1,4 +1,8 @@
-"""API keys: ``authorization: Bearer <key>``; keys are stored as sha256 hashes, one tenant each."""
+"""Callers: ``authorization: Bearer <API key or end-user token>``.
+
+API keys are stored as sha256 hashes, one tenant each; end-user tokens are JWTs minted by
+IdentityService (core.identity). ``current_tenant``/``current_user`` hold the caller of the RPC
+being handled (set by the authentication interceptor)."""
 from __future__ import annotations
 
 import contextvars
@@ -6,16 +10,33 @@ import hashlib
 import secrets
 import threading
 import time
+from typing import Any
 
+import grpc
 import peewee as pw
 
-from storage.db import ApiKey, Tenant, connection, database
+from core import identity
+from mp4totext import config
+from server.errors import ApiError
+from storage.db import ApiKey, Tenant, connection, locked
 
 KEY_PREFIX = "m2t_"
 CACHE_TTL_S = 30.0  # a revoked key stops working within this time
 
 # The tenant of the RPC being handled (set by the authentication interceptor).
 current_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("current_tenant")
+# The end user of the RPC: "" for the tenant's API key (sees everything of its tenant), else the
+# user id of an end-user token (sees only what that user created: the rows' ``owner``).
+current_user: contextvars.ContextVar[str] = contextvars.ContextVar("current_user", default="")
+
+
+def require_tenant_key(context: Any = None) -> None:
+    """For tenant-admin RPCs (webhooks, the whole tenant's usage, minting tokens): a call made with
+    an end-user token is PERMISSION_DENIED (raised as an ApiError the interceptor maps)."""
+    if current_user.get(""):
+        raise ApiError(grpc.StatusCode.PERMISSION_DENIED,
+                       "this call needs the tenant's API key; end-user tokens cannot make it "
+                       "(call it from your backend with the API key)")
 
 
 def hash_key(key: str) -> str:
@@ -25,7 +46,7 @@ def hash_key(key: str) -> str:
 def create_key(tenant_name: str, label: str = "") -> tuple[str, Tenant]:
     """Create (or reuse) the tenant and a new key for it. The key is shown once, stored hashed."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    with connection(), database.atomic():
+    with locked():  # a write transaction from the start: SQLite's deferred one fails under a concurrent writer
         try:
             tenant, _ = Tenant.get_or_create(name=tenant_name)
         except pw.IntegrityError:
@@ -52,19 +73,54 @@ def tenant_gone() -> bool:
         return False
 
 
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        return None
+    return credential.strip()
+
+
 class Authenticator:
-    def __init__(self) -> None:
+    """Resolves ``authorization: Bearer <credential>``: an API key (``m2t_...``: the tenant, no
+    user) or an end-user token (a JWT: core.identity verifies it; its tenant and user)."""
+
+    def __init__(self, token_cache_s: float | None = None) -> None:
         self._cache: dict[str, tuple[str | None, float]] = {}
         self._lock = threading.Lock()
+        cache_s = config.settings().token_cache_s if token_cache_s is None else token_cache_s
+        self.tokens = identity.Verifier(cache_s)
+
+    def identify(self, authorization: str | None) -> identity.Identity | None:
+        """The caller, or None for a missing/unknown API key; a bad end-user token raises
+        ``identity.TokenError`` (its message says why)."""
+        credential = _bearer(authorization)
+        if credential is None:
+            return None
+        if not credential.startswith(KEY_PREFIX) and identity.looks_like_jwt(credential):
+            return self.tokens.verify(credential)
+        tenant = self._key_tenant(credential)
+        return identity.Identity(tenant) if tenant else None
 
     def tenant_for(self, authorization: str | None) -> str | None:
-        """Tenant id for a valid ``Bearer`` header value, else None."""
-        if not authorization:
+        """Tenant id for a valid ``Bearer`` header value (API key or user token), else None."""
+        try:
+            caller = self.identify(authorization)
+        except identity.TokenError:
             return None
-        scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        return caller.tenant if caller else None
+
+    def owner_for(self, authorization: str | None) -> tuple[str, str] | None:
+        """(tenant, user) for a valid ``Bearer`` header value (user "" for an API key), else None."""
+        try:
+            caller = self.identify(authorization)
+        except identity.TokenError:
             return None
-        digest = hash_key(key.strip())
+        return (caller.tenant, caller.user) if caller else None
+
+    def _key_tenant(self, key: str) -> str | None:
+        digest = hash_key(key)
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(digest)

@@ -12,8 +12,9 @@ any other exception into INTERNAL (logged with its traceback). A call that ended
 waited for a handler thread is logged (CANCELLED, ``queued_ms``) though it never runs; one
 that gets a thread after its deadline is answered DEADLINE_EXCEEDED without running.
 
-``AuthInterceptor`` resolves the API key to a tenant (``current_tenant``) or answers
-UNAUTHENTICATED. Health and reflection are public.
+``AuthInterceptor`` resolves the API key or end-user token to a tenant (``current_tenant``) and
+user (``current_user``, "" for the API key) or answers UNAUTHENTICATED. Health and reflection are
+public.
 """
 from __future__ import annotations
 
@@ -29,10 +30,11 @@ import structlog
 from grpc import aio
 
 from core.failures import is_infrastructure
+from core.identity import Identity, TokenError
 from mp4totext.contracts import TERMINAL_STATES
 from mp4totext.v1 import transcription_pb2 as tpb
 from observability import metrics, tracing
-from server.auth import Authenticator, current_tenant, tenant_gone
+from server.auth import Authenticator, current_tenant, current_user, tenant_gone
 from server.errors import ApiError, unavailable
 from server.load import HandlerLoad
 from server.requests import check_request, checked_stream, safe_deserializer
@@ -41,6 +43,8 @@ from server.watch import in_thread
 log = structlog.get_logger(__name__)
 
 PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+# RPCs an end-user token with only the "read" scope may call (by name); every other one needs "write".
+READ_PREFIXES = ("Get", "List", "Watch", "Export", "Query")
 _TERMINAL = {tpb.TranscriptionState.Value(f"TRANSCRIPTION_STATE_{s}") for s in TERMINAL_STATES}
 # Server streams whose last message ends the call: the client may close the call as soon as
 # it has that message, which is a normal end (OK), not a cancellation.
@@ -134,21 +138,22 @@ class AuthInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(PUBLIC_PREFIXES):
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
 
         def plain(behavior: Callable) -> Callable:
             _check_kind(behavior)
 
             def wrapper(request: Any, context: Any) -> Any:
-                _bind(self.tenant(context.invocation_metadata()))
+                _bind(self.caller(context.invocation_metadata(), method))
                 return behavior(request, context)
 
             return wrapper
 
         def async_stream(behavior: Callable) -> Callable:
             async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
-                _bind(await in_thread(self.tenant, context.invocation_metadata()))
+                _bind(await in_thread(self.caller, context.invocation_metadata(), method))
                 async for item in behavior(request, context):
                     yield item
 
@@ -156,25 +161,38 @@ class AuthInterceptor(aio.ServerInterceptor):
 
         return _wrap(handler, plain, plain, async_stream)
 
-    def tenant(self, metadata: Any) -> str:
-        """The caller's tenant (blocking: may read the key table), or an UNAUTHENTICATED ApiError."""
+    def caller(self, metadata: Any, method: str = "") -> Identity:
+        """The caller (blocking: may read the key tables), or an UNAUTHENTICATED ApiError
+        (PERMISSION_DENIED for a user token whose scopes do not cover ``method``)."""
         md = dict(metadata or ())
         try:
-            tenant = self.auth.tenant_for(md.get("authorization"))
+            caller = self.auth.identify(md.get("authorization"))
+        except TokenError as exc:
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"invalid end-user token: {exc}") from None
         except Exception as exc:
             log.warning("auth_backend_error", error=str(exc))
             raise unavailable("authentication backend unavailable; retry shortly") from exc
-        if tenant is None:
+        if caller is None:
             raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
                            "missing or invalid API key: send metadata 'authorization: Bearer <key>' "
-                           "(create keys with `mp4totext create-key`)")
-        return tenant
+                           "(create keys with `mp4totext create-key`, or an end-user token from "
+                           "IdentityService.CreateUserToken)")
+        needed = "read" if method.rpartition("/")[2].startswith(READ_PREFIXES) else "write"
+        if caller.user and needed not in caller.scopes:
+            raise ApiError(grpc.StatusCode.PERMISSION_DENIED,
+                           f"this end-user token lacks the {needed!r} scope this call needs; mint one with it")
+        return caller
 
 
-def _bind(tenant: str) -> None:
-    current_tenant.set(tenant)
-    structlog.contextvars.bind_contextvars(tenant_id=tenant)
-    tracing.set_attributes(**{"mp4t.tenant_id": tenant})
+def _bind(caller: Identity) -> None:
+    current_tenant.set(caller.tenant)
+    current_user.set(caller.user)
+    structlog.contextvars.bind_contextvars(tenant_id=caller.tenant)
+    attributes = {"mp4t.tenant_id": caller.tenant}
+    if caller.user:
+        structlog.contextvars.bind_contextvars(user_id=caller.user)
+        attributes["mp4t.user_id"] = caller.user
+    tracing.set_attributes(**attributes)
 
 
 class _Call:
@@ -219,7 +237,7 @@ class _Call:
         err = self.status_of(exc)
         if err is None:
             raise exc
-        if err.retry_after_s is not None:
+        if err.rich:
             self.context.abort_with_status(err.status())
         self.context.abort(err.code, err.message)
 
@@ -229,7 +247,7 @@ class _Call:
         if err is None:
             raise exc
         self.context.recorded_code = err.code
-        trailing = err.status().trailing_metadata if err.retry_after_s is not None else ()
+        trailing = err.status().trailing_metadata if err.rich else ()
         await self.context._context.abort(err.code, err.message, trailing)  # noqa: SLF001
 
     def end(self, code: str | None = None, **fields: Any) -> None:

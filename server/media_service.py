@@ -9,20 +9,21 @@ import grpc
 import peewee as pw
 import structlog
 
-from core import outbox, runtime
+from core import outbox, quotas, retention, runtime, usage
 from mp4totext.contracts import MediaState, Priority, broker_priority
 from mp4totext.v1 import media_pb2, media_pb2_grpc
 from observability import metrics, tracing
-from server import convert
+from server import convert, resumable
 from server.auth import current_tenant
 from server.errors import ApiError, exhausted, failed_precondition, invalid, unavailable
 from server.paging import page_size, paged, tenant_listing
-from server.resources import delete_transcription, get_media, media_by_request_id
+from server.resources import delete_transcription, get_media, media_by_request_id, owner
 from server.upload import ClientGone, UploadReader, UploadRejected
 from server.uploads import Slot, UploadSlots
+from server.usage_service import quota_error
 from server.validation import UploadSpec, enum_filter, upload_metadata
 from storage.db import Media, Transcription, connection, locked, new_id
-from storage.objects import audio_key, original_key
+from storage.objects import original_key
 
 log = structlog.get_logger(__name__)
 
@@ -32,10 +33,12 @@ def _response(media: Media) -> media_pb2.UploadMediaResponse:
 
 
 def _store(spec: UploadSpec, key: str, requests: Iterator[Any], context: grpc.ServicerContext,
-           slot: Slot) -> UploadReader:
-    """Stream the chunks into the object store under ``key``; nothing is left there on failure."""
+           slot: Slot, cap: int = 0) -> UploadReader:
+    """Stream the chunks into the object store under ``key`` (at most ``cap`` bytes when set: the
+    tenant's quota); nothing is left there on failure."""
     rt = runtime.get()
-    reader = UploadReader(slot.watch(requests), rt.settings.max_upload_bytes, spec.size_bytes, spec.sha256,
+    limit = min(rt.settings.max_upload_bytes, cap or rt.settings.max_upload_bytes)
+    reader = UploadReader(slot.watch(requests), limit, spec.size_bytes, spec.sha256,
                           lambda: context.is_active() and not slot.expired)
     try:
         rt.store.put_stream(key, reader, spec.content_type or "application/octet-stream")
@@ -74,16 +77,27 @@ def _record(spec: UploadSpec, media_id: str, key: str, reader: UploadReader) -> 
             media = Media.create(id=media_id, tenant=tenant, request_id=spec.request_id or None,
                                  filename=spec.filename, content_type=spec.content_type,
                                  size_bytes=reader.received, sha256=reader.sha256, object_key=key,
-                                 trace_context=tracing.inject())
+                                 trace_context=tracing.inject(), owner=owner())
             outbox.add("prepare_media", media_id, broker_priority(Priority.NORMAL), tracing.inject())
+            usage.on_upload(tenant, owner(), reader.received)  # the ledger, with the row
     except pw.IntegrityError:  # the same request_id won a race
         store.delete(key)
         with connection():
-            return Media.get(Media.tenant == tenant, Media.request_id == spec.request_id)
+            return media_by_request_id(tenant, spec.request_id) or Media.get(Media.tenant == tenant,
+                                                                             Media.request_id == spec.request_id)
     except Exception:
         store.delete(key)
         raise
     return media
+
+
+def _upload_quota(size_bytes: int) -> int:
+    """Refuse an upload over the tenant's upload-size or storage quota before any byte is stored;
+    the most bytes it may have (0 = no tenant limit)."""
+    try:
+        return quotas.check_upload(current_tenant.get(), size_bytes)
+    except quotas.QuotaExceeded as exc:
+        raise quota_error(exc.violation) from None
 
 
 def _backpressure(tenant: str) -> None:
@@ -123,12 +137,13 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
             existing = media_by_request_id(current_tenant.get(), spec.request_id)
             if existing is not None:
                 return _response(existing)
+        cap = _upload_quota(spec.size_bytes)
         _backpressure(current_tenant.get())
         media_id = new_id()
         key = original_key(current_tenant.get(), media_id)
         started = time.monotonic()
         tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.upload.declared_bytes": spec.size_bytes})
-        reader = _store(spec, key, request_iterator, context, slot)
+        reader = _store(spec, key, request_iterator, context, slot, cap)
         elapsed = time.monotonic() - started
         media = _record(spec, media_id, key, reader)
         if media.id != media_id:  # a concurrent retry of the same request_id stored it first
@@ -165,7 +180,22 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
         # removes the audio it wrote; the objects go after, the audio's key even if not written yet.
         with connection():
             Media.delete().where(Media.id == media.id).execute()
-        store = runtime.get().store
-        for key in {media.object_key, media.audio_key or "", audio_key(media.tenant_id, media.id)} - {""}:
-            store.delete(key)
+        retention.delete_objects(runtime.get().store, media)  # original, audio, anything derived
         return media_pb2.DeleteMediaResponse(deleted_transcriptions=len(children))
+
+    # -- resumable upload (server.resumable, core.upload_sessions)
+    def CreateUploadSession(self, request: media_pb2.CreateUploadSessionRequest, context: grpc.ServicerContext):
+        _upload_quota(request.metadata.size_bytes)
+        _backpressure(current_tenant.get())
+        return resumable.create(request)
+
+    def GetUploadSession(self, request: media_pb2.GetUploadSessionRequest, context: grpc.ServicerContext):
+        return resumable.to_proto(resumable.lookup(request.name))
+
+    def WriteUpload(self, request_iterator: Iterator[media_pb2.WriteUploadRequest], context: grpc.ServicerContext):
+        end = functools.partial(context.end_call, grpc.StatusCode.DEADLINE_EXCEEDED)
+        with self.uploads.slot(current_tenant.get(), end) as slot:
+            return resumable.write(request_iterator, context, slot)
+
+    def DeleteUploadSession(self, request: media_pb2.DeleteUploadSessionRequest, context: grpc.ServicerContext):
+        return resumable.delete(request)

@@ -8,6 +8,7 @@ from typing import Any
 
 import peewee as pw
 
+from server.auth import current_user
 from server.errors import invalid
 from server.validation import is_id
 from storage.db import connection
@@ -54,6 +55,9 @@ def paged(query: pw.ModelSelect, model: Any, size: int, token: str, filters: dic
 def tenant_listing(model: Any, tenant: str, state: str | None) -> tuple[pw.ModelSelect, dict[str, Any]]:
     """A tenant's rows of ``model`` (in ``state`` if given) and the filters a page token is bound to."""
     query = model.select().where(model.tenant == tenant)
+    user = current_user.get("")
+    if user:  # an end-user token lists only its own rows (server.resources.visible)
+        query = query.where(model.owner == user)
     if state is None:
         return query, {}
     return query.where(model.state == state), {"state": state}

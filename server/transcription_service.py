@@ -8,7 +8,7 @@ import peewee as pw
 import structlog
 from google.protobuf import json_format
 
-from core import ai_export, enhancements, export, jobs, outbox, registry, runtime
+from core import ai_export, enhancements, export, jobs, outbox, quotas, registry, runtime
 from core.models import ModelSet
 from mp4totext.contracts import TERMINAL_STATES, JobState, MediaState, TranscriptResult
 from mp4totext.enhancements import EnhancementKind, EnhancementState
@@ -19,7 +19,7 @@ from server import convert
 from server.auth import current_tenant
 from server.errors import failed_precondition, invalid, not_found
 from server.paging import page_size, paged, tenant_listing
-from server.resources import delete_transcription, get_job, get_media, job_by_request_id
+from server.resources import delete_transcription, get_job, get_media, job_by_request_id, owner
 from server.validation import (
     EXPORT_FORMATS,
     KIND_NAMES,
@@ -31,6 +31,7 @@ from server.validation import (
     parse_name,
     request_id,
 )
+from server.usage_service import quota_error
 from server.watch import BatchReader, in_thread, watch_events
 from storage.db import Enhancement, Media, Transcription, locked
 
@@ -60,13 +61,18 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         if media.state == MediaState.FAILED:
             raise failed_precondition(f"media/{media.id} cannot be transcribed: {media.error_message}")
         try:
-            with locked():  # the job and its AI items, together
+            with locked():  # the job, its quota reservation and its AI items, together
+                reservation = quotas.admit(tenant, media.duration_s, config.to_json())  # locks the quota row
                 job = Transcription.create(tenant=tenant, media=media.id, request_id=rid or None,
                                            config=config.to_json(), priority=priority, duration_s=media.duration_s,
-                                           trace_context=tracing.inject(), ai_items=len(config.ai))
+                                           trace_context=tracing.inject(), ai_items=len(config.ai),
+                                           owner=owner() or media.owner)  # the key acting for a user: theirs
+                quotas.reserve(job.id, tenant, reservation)
                 for item in config.ai:
                     Enhancement.create(tenant=tenant, transcription=job.id, kind=item["kind"],
                                        language=item.get("language", ""), request_id=rid or None)
+        except quotas.QuotaExceeded as exc:  # nothing was written, nothing queued
+            raise quota_error(exc.violation) from None
         except pw.IntegrityError:
             existing = job_by_request_id(tenant, rid)
             if existing is None:
@@ -108,6 +114,10 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         rid = request_id(request.request_id)
         job = get_job(request.name)
         check_ai(registry.ai_status)
+        try:
+            quotas.check_ai(job.tenant_id)  # a prepaid tenant needs credits left
+        except quotas.QuotaExceeded as exc:
+            raise quota_error(exc.violation) from None
         try:
             enhancements.request(job.id, job.tenant_id, wanted, rid or None)
         except enhancements.NotAllowed as exc:

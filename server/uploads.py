@@ -32,8 +32,8 @@ class Slot:
     def watch(self, requests: Iterator[Any]) -> Iterator[Any]:
         """``requests``, noting the time of every message that carries bytes."""
         for message in requests:
-            chunk = getattr(message, "chunk", None)
-            if chunk is not None and chunk.data:
+            chunk = getattr(message, "chunk", None)  # UploadMediaRequest; WriteUploadRequest carries data itself
+            if (chunk.data if chunk is not None else getattr(message, "data", b"")):
                 self.last_progress = time.monotonic()
             yield message
 

@@ -2,33 +2,27 @@
 
 SQLite by default (WAL, busy timeout), PostgreSQL through a pooled connection
 when ``MP4T_DATABASE_URL`` starts with ``postgresql://``. The schema is created
-(and new columns added) at start-up by ``init_db`` without touching data.
+(and new columns added) at start-up by ``storage.schema.init_db`` without touching data.
+A tenant's business tables (webhooks, end-user tokens, quotas and usage, upload sessions)
+are in ``storage.tenancy``.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import json
-import pathlib
 import uuid
 from typing import Any, Iterator
-from urllib.parse import urlparse
 
 import peewee as pw
-from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
-from playhouse.pool import PooledPostgresqlDatabase
 
 from mp4totext.contracts import JobState, MediaState, Priority, Stage, broker_priority
 
 database = pw.DatabaseProxy()
 
 __all__ = ["JobState", "MediaState", "Stage", "Tenant", "ApiKey", "Media", "Transcription", "Enhancement",
-           "EnhancementChunk", "LlmUsage", "TranscriptionEvent",
-           "WorkerInfo", "OutboxMessage", "connection", "locked", "database", "init_db", "utcnow", "new_id"]
-
-SCHEMA_VERSION = 1
-SCHEMA_LOCK_KEY = 0x6D70347474  # pg advisory lock held while the schema is created/migrated
-
+           "EnhancementChunk", "LlmUsage", "TranscriptionEvent", "WorkerInfo", "OutboxMessage", "MaintenanceState",
+           "SchemaInfo", "connection", "locked", "database", "utcnow", "new_id"]
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -61,6 +55,9 @@ class Tenant(BaseModel):
     id = pw.CharField(primary_key=True, max_length=32, default=new_id)
     name = pw.CharField(max_length=200, unique=True)
     create_time = pw.DateTimeField(default=utcnow)
+    # Days its finished transcriptions and their media are kept (core.retention); None = the
+    # configured MP4T_RETENTION_DAYS, 0 = forever. Set by the operator: `mp4totext set-retention`.
+    retention_days = pw.IntegerField(null=True, default=None)
 
 
 class ApiKey(BaseModel):
@@ -92,6 +89,7 @@ class Media(BaseModel):
     claim_message_id = pw.CharField(max_length=64, null=True)
     heartbeat_time = pw.DateTimeField(null=True)
     trace_context = JSONField(null=True)  # W3C carrier of the upload RPC (jobs continue its trace)
+    owner = pw.CharField(max_length=128, default="")  # end user who created it ("" = the tenant's API key)
     create_time = pw.DateTimeField(default=utcnow)
     update_time = pw.DateTimeField(default=utcnow)
 
@@ -125,6 +123,7 @@ class Transcription(BaseModel):
     trace_context = JSONField(null=True)
     warnings = JSONField(null=True)  # problems that did not stop the job (list of strings)
     ai_items = pw.IntegerField(default=0)  # how many Enhancement rows it has (0: no query needed)
+    owner = pw.CharField(max_length=128, default="")  # end user who created it ("" = the tenant's API key)
     create_time = pw.DateTimeField(default=utcnow)
     update_time = pw.DateTimeField(default=utcnow)
     start_time = pw.DateTimeField(null=True)
@@ -237,78 +236,16 @@ class OutboxMessage(BaseModel):
     create_time = pw.DateTimeField(default=utcnow)
 
 
+class MaintenanceState(BaseModel):
+    """Where a bounded maintenance sweep stopped, and when periodic work last ran (core.retention)."""
+
+    name = pw.CharField(primary_key=True, max_length=64)
+    value = pw.TextField(default="")
+    update_time = pw.DateTimeField(default=utcnow)
+
+
 class SchemaInfo(BaseModel):
     version = pw.IntegerField()
-
-
-MODELS = [Tenant, ApiKey, Media, Transcription, Enhancement, EnhancementChunk, LlmUsage, TranscriptionEvent,
-          WorkerInfo, OutboxMessage, SchemaInfo]
-
-
-def make_database(url: str, pool_size: int = 20) -> pw.Database:
-    parsed = urlparse(url)
-    if parsed.scheme == "sqlite":
-        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
-        if path != ":memory:":
-            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return pw.SqliteDatabase(
-            path,
-            pragmas={
-                "journal_mode": "wal",
-                "busy_timeout": 10000,
-                "synchronous": "normal",
-                "foreign_keys": 1,
-            },
-            check_same_thread=False,
-        )
-    if parsed.scheme in ("postgres", "postgresql"):
-        return PooledPostgresqlDatabase(
-            parsed.path.lstrip("/"),
-            user=parsed.username,
-            password=parsed.password,
-            host=parsed.hostname or "127.0.0.1",
-            port=parsed.port or 5432,
-            max_connections=pool_size,
-            stale_timeout=300,
-            timeout=10,
-        )
-    raise SystemExit(
-        f"configuration error: MP4T_DATABASE_URL={url!r} is not supported; "
-        "use sqlite:///path/to/file.db or postgresql://user:pass@host:5432/db"
-    )
-
-
-def init_db(url: str, pool_size: int = 20, create: bool = True) -> pw.Database:
-    """Bind the models to ``url`` and create/migrate the schema (idempotent)."""
-    db = make_database(url, pool_size)
-    database.initialize(db)
-    if create:
-        with db.connection_context():
-            with db.atomic():
-                if isinstance(db, pw.PostgresqlDatabase):
-                    # Processes starting together on an empty database would race in CREATE TABLE
-                    # (UniqueViolation on pg_type): one at a time, until this transaction ends.
-                    db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
-                db.create_tables(MODELS, safe=True)
-                _add_missing_columns(db)
-                if not SchemaInfo.select().exists():
-                    SchemaInfo.create(version=SCHEMA_VERSION)
-    return db
-
-
-def _add_missing_columns(db: pw.Database) -> None:
-    """Forward-only migration: add columns the models have and the tables lack."""
-    migrator = PostgresqlMigrator(db) if isinstance(db, pw.PostgresqlDatabase) else SqliteMigrator(db)
-    ops = []
-    for model in MODELS:
-        existing = {c.name for c in db.get_columns(model._meta.table_name)}
-        for field in model._meta.sorted_fields:
-            if field.column_name not in existing:
-                if not field.null and field.default is None:
-                    field.null = True  # cannot add NOT NULL without a default to a filled table
-                ops.append(migrator.add_column(model._meta.table_name, field.column_name, field))
-    if ops:
-        migrate(*ops)
 
 
 @contextlib.contextmanager

@@ -3,20 +3,28 @@
 Writers never leave half objects: S3 multipart uploads are aborted when the
 source raises, local files are written under ``.incoming/`` and renamed into
 place only when complete.
+
+Resumable uploads (core.upload_sessions) write an object in numbered parts that
+outlive the process: S3 multipart parts, or files under ``.parts/<upload id>/``
+on the local store. ``complete_parts`` assembles them under the key, ``abort_parts``
+discards them; ``abort_stale_uploads`` leaves the upload ids it is told to keep.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import datetime as dt
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Protocol
+from typing import Collection, Protocol
 
 import urllib3
 from minio import Minio
 from minio.error import S3Error
+
+from storage.parts import LocalParts, S3Parts
 
 
 class Reader(Protocol):
@@ -53,12 +61,44 @@ class ObjectStore(abc.ABC):
     def ping(self) -> None:
         """Raise StorageError unless the store is usable."""
 
-    def abort_stale_uploads(self, older_than: dt.timedelta) -> int:
-        """Abort/remove incomplete uploads older than ``older_than``; return how many."""
+    def abort_stale_uploads(self, older_than: dt.timedelta, keep: Collection[str] = ()) -> int:
+        """Abort/remove incomplete uploads older than ``older_than`` (except the upload ids in
+        ``keep``: live resumable sessions); return how many."""
         return 0
 
+    # -- parts of a resumable upload (they persist across processes until completed or aborted)
+    @abc.abstractmethod
+    def start_parts(self, key: str, content_type: str = "application/octet-stream") -> str:
+        """Begin a multipart write of ``key``; return its upload id."""
 
-class LocalStore(ObjectStore):
+    @abc.abstractmethod
+    def put_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        """Store part ``number`` (1-based; all but the last at least 5 MiB); return its etag."""
+
+    @abc.abstractmethod
+    def complete_parts(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
+        """Assemble ``parts`` ((number, etag), in order) into ``key``. Completing an upload that
+        was already completed (the object exists, the upload is gone) is not an error."""
+
+    @abc.abstractmethod
+    def abort_parts(self, key: str, upload_id: str) -> None:
+        """Discard the parts of an unfinished upload (idempotent)."""
+
+    @abc.abstractmethod
+    def sha256_of(self, key: str) -> tuple[int, str]:
+        """(size, lower-case hex sha256) of the stored object, read back from the store."""
+
+    @abc.abstractmethod
+    def size_of(self, key: str) -> int:
+        """Size in bytes of the stored object."""
+
+    def list_objects(self, prefix: str, start_after: str = "", limit: int = 1000) -> list[StoredObject]:
+        """Up to ``limit`` objects under ``prefix`` in key order, after ``start_after`` (the
+        retention sweep's scan for objects no row refers to)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its objects")
+
+
+class LocalStore(LocalParts, ObjectStore):
     def __init__(self, root: str) -> None:
         self.root = pathlib.Path(root).resolve()
         self.incoming = self.root / ".incoming"
@@ -118,21 +158,46 @@ class LocalStore(ObjectStore):
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def list_objects(self, prefix: str, start_after: str = "", limit: int = 1000) -> list[StoredObject]:
+        # Keys are paths under the root; dot-directories (.incoming, upload parts) hold no objects.
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                key = pathlib.Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix) and key > start_after:
+                    keys.append(key)
+        out = []
+        for key in sorted(keys)[:limit]:
+            try:
+                mtime = (self.root / key).stat().st_mtime
+            except FileNotFoundError:  # deleted while listing
+                continue
+            out.append(StoredObject(key, dt.datetime.fromtimestamp(mtime, dt.timezone.utc).replace(tzinfo=None)))
+        return out
+
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"storage directory {self.root} is not writable")
 
-    def abort_stale_uploads(self, older_than: dt.timedelta) -> int:
+    def abort_stale_uploads(self, older_than: dt.timedelta, keep: Collection[str] = ()) -> int:
         cutoff = dt.datetime.now().timestamp() - older_than.total_seconds()
         n = 0
         for p in self.incoming.iterdir():
             if p.stat().st_mtime < cutoff:
                 p.unlink(missing_ok=True)
                 n += 1
+        for d in self.parts.iterdir() if self.parts.is_dir() else ():
+            if d.name not in keep and d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
         return n
 
 
-class S3Store(ObjectStore):
+class S3Store(S3Parts, ObjectStore):
     def __init__(
         self,
         endpoint: str,
@@ -217,16 +282,37 @@ class S3Store(ObjectStore):
         except Exception as exc:
             raise StorageError(f"object storage at {self.client._base_url.host} unusable: {exc}") from exc
 
-    def abort_stale_uploads(self, older_than: dt.timedelta) -> int:
+    def abort_stale_uploads(self, older_than: dt.timedelta, keep: Collection[str] = ()) -> int:
         # minio-py keeps ListMultipartUploads private; this uses its documented-in-source helper.
         cutoff = dt.datetime.now(dt.timezone.utc) - older_than
         n = 0
         result = self.client._list_multipart_uploads(self.bucket)  # noqa: SLF001
         for upload in result.uploads:
+            if upload.upload_id in keep:
+                continue
             if upload.initiated_time and upload.initiated_time < cutoff:
                 self.client._abort_multipart_upload(self.bucket, upload.object_name, upload.upload_id)  # noqa: SLF001
                 n += 1
         return n
+
+    def list_objects(self, prefix: str, start_after: str = "", limit: int = 1000) -> list[StoredObject]:
+        self.ensure_bucket()
+        out = []
+        for obj in self.client.list_objects(self.bucket, prefix=prefix, recursive=True,
+                                            start_after=start_after or None):
+            if obj.is_dir or obj.object_name is None or obj.last_modified is None:
+                continue
+            modified = obj.last_modified.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            out.append(StoredObject(obj.object_name, modified))
+            if len(out) >= limit:
+                break
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredObject:
+    key: str
+    modified: dt.datetime  # UTC, naive (as the database stores times)
 
 
 class _CountingReader:

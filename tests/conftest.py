@@ -146,6 +146,13 @@ def stack(s3: dict[str, str], rabbit_url: str, pg_url: str, log_dir: pathlib.Pat
         "MP4T_MAINTENANCE_INTERVAL_S": "3",
         "MP4T_STUCK_AFTER_S": "20",
         "MP4T_STALE_UPLOAD_S": "30",
+        # Retention sweeps run only when a test runs one (tests/e2e/test_retention.py): a scheduled
+        # one in the middle of another test would delete what that test backdated.
+        "MP4T_RETENTION_INTERVAL_S": "0",
+        "MP4T_PRICE_PER_AUDIO_MINUTE": "1",  # credits per minute (only tenants given credits pay)
+        "MP4T_WEBHOOK_ALLOW_NETS": "127.0.0.0/8",  # the webhook tests' receiver is on loopback
+        "MP4T_WEBHOOK_RETRY_SCHEDULE_S": "0.5,1,2,4",  # the whole retry window in seconds
+        "MP4T_WEBHOOK_TIMEOUT_S": "5",  # an attempt's lease (2 x this + 30 s) bounds a crashed worker's hold
         "PYTHONUNBUFFERED": "1",
     }
     st = Stack(env, log_dir, s3)
@@ -175,9 +182,9 @@ def llm_server(log_dir: pathlib.Path) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def db(stack: Stack) -> Any:
     """The stack's database, bound in the test process (for keys and white-box checks)."""
-    from storage import db as dbmod
+    from storage import schema
 
-    return dbmod.init_db(stack.env["MP4T_DATABASE_URL"], pool_size=4)
+    return schema.init_db(stack.env["MP4T_DATABASE_URL"], pool_size=4)
 
 
 def make_key(tenant: str) -> str:

@@ -23,7 +23,7 @@ from mp4totext.contracts import Stage, TranscriptResult
 from observability import tracing
 from storage.db import Media
 from storage.objects import ObjectStore, audio_key
-from workers import ai_runner, maintenance
+from workers import ai_runner, maintenance, retention, usage_reports, webhooks
 from workers.pipeline import (
     JobFailed,
     JobStage,
@@ -169,11 +169,16 @@ def register(broker: dramatiq.Broker, s: Settings) -> dict[str, dramatiq.Actor]:
              "throws": (JobFailed,)}
     limits_s = {"prepare_media": s.prepare_time_limit_s, "transcribe": s.job_time_limit_s + 60,
                 "diarize": s.diarization_time_limit_s + 60, "finalize": 60, "maintenance": 600,
-                "enhance": s.ai_time_limit_s + 60}
+                "enhance": s.ai_time_limit_s + 60, "deliver_webhook": int(2 * s.webhook_timeout_s) + 60}
     functions: dict[str, Callable[[str], None]] = {
         "prepare_media": _prepare_media, "transcribe": _job_actor(TRANSCRIBE), "diarize": _job_actor(DIARIZE),
-        "finalize": finalize, "maintenance": maintenance.sweep, "enhance": ai_runner.run_enhancement}
+        "finalize": finalize, "maintenance": maintenance.sweep, "enhance": ai_runner.run_enhancement,
+        "deliver_webhook": webhooks.deliver}
+    functions[retention.ACTOR], limits_s[retention.ACTOR] = retention.sweep, 3600  # core.retention (low queue)
     retries = {name: retry for name in functions}
+    retries[retention.ACTOR] = {"max_retries": 0}  # its next scheduled run is the retry
+    functions[usage_reports.ACTOR], limits_s[usage_reports.ACTOR] = usage_reports.report, 600  # weekly report
+    retries[usage_reports.ACTOR] = retry  # idempotent: a retry after an outage writes it once
     retries["enhance"] = {**retry, "max_retries": max_retries + max(0, s.llm_max_attempts - s.max_attempts)}
     return {name: dramatiq.actor(fn, actor_name=name, queue_name=ROUTES[name], broker=broker,
                                  time_limit=limits_s[name] * 1000, **retries[name])

@@ -14,7 +14,7 @@ from core.plan import QUEUES
 from core.queue import make_broker
 from mp4totext.config import Settings
 from observability import metrics, tracing
-from workers import actors, maintenance
+from workers import actors, maintenance, retention
 from workers.stages.diarize import DiarizationUnavailable, pipeline_label
 
 log = structlog.get_logger(__name__)
@@ -92,6 +92,8 @@ class Worker:
         self.stopping = threading.Event()
         if "low" in queues and settings.maintenance_interval_s > 0:
             maintenance.schedule(settings.maintenance_interval_s, self.stopping)
+        if "low" in queues and settings.retention_interval_s > 0:
+            retention.schedule(settings.retention_interval_s, self.stopping)
         log.info("worker_started", queues=queues, threads=threads)
 
     def stop(self, timeout_s: float) -> None:

@@ -18,10 +18,21 @@ class MediaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MEDIA_STATE_PROCESSING: _ClassVar[MediaState]
     MEDIA_STATE_READY: _ClassVar[MediaState]
     MEDIA_STATE_FAILED: _ClassVar[MediaState]
+
+class UploadSessionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPLOAD_SESSION_STATE_UNSPECIFIED: _ClassVar[UploadSessionState]
+    UPLOAD_SESSION_STATE_ACTIVE: _ClassVar[UploadSessionState]
+    UPLOAD_SESSION_STATE_COMPLETED: _ClassVar[UploadSessionState]
+    UPLOAD_SESSION_STATE_FAILED: _ClassVar[UploadSessionState]
 MEDIA_STATE_UNSPECIFIED: MediaState
 MEDIA_STATE_PROCESSING: MediaState
 MEDIA_STATE_READY: MediaState
 MEDIA_STATE_FAILED: MediaState
+UPLOAD_SESSION_STATE_UNSPECIFIED: UploadSessionState
+UPLOAD_SESSION_STATE_ACTIVE: UploadSessionState
+UPLOAD_SESSION_STATE_COMPLETED: UploadSessionState
+UPLOAD_SESSION_STATE_FAILED: UploadSessionState
 
 class Media(_message.Message):
     __slots__ = ("name", "filename", "content_type", "size_bytes", "sha256", "state", "duration", "format_name", "audio_codec", "error_message", "create_time", "update_time", "request_id")
@@ -128,3 +139,77 @@ class DeleteMediaResponse(_message.Message):
     DELETED_TRANSCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
     deleted_transcriptions: int
     def __init__(self, deleted_transcriptions: _Optional[int] = ...) -> None: ...
+
+class UploadSession(_message.Message):
+    __slots__ = ("name", "filename", "content_type", "size_bytes", "sha256", "committed_size", "part_size_bytes", "state", "media", "error_message", "create_time", "update_time", "expire_time", "request_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PART_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    filename: str
+    content_type: str
+    size_bytes: int
+    sha256: str
+    committed_size: int
+    part_size_bytes: int
+    state: UploadSessionState
+    media: str
+    error_message: str
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    expire_time: _timestamp_pb2.Timestamp
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., filename: _Optional[str] = ..., content_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., committed_size: _Optional[int] = ..., part_size_bytes: _Optional[int] = ..., state: _Optional[_Union[UploadSessionState, str]] = ..., media: _Optional[str] = ..., error_message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class CreateUploadSessionRequest(_message.Message):
+    __slots__ = ("metadata",)
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    metadata: UploadMetadata
+    def __init__(self, metadata: _Optional[_Union[UploadMetadata, _Mapping]] = ...) -> None: ...
+
+class GetUploadSessionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WriteUploadRequest(_message.Message):
+    __slots__ = ("upload_session", "write_offset", "data")
+    UPLOAD_SESSION_FIELD_NUMBER: _ClassVar[int]
+    WRITE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    upload_session: str
+    write_offset: int
+    data: bytes
+    def __init__(self, upload_session: _Optional[str] = ..., write_offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteUploadResponse(_message.Message):
+    __slots__ = ("committed_size", "media", "upload_session")
+    COMMITTED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_SESSION_FIELD_NUMBER: _ClassVar[int]
+    committed_size: int
+    media: Media
+    upload_session: UploadSession
+    def __init__(self, committed_size: _Optional[int] = ..., media: _Optional[_Union[Media, _Mapping]] = ..., upload_session: _Optional[_Union[UploadSession, _Mapping]] = ...) -> None: ...
+
+class DeleteUploadSessionRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteUploadSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

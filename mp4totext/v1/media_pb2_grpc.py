@@ -57,6 +57,26 @@ class MediaServiceStub:
                 request_serializer=mp4totext_dot_v1_dot_media__pb2.DeleteMediaRequest.SerializeToString,
                 response_deserializer=mp4totext_dot_v1_dot_media__pb2.DeleteMediaResponse.FromString,
                 _registered_method=True)
+        self.CreateUploadSession = channel.unary_unary(
+                '/mp4totext.v1.MediaService/CreateUploadSession',
+                request_serializer=mp4totext_dot_v1_dot_media__pb2.CreateUploadSessionRequest.SerializeToString,
+                response_deserializer=mp4totext_dot_v1_dot_media__pb2.UploadSession.FromString,
+                _registered_method=True)
+        self.GetUploadSession = channel.unary_unary(
+                '/mp4totext.v1.MediaService/GetUploadSession',
+                request_serializer=mp4totext_dot_v1_dot_media__pb2.GetUploadSessionRequest.SerializeToString,
+                response_deserializer=mp4totext_dot_v1_dot_media__pb2.UploadSession.FromString,
+                _registered_method=True)
+        self.WriteUpload = channel.stream_unary(
+                '/mp4totext.v1.MediaService/WriteUpload',
+                request_serializer=mp4totext_dot_v1_dot_media__pb2.WriteUploadRequest.SerializeToString,
+                response_deserializer=mp4totext_dot_v1_dot_media__pb2.WriteUploadResponse.FromString,
+                _registered_method=True)
+        self.DeleteUploadSession = channel.unary_unary(
+                '/mp4totext.v1.MediaService/DeleteUploadSession',
+                request_serializer=mp4totext_dot_v1_dot_media__pb2.DeleteUploadSessionRequest.SerializeToString,
+                response_deserializer=mp4totext_dot_v1_dot_media__pb2.DeleteUploadSessionResponse.FromString,
+                _registered_method=True)
 
 
 class MediaServiceServicer:
@@ -109,6 +129,62 @@ class MediaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUploadSession(self, request, context):
+        """Resumable upload, step 1: starts an upload session for one file whose size
+        and sha256 are declared up front (both required). The session survives
+        broken streams, server restarts and a different replica; it expires at
+        `expire_time` if not completed. Idempotent by `metadata.request_id`: the
+        same request_id returns the same session (or, once completed, its media).
+
+        Errors: INVALID_ARGUMENT for missing/invalid metadata or a size over the
+        server's limit; RESOURCE_EXHAUSTED (with RetryInfo) while too many uploads
+        are waiting to be prepared.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUploadSession(self, request, context):
+        """Resumable upload, step 2 after a broken stream: the session with its
+        `committed_size`, the offset the next WriteUpload must start at (as
+        google.bytestream's QueryWriteStatus). NOT_FOUND for another tenant's or
+        user's session, or one that expired and was swept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteUpload(self, request_iterator, context):
+        """Resumable upload, step 2: sends the file's bytes from `committed_size` on.
+
+        The first message names the session and carries `write_offset`, which MUST
+        equal the session's committed size (else FAILED_PRECONDITION; the message
+        and a google.rpc.ErrorInfo detail, reason WRONG_WRITE_OFFSET, metadata
+        `committed_size`, say where to resume). Every message may carry up to 1 MiB
+        of `data`, in order. The server stores the bytes in whole parts of
+        `part_size_bytes` (the last part may be shorter): after a broken stream the
+        committed size is the end of the last stored part, and the bytes after it
+        are sent again; stored parts are never sent again.
+
+        When the declared size is reached the server assembles the file, checks its
+        size and sha256 and only then creates the media (PROCESSING, then READY or
+        FAILED as for UploadMedia) and returns it. A sha256 mismatch is
+        INVALID_ARGUMENT, the session becomes FAILED and no media exists. A stream
+        the client ends before the declared size returns the committed size and no
+        media. Writing to a COMPLETED session returns its media again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUploadSession(self, request, context):
+        """Cancels an upload session: its stored parts are discarded and the session
+        is gone (NOT_FOUND afterwards). A COMPLETED session's media is not touched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MediaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +207,26 @@ def add_MediaServiceServicer_to_server(servicer, server):
                     servicer.DeleteMedia,
                     request_deserializer=mp4totext_dot_v1_dot_media__pb2.DeleteMediaRequest.FromString,
                     response_serializer=mp4totext_dot_v1_dot_media__pb2.DeleteMediaResponse.SerializeToString,
+            ),
+            'CreateUploadSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUploadSession,
+                    request_deserializer=mp4totext_dot_v1_dot_media__pb2.CreateUploadSessionRequest.FromString,
+                    response_serializer=mp4totext_dot_v1_dot_media__pb2.UploadSession.SerializeToString,
+            ),
+            'GetUploadSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadSession,
+                    request_deserializer=mp4totext_dot_v1_dot_media__pb2.GetUploadSessionRequest.FromString,
+                    response_serializer=mp4totext_dot_v1_dot_media__pb2.UploadSession.SerializeToString,
+            ),
+            'WriteUpload': grpc.stream_unary_rpc_method_handler(
+                    servicer.WriteUpload,
+                    request_deserializer=mp4totext_dot_v1_dot_media__pb2.WriteUploadRequest.FromString,
+                    response_serializer=mp4totext_dot_v1_dot_media__pb2.WriteUploadResponse.SerializeToString,
+            ),
+            'DeleteUploadSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUploadSession,
+                    request_deserializer=mp4totext_dot_v1_dot_media__pb2.DeleteUploadSessionRequest.FromString,
+                    response_serializer=mp4totext_dot_v1_dot_media__pb2.DeleteUploadSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -243,6 +339,114 @@ class MediaService:
             '/mp4totext.v1.MediaService/DeleteMedia',
             mp4totext_dot_v1_dot_media__pb2.DeleteMediaRequest.SerializeToString,
             mp4totext_dot_v1_dot_media__pb2.DeleteMediaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUploadSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mp4totext.v1.MediaService/CreateUploadSession',
+            mp4totext_dot_v1_dot_media__pb2.CreateUploadSessionRequest.SerializeToString,
+            mp4totext_dot_v1_dot_media__pb2.UploadSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mp4totext.v1.MediaService/GetUploadSession',
+            mp4totext_dot_v1_dot_media__pb2.GetUploadSessionRequest.SerializeToString,
+            mp4totext_dot_v1_dot_media__pb2.UploadSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mp4totext.v1.MediaService/WriteUpload',
+            mp4totext_dot_v1_dot_media__pb2.WriteUploadRequest.SerializeToString,
+            mp4totext_dot_v1_dot_media__pb2.WriteUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUploadSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mp4totext.v1.MediaService/DeleteUploadSession',
+            mp4totext_dot_v1_dot_media__pb2.DeleteUploadSessionRequest.SerializeToString,
+            mp4totext_dot_v1_dot_media__pb2.DeleteUploadSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,10 +6,12 @@ root holds the rules: lint STANDARD minus the two response-naming rules a resour
 breaks on purpose, breaking FILE.
 
 The baseline is protos/v1-baseline.binpb, a buf image (`buf build --exclude-source-info`) of
-protos/ at commit PINNED_V1_COMMIT. It is committed rather than read from git history because
-a CI checkout may be shallow or a plain source tree; when the pinned commit *is* in the
-history, test_baseline_image_is_pinned_commit checks the image really is the protos at that
-commit, so the baseline cannot quietly be rebuilt from a changed contract.
+protos/ at commit PINNED_V1_COMMIT plus exactly the Apple file options of BASELINE_ADDED_OPTIONS
+(objc_class_prefix/swift_prefix: set once, before any Swift/ObjC code was generated, see
+buf.yaml). It is committed rather than read from git history because a CI checkout may be
+shallow or a plain source tree; when the pinned commit *is* in the history,
+test_baseline_image_is_pinned_commit checks the image really is the protos at that commit with
+those options added, so the baseline cannot quietly be rebuilt from a changed contract.
 
 buf comes from PyPI `buf-bin` (test extras): found next to sys.executable or on PATH. Without
 it these tests skip locally and fail in CI (CI=true). buf never needs the network here (no
@@ -37,6 +39,11 @@ BASELINE = PROTOS / "v1-baseline.binpb"
 # main's HEAD when the contract check was added; the image above was built from it with
 #   buf build '.git#ref=<this>,subdir=protos' --exclude-source-info -o protos/v1-baseline.binpb
 PINNED_V1_COMMIT = "127e5cb5662329af214c3bcc6c150c57b85f660f"
+# Added to each pinned file after its java_package line (issue 13: mobile stubs); the image is
+#   buf build <pinned protos + these lines> --exclude-source-info -o protos/v1-baseline.binpb
+# and `buf breaking` between it and the pinned commit reports only FILE_SAME_OBJC_CLASS_PREFIX and
+# FILE_SAME_SWIFT_PREFIX. Never change these values within v1 (FILE rules catch it).
+BASELINE_ADDED_OPTIONS = 'option objc_class_prefix = "MTT";\noption swift_prefix = "MTT";\n'
 # buf's exit code for "ran fine, found problems" (1 is a usage/build error).
 BUF_FINDINGS = 100
 
@@ -120,8 +127,9 @@ def test_lint_passes(buf: Buf) -> None:
 def test_lint_covers_the_v1_files(buf: Buf) -> None:
     proc = buf("ls-files", "protos")
     assert proc.returncode == 0, _out(proc)
-    assert sorted(proc.stdout.split()) == ["protos/mp4totext/v1/media.proto",
-                                           "protos/mp4totext/v1/transcription.proto"]
+    on_disk = sorted(str(f.relative_to(ROOT)) for f in (PROTOS / "mp4totext/v1").glob("*.proto"))
+    assert {"protos/mp4totext/v1/media.proto", "protos/mp4totext/v1/transcription.proto"} <= set(on_disk)
+    assert sorted(proc.stdout.split()) == on_disk  # every v1 file, the ones added since v1 too
 
 
 def test_no_breaking_change_against_pinned_v1(buf: Buf) -> None:
@@ -144,6 +152,9 @@ def test_baseline_image_is_pinned_commit(buf: Buf, tmp_path: pathlib.Path) -> No
     for f in (tmp_path / "protos").rglob("*"):
         if f.is_file() and f.suffix != ".proto":
             f.unlink()
+        elif f.is_file():
+            _edit(f, 'option java_package = "dev.mp4totext.v1";\n',
+                  'option java_package = "dev.mp4totext.v1";\n' + BASELINE_ADDED_OPTIONS)
     # The pinned commit has no buf.yaml: module root protos/ (as '.git#ref=...,subdir=protos'
     # would see it), FILE rules, each direction.
     rules = '{"version":"v2","modules":[{"path":"protos"}],"breaking":{"use":["FILE"]}}'

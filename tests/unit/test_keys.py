@@ -8,6 +8,7 @@ import subprocess
 
 from server.auth import Authenticator
 from storage import db as dbmod
+from storage import schema
 from tests.support import CLI, ROOT
 
 
@@ -21,7 +22,7 @@ def test_create_then_revoke_a_key(tmp_path: pathlib.Path) -> None:
     created = run(["create-key", "--tenant", "acme", "--label", "mobile backend"], tmp_path)
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)["api_key"]
-    dbmod.init_db(f"sqlite:///{tmp_path / 'mp4totext.db'}")
+    schema.init_db(f"sqlite:///{tmp_path / 'mp4totext.db'}")
     try:
         assert Authenticator().tenant_for(f"Bearer {key}") == json.loads(created.stdout)["tenant_id"]
         revoked = run(["revoke-key", key[:12]], tmp_path)

@@ -125,6 +125,8 @@ def test_message_retries_outlast_an_outage_and_the_attempts(broker: StubBroker) 
 
     s = Settings(max_attempts=3, retry_min_backoff_ms=1000, retry_max_backoff_ms=30000, outage_budget_s=300)
     actors = register(broker, s)
+    # The retention sweep is not retried: its next scheduled run is the retry (core.retention).
+    assert actors.pop("retention").options["max_retries"] == 0
     assert {a.options["max_retries"] for n, a in actors.items() if n != "enhance"} == {24 + 3 + 2}
     # AI items count their own tries (MP4T_LLM_MAX_ATTEMPTS, 4): one more than the stages' 3.
     assert actors["enhance"].options["max_retries"] == 24 + 4 + 2
