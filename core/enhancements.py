@@ -212,7 +212,9 @@ def _ledger(tenant_id: str, model: str, usage: TokenUsage) -> None:
 
 
 def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, message: str,
-         result: Any = None, output_language: str = "") -> None:
+         result: Any = None, output_language: str = "", bump: bool = True) -> None:
+    """End the item (its webhook event names the job's owner); the job gets a new sequence
+    unless ``bump`` is False (the caller bumps it once for several items)."""
     now = utcnow()
     item.state, item.error_reason, item.error_message = state, reason, message
     item.claim_message_id, item.end_time, item.update_time = None, now, now
@@ -222,7 +224,7 @@ def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, 
     item.save()
     AI_ITEMS_FINISHED.labels(item.kind, state, reason or state).inc()
     webhooks.item_finished(item, job)  # committed with the item's end
-    if job is None:
+    if job is None or not bump:
         return
     if state == EnhancementState.FAILED:
         what = f"{item.kind.lower().replace('_', ' ')}{' (' + item.language + ')' if item.language else ''}"
@@ -276,7 +278,7 @@ def request_cancel(job_id: str) -> int:
             if item is None or item.state in ITEM_TERMINAL:
                 continue
             if item.state == EnhancementState.PENDING:
-                _end(item, None, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
+                _end(item, job, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client", bump=False)
             else:
                 Enhancement.update(cancel_requested=True).where(Enhancement.id == item.id).execute()
         if items:

@@ -7,7 +7,10 @@ them: tokens are minted by the server, through IdentityService, for a caller hol
 
 - Minting uses the tenant's current key (the newest one not retired), created on first use.
 - ``rotate`` makes a new current key; the previous ones keep verifying until every token they may
-  have signed has expired (``max_ttl_s`` + clock leeway), and are deleted by a later rotation.
+  have signed has expired (``max_ttl_s`` + clock leeway), or stop at once (``retire_previous_now``:
+  a key that may have leaked), and are deleted by a later rotation. Whatever the key, a token whose
+  lifetime (``exp - iat``) is longer than ``max_ttl_s`` + leeway is refused: a key's holder cannot
+  mint tokens that outlive its retirement by much.
 - ``revoke`` sets a per-user not-before: tokens issued earlier are refused. A token minted after a
   revocation has ``iat`` at or after it (``iat`` is raised to the next whole second if needed).
 - ``Verifier`` checks a token against the keys, caching keys and revocations for ``cache_s``
@@ -28,6 +31,7 @@ from typing import Any
 import jwt
 import peewee as pw
 
+from mp4totext import config
 from storage.db import connection, database, locked, utcnow
 from storage.tenancy import TokenKey, UserTokenRevocation
 
@@ -122,15 +126,18 @@ def mint(tenant: str, user_id: str, ttl_s: float, scopes: tuple[str, ...] = SCOP
     return Minted(token, expire, key.id, user_id, tuple(scopes))
 
 
-def rotate(tenant: str, max_ttl_s: float) -> tuple[TokenKey, dt.datetime]:
-    """A new current key; the previous ones retire when their tokens have expired. Keys retired
-    earlier than now are deleted."""
+def rotate(tenant: str, max_ttl_s: float, retire_previous_now: bool = False) -> tuple[TokenKey, dt.datetime]:
+    """A new current key; the previous ones retire when their tokens have expired, or now (all of
+    them, those already retiring included) with ``retire_previous_now``. Keys retired earlier than
+    now are deleted. Returns the new key and when the previous ones retire."""
     now = utcnow()
-    retire = now + dt.timedelta(seconds=max_ttl_s + LEEWAY_S)
+    retire = now if retire_previous_now else now + dt.timedelta(seconds=max_ttl_s + LEEWAY_S)
+    previous = TokenKey.retire_time.is_null()
+    if retire_previous_now:
+        previous |= TokenKey.retire_time > now
     with locked():
         TokenKey.delete().where(TokenKey.tenant == tenant, TokenKey.retire_time < now).execute()
-        TokenKey.update(retire_time=retire).where(TokenKey.tenant == tenant,
-                                                  TokenKey.retire_time.is_null()).execute()
+        TokenKey.update(retire_time=retire).where(TokenKey.tenant == tenant, previous).execute()
         key = TokenKey.create(tenant=tenant, secret=secrets.token_urlsafe(32), create_time=now)
     return key, retire
 
@@ -158,10 +165,12 @@ class _Key:
 
 
 class Verifier:
-    """Verifies tokens; keys and revocations are cached for ``cache_s`` seconds."""
+    """Verifies tokens; keys and revocations are cached for ``cache_s`` seconds. A token may live
+    at most ``max_ttl_s`` (default: MP4T_TOKEN_MAX_TTL_S) + the clock leeway."""
 
-    def __init__(self, cache_s: float) -> None:
+    def __init__(self, cache_s: float, max_ttl_s: float | None = None) -> None:
         self.cache_s = cache_s
+        self.max_ttl_s = config.settings().token_max_ttl_s if max_ttl_s is None else max_ttl_s
         self._keys: dict[str, tuple[_Key | None, float]] = {}
         self._revoked: dict[tuple[str, str], tuple[float | None, float]] = {}
         self._lock = threading.Lock()
@@ -204,6 +213,9 @@ class Verifier:
         if key.retire is not None and time.time() >= key.retire:
             raise TokenError("the token's signing key is retired; get a new token from your backend")
         claims = self._decode(token, key.secret)
+        if int(claims["exp"]) - int(claims["iat"]) > self.max_ttl_s + LEEWAY_S:  # int(): PyJWT checked both
+            raise TokenError(f"the token claims to live longer than {self.max_ttl_s:g} s, the longest lifetime "
+                             "a token may have; mint tokens with IdentityService.CreateUserToken")
         if claims["tid"] != key.tenant:
             raise TokenError("the token claims another tenant than the one whose key signed it")
         user = claims["sub"]

@@ -147,15 +147,19 @@ def media_exists(media_id: str) -> bool:
         return Media.select().where(Media.id == media_id).exists()
 
 
-def media_failed(media_id: str, message: str) -> list[Transcription]:
-    """Mark media FAILED and fail the transcriptions that waited for it; return those."""
+def media_failed(media_id: str, message: str, from_state: str = MediaState.PROCESSING) -> list[Transcription]:
+    """Mark media FAILED (from ``from_state``: PROCESSING when preparing it failed, READY when the
+    retention sweep found its objects gone) with its media.failed event, and fail the
+    transcriptions that waited for it, in one transaction; return those."""
     with locked():
         changed = Media.update(state=MediaState.FAILED, error_message=message, claim_message_id=None,
                                update_time=utcnow()).where(
-            Media.id == media_id, Media.state == MediaState.PROCESSING
+            Media.id == media_id, Media.state == from_state
         ).execute()
         if changed:
             webhooks.media_failed(Media.get_by_id(media_id), message)
+        elif from_state != MediaState.PROCESSING:
+            return []  # not READY any more: someone else decided its fate
         waiting = list(_for_update(
             Transcription.select().where(Transcription.media == media_id, Transcription.state.not_in(TERMINAL_STATES))
         ))

@@ -25,7 +25,7 @@ import peewee as pw
 from mp4totext import config
 from mp4totext.contracts import JobConfig, JobState
 from storage.db import Tenant, Transcription, connection, database, utcnow
-from storage.tenancy import JobCharge, Quota, UsageDaily
+from storage.tenancy import JobCharge, Quota, UploadSession, UsageDaily
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
 LIMIT_NAMES = ("concurrent_jobs", "monthly_audio_minutes", "storage_bytes", "max_upload_bytes", "credits")
@@ -130,6 +130,14 @@ def stored_bytes(tenant_id: str, owner: str | None = None) -> int:
     if owner is not None and hasattr(Media, "owner"):
         q = q.where(Media.owner == owner)
     return int(q.scalar() or 0)
+
+
+def pending_upload_bytes(tenant_id: str) -> int:
+    """Bytes the tenant's unfinished (ACTIVE, unexpired) upload sessions declared: reserved
+    against the storage quota, so parallel sessions cannot together store more than it allows."""
+    return int(UploadSession.select(pw.fn.COALESCE(pw.fn.SUM(UploadSession.size_bytes), 0))
+               .where(UploadSession.tenant == tenant_id, UploadSession.state == "ACTIVE",
+                      UploadSession.expire_time > utcnow()).scalar() or 0)
 
 
 def cost_of(audio_s: float, speaker_s: float, s: config.Settings | None = None) -> float:
@@ -252,24 +260,42 @@ def reserve_duration(job: Transcription, duration_s: float) -> str:
     return ""
 
 
+def _storage_violation(tenant_id: str, lim: Limits, taken: int, size_bytes: int, what: str) -> QuotaExceeded:
+    return QuotaExceeded(Violation(
+        tenant_id, "storage_bytes",
+        f"storage quota: {taken} of {lim.storage_bytes} bytes {what}, this upload needs {size_bytes} more; "
+        "delete media you no longer need", taken, lim.storage_bytes))
+
+
 def check_upload(tenant_id: str, size_bytes: int) -> int:
     """Before an upload stores a byte: refuse a declared size over the tenant's upload or storage
-    limit (QuotaExceeded); return the most bytes this upload may have (0 = no tenant limit)."""
+    limit (QuotaExceeded; unfinished upload sessions' declared sizes count as stored); return the
+    most bytes this upload may have (0 = no tenant limit)."""
     with connection():
         lim = limits(tenant_id)
-        stored = stored_bytes(tenant_id) if lim.storage_bytes else 0
+        stored = stored_bytes(tenant_id) + pending_upload_bytes(tenant_id) if lim.storage_bytes else 0
     if lim.max_upload_bytes and size_bytes > lim.max_upload_bytes:
         raise QuotaExceeded(Violation(
             tenant_id, "max_upload_bytes",
             f"upload size quota: the file is {size_bytes} bytes, your uploads may have at most "
             f"{lim.max_upload_bytes} bytes", size_bytes, lim.max_upload_bytes))
     if lim.storage_bytes and stored + size_bytes > lim.storage_bytes:
-        raise QuotaExceeded(Violation(
-            tenant_id, "storage_bytes",
-            f"storage quota: {stored} of {lim.storage_bytes} bytes stored, this upload needs {size_bytes} more; "
-            "delete media you no longer need", stored, lim.storage_bytes))
+        raise _storage_violation(tenant_id, lim, stored, size_bytes,
+                                 "stored or reserved by unfinished upload sessions")
     caps = [c for c in (lim.max_upload_bytes, lim.storage_bytes and max(lim.storage_bytes - stored, 0)) if c]
     return min(caps) if caps else 0
+
+
+def check_stored(tenant_id: str, size_bytes: int) -> None:
+    """Inside the transaction that records an upload session's media: lock the tenant's quota row
+    (completions of one tenant take turns) and refuse (QuotaExceeded) if the media stored plus
+    this one are over the storage quota. Sessions created at the same moment each passed
+    ``check_upload`` alone; this is where only those that still fit are kept."""
+    lim = limits_of(_lock(tenant_id))
+    if lim.storage_bytes:
+        stored = stored_bytes(tenant_id)
+        if stored + size_bytes > lim.storage_bytes:
+            raise _storage_violation(tenant_id, lim, stored, size_bytes, "stored")
 
 
 def debit(tenant_id: str, amount: float) -> None:

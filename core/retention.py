@@ -5,7 +5,8 @@ the rest go next time), so it can run anywhere, twice at once, or die halfway:
 
 - expired transcriptions: finished (SUCCEEDED, FAILED, CANCELLED) longer ago than their tenant's
   retention (``Tenant.retention_days``, else ``MP4T_RETENTION_DAYS``; 0 = forever), with their
-  AI items and events, in one transaction;
+  AI items and events, in one transaction; one with an AI item still waiting or running (asked
+  for on an old transcript) stays until the item ends;
 - expired media: uploaded longer ago than the retention with no transcription left; the row goes
   first, then its objects (original, audio, anything else under its prefix). A sweep that dies
   in between leaves only objects no row refers to, which the orphan scan removes: no user ever
@@ -15,8 +16,9 @@ the rest go next time), so it can run anywhere, twice at once, or die halfway:
   younger than that, and the media id of a live resumable upload session is kept); the scan
   continues where the last run stopped (a cursor in the database);
 - rows with no object: READY media whose original or audio is missing from the store are
-  marked FAILED with an error saying so (kept, not deleted: the user sees why it is unusable;
-  retention deletes it in time);
+  marked FAILED with an error saying so, as a failed preparation is (core.jobs.media_failed: its
+  media.failed webhook, and the transcriptions waiting for it fail); kept, not deleted: the user
+  sees why it is unusable, and retention deletes it in time;
 - events of transcriptions deleted by the API (DeleteTranscription leaves them);
 - workers' temp dirs (``mp4t-*`` in the system temp dir, everything in ``<MP4T_DATA_DIR>/tmp``)
   untouched for ``MP4T_TEMP_MAX_AGE_S``;
@@ -36,8 +38,9 @@ from typing import Any, Callable
 import peewee as pw
 import structlog
 
+from core import jobs
 from mp4totext.config import Settings
-from mp4totext.contracts import TERMINAL_STATES, MediaState
+from mp4totext.contracts import ITEM_TERMINAL_STATES, TERMINAL_STATES, MediaState
 from storage.db import (
     Enhancement,
     EnhancementChunk,
@@ -66,6 +69,7 @@ MISSING_OBJECT = ("the stored {what} of this media is missing from object storag
                   "service); upload the file again")
 EPOCH = dt.datetime(1970, 1, 1)
 _TERMINAL = [str(s) for s in TERMINAL_STATES]
+_ITEM_TERMINAL = sorted(ITEM_TERMINAL_STATES)
 
 
 @dataclasses.dataclass
@@ -151,13 +155,24 @@ def retention_of(tenant: Tenant, default_days: int) -> int:
 # ---------------------------------------------------------------- expiry
 
 
+def _unfinished_items() -> pw.ModelSelect:
+    """The AI items of the outer query's transcription that are still waiting or running."""
+    return Enhancement.select(Enhancement.id).where((Enhancement.transcription == Transcription.id)
+                                                    & Enhancement.state.not_in(_ITEM_TERMINAL))
+
+
 def delete_transcriptions(ids: list[str], extra: pw.Expression | None = None) -> int:
     """Delete these transcriptions with their AI items and events, in one transaction; ``extra``
-    re-checks a condition in the DELETE itself (a row that changed since it was read stays)."""
+    re-checks a condition in the DELETE itself (a row that changed since it was read stays). One
+    with an AI item still waiting or running is never deleted (the item works on its transcript)."""
     if not ids:
         return 0
     with locked():
-        cond = Transcription.id.in_(ids)
+        # First lock the rows (as EnhanceTranscription does before it adds an item), then check, in a
+        # statement that sees what committed meanwhile.
+        if isinstance(database.obj, pw.PostgresqlDatabase):
+            list(Transcription.select(Transcription.id).where(Transcription.id.in_(ids)).for_update())
+        cond = Transcription.id.in_(ids) & ~pw.fn.EXISTS(_unfinished_items())
         if extra is not None:
             cond &= extra
         gone = [r.id for r in Transcription.select(Transcription.id).where(cond)]
@@ -195,7 +210,8 @@ def expire(settings: Settings, store: ObjectStore, report: SweepReport, now: dt.
             continue
         cutoff = now - dt.timedelta(days=days)
         finished_before = (Transcription.state.in_(_TERMINAL)
-                           & (pw.fn.COALESCE(Transcription.end_time, Transcription.create_time) < cutoff))
+                           & (pw.fn.COALESCE(Transcription.end_time, Transcription.create_time) < cutoff)
+                           & ~pw.fn.EXISTS(_unfinished_items()))  # checked again by the delete
         if job_budget > 0:
             with connection():
                 ids = [r.id for r in Transcription.select(Transcription.id)
@@ -266,13 +282,14 @@ def missing_objects(settings: Settings, store: ObjectStore, report: SweepReport)
         gone = [what for what, key in (("upload", media.object_key), ("audio", media.audio_key))
                 if key and not store.exists(key)]
         if gone:
-            message = MISSING_OBJECT.format(what=" and ".join(gone))
             with connection():
-                n = (Media.update(state=MediaState.FAILED, error_message=message, update_time=utcnow())
-                     .where((Media.id == media.id) & (Media.state == MediaState.READY)).execute())
-            if n:
-                report.missing_objects += 1
-                log.warning("media_object_missing", media_id=media.id, missing=gone)
+                still_ready = Media.select().where((Media.id == media.id) & (Media.state == MediaState.READY)).exists()
+            if not still_ready:
+                continue
+            failed_jobs = jobs.media_failed(media.id, MISSING_OBJECT.format(what=" and ".join(gone)),
+                                            from_state=MediaState.READY)
+            report.missing_objects += 1
+            log.warning("media_object_missing", media_id=media.id, missing=gone, failed_jobs=len(failed_jobs))
     _set_cursor("missing_scan", rows[-1].id if len(rows) >= settings.sweep_batch else "", start)
 
 

@@ -21,7 +21,13 @@ Concurrency: every stream bumps the session's ``generation``; a part is recorded
 session still has that generation and the committed size the part started from. A stale stream
 (its client gave up on it and resumed elsewhere) stops with ``Superseded`` at its next part; if
 it stored a part over a newer stream's, the part's etag no longer matches the recorded one and
-completion fails instead of assembling a mixed file (and the sha256 check backs that up).
+completion fails instead of assembling a mixed file (and the sha256 check backs that up); the
+session then FAILS and nothing is kept.
+
+Storage quota: a session's declared size counts as stored while it is ACTIVE (core.quotas
+check_upload, at creation); completion checks again under the tenant's quota row lock, so of
+sessions created at the same moment only those that still fit get a media row (the others FAIL,
+RESOURCE_EXHAUSTED, and their object is deleted).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import time
 import peewee as pw
 import structlog
 
-from core import outbox, runtime, usage
+from core import outbox, quotas, runtime, usage
 from mp4totext.contracts import Priority, broker_priority
 from observability import tracing
 from storage.db import Media, connection, locked, new_id, utcnow
@@ -226,21 +232,38 @@ def finish(session: UploadSession, seen_sha256: str | None = None) -> Media:
         parts = list(UploadPart.select().where(UploadPart.session == session.id).order_by(UploadPart.number))
     if sum(p.size for p in parts) != session.size_bytes or [p.number for p in parts] != list(range(1, len(parts) + 1)):
         raise NotActive("the upload session's parts do not cover the file; ask GetUploadSession and resume")
-    _complete(session, [(p.number, p.etag) for p in parts])
+    try:
+        _complete(session, [(p.number, p.etag) for p in parts])
+    except Exception as exc:
+        if getattr(exc, "code", None) != "InvalidPart":
+            raise
+        why = (f"a stored part does not match the one recorded ({exc}): a superseded WriteUpload stream "
+               "overwrote it; nothing was kept: start a new upload session")
+        _fail(session, why)
+        raise Rejected(why) from None
     if seen_sha256 is not None:
         size, sha = store.size_of(session.object_key), seen_sha256
     else:
         size, sha = store.sha256_of(session.object_key)
     if size != session.size_bytes or sha != session.sha256:
-        store.delete(session.object_key)
         why = (f"the uploaded file has {size} bytes and sha256 {sha}, but size_bytes={session.size_bytes} and "
                f"sha256={session.sha256} were declared; nothing was kept: start a new upload session")
-        with connection():
-            UploadSession.update(state=FAILED, error_message=why, update_time=utcnow()).where(
-                UploadSession.id == session.id, UploadSession.state == ACTIVE).execute()
-        log.warning("upload_session_rejected", upload_session=session.id, size_bytes=size, sha256=sha)
+        _fail(session, why)
         raise Rejected(why)
     return _record(session)
+
+
+def _fail(session: UploadSession, why: str) -> None:
+    """The session FAILED with ``why``; its parts and assembled object are deleted (unless a
+    concurrent stream completed or failed it first: then that one's outcome stands)."""
+    with connection():
+        n = UploadSession.update(state=FAILED, error_message=why, update_time=utcnow()).where(
+            UploadSession.id == session.id, UploadSession.state == ACTIVE).execute()
+    if n:
+        store = runtime.get().store
+        store.abort_parts(session.object_key, session.upload_id)
+        store.delete(session.object_key)
+    log.warning("upload_session_failed", upload_session=session.id, error=why)
 
 
 def _complete(session: UploadSession, parts: list[tuple[int, str]]) -> None:
@@ -268,13 +291,18 @@ def _record(session: UploadSession) -> Media:
                     .where(UploadSession.id == session.id, UploadSession.state == ACTIVE).execute())
             if done != 1:
                 raise _AlreadyDone
-            media = Media.create(id=session.media_id, tenant=session.tenant_id, request_id=session.request_id,
+            quotas.check_stored(session.tenant_id, session.size_bytes)  # under the tenant's quota row lock
+            # No request_id: the session is idempotent by its own, and the media's belong to UploadMedia.
+            media = Media.create(id=session.media_id, tenant=session.tenant_id,
                                  filename=session.filename, content_type=session.content_type,
                                  size_bytes=session.size_bytes, sha256=session.sha256,
                                  object_key=session.object_key, trace_context=tracing.inject(), owner=session.owner)
             outbox.add("prepare_media", media.id, broker_priority(Priority.NORMAL), tracing.inject())
             usage.on_upload(session.tenant_id, session.owner, session.size_bytes)  # the ledger, with the row
-    except (_AlreadyDone, pw.IntegrityError):  # a concurrent stream (or request_id) completed it first
+    except quotas.QuotaExceeded as exc:  # nothing was written: the file is not kept either
+        _fail(session, f"{exc}; the uploaded file was not kept")
+        raise
+    except (_AlreadyDone, pw.IntegrityError):  # a concurrent stream completed it first
         with connection():
             fresh = UploadSession.get_or_none(UploadSession.id == session.id)
         if fresh is None or fresh.state != COMPLETED:

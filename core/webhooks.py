@@ -159,7 +159,7 @@ def address_allowed(address: str, allow: Iterable[Any] = ()) -> bool:
 class Target:
     url: str
     scheme: str
-    host: str  # as written (a name or an address)
+    host: str  # as written (a name, in its ASCII/IDNA form, or an address)
     port: int
     addresses: tuple[str, ...]  # every address it resolved to, all of them allowed
 
@@ -184,7 +184,19 @@ def check_url(url: str) -> tuple[str, str, int]:
                             "webhook-signature header instead")
     if any(c.isspace() or ord(c) < 0x20 for c in url):
         raise TargetRefused("url must not contain spaces or control characters")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, ascii_host(parts.hostname), port or (443 if parts.scheme == "https" else 80)
+
+
+def ascii_host(host: str) -> str:
+    """The host's ASCII form: an internationalised name IDNA-encoded (``xn--...``), as it is
+    resolved, and sent in the Host header and TLS SNI; TargetRefused if it cannot be."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise TargetRefused(f"the host {host[:200]!r} of the webhook url is not a valid internationalised "
+                            f"domain name ({exc})") from None
 
 
 Resolver = Callable[[str, int], list[str]]
@@ -408,13 +420,20 @@ def redeliver(tenant_id: str, delivery_ids: list[str]) -> list[WebhookDelivery]:
 
 
 def rotate_secret(endpoint: WebhookEndpoint, grace_s: float) -> tuple[str, WebhookEndpoint]:
+    """A new secret. The one it replaces keeps signing for ``grace_s`` -- unless an earlier
+    rotation's grace period is still running: then that older secret stays the previous one, with
+    its own expiry (a repeated rotation, e.g. a client's retry after a lost answer, must not
+    drop the secret the receiver still verifies with for one it never saw)."""
     secret, now = new_secret(), utcnow()
     with locked():
         row = _for_update(WebhookEndpoint.select().where(WebhookEndpoint.id == endpoint.id)).first()
         if row is None:
             raise LookupError(endpoint.id)
-        _set(row, previous_secret=row.secret, secret=secret, update_time=now,
-             previous_secret_expire_time=now + dt.timedelta(seconds=grace_s))
+        if len(signing_secrets(row, now)) > 1:  # the previous secret is still valid: keep it
+            _set(row, secret=secret, update_time=now)
+        else:
+            _set(row, previous_secret=row.secret, secret=secret, update_time=now,
+                 previous_secret_expire_time=now + dt.timedelta(seconds=grace_s))
     return secret, row
 
 

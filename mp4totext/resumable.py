@@ -39,13 +39,28 @@ class UploadStats:
     session: str = ""
 
 
-def committed_size_of(exc: grpc.RpcError) -> int | None:
-    """The committed size a WRONG_WRITE_OFFSET refusal carries (google.rpc.ErrorInfo), if any."""
+class FileChanged(OSError):
+    """The file changed while it was uploaded (it is shorter than when the upload started, or
+    streams keep ending before its end): the upload cannot finish."""
+
+
+def _details(exc: grpc.RpcError) -> list[Any]:
     try:
         status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     except (AttributeError, ValueError):
-        return None
-    for detail in status.details if status is not None else ():
+        return []
+    return list(status.details) if status is not None else []
+
+
+def over_quota(exc: grpc.RpcError) -> bool:
+    """RESOURCE_EXHAUSTED for a quota (a QuotaFailure detail), not a busy server: no retry helps."""
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and any(
+        d.Is(error_details_pb2.QuotaFailure.DESCRIPTOR) for d in _details(exc))
+
+
+def committed_size_of(exc: grpc.RpcError) -> int | None:
+    """The committed size a WRONG_WRITE_OFFSET refusal carries (google.rpc.ErrorInfo), if any."""
+    for detail in _details(exc):
         info = error_details_pb2.ErrorInfo()
         if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.reason == "WRONG_WRITE_OFFSET":
             return int(info.metadata.get("committed_size", "0"))
@@ -93,11 +108,22 @@ def upload(client: Any, path: str, sha256: str, delay: Callable[[grpc.RpcError, 
                                             metadata=client._md(), timeout=max(1.0, deadline - time.monotonic()))
             if resp.HasField("media"):
                 return resp.media
-            session = resp.upload_session
-            continue
+            # The stream reached the end of the file before the declared size: it shrank, or is
+            # being rewritten. Resume from what the server committed; no progress is a failure.
+            session, before, offset = resp.upload_session, offset, resp.committed_size
+            failures = 0 if offset > before else failures + 1
+            now = os.path.getsize(path)
+            if now != size:
+                why = f"{path} has {now} bytes now, {size} when the upload started"
+            elif failures > MAX_FAILURES or time.monotonic() > deadline:
+                why = f"{failures} streams in a row ended before the end of {path} without progress"
+            else:
+                continue
+            raise FileChanged(f"the file changed during upload: {why}; {offset} bytes are committed in "
+                              f"{session.name}; upload it again")
         except grpc.RpcError as exc:
             committed = committed_size_of(exc)
-            if committed is None and exc.code() not in RESUMABLE_CODES:
+            if committed is None and (exc.code() not in RESUMABLE_CODES or over_quota(exc)):
                 raise
             failures += 1
             if failures > MAX_FAILURES or time.monotonic() > deadline:

@@ -46,8 +46,10 @@ class IdentityService(identity_pb2_grpc.IdentityServiceServicer):
 
     def RotateTokenKey(self, request: identity_pb2.RotateTokenKeyRequest, context: grpc.ServicerContext):
         require_tenant_key(context)
-        key, retire = identity.rotate(current_tenant.get(), runtime.get().settings.token_max_ttl_s)
-        log.info("token_key_rotated", key_id=key.id, previous_retire_time=retire.isoformat())
+        key, retire = identity.rotate(current_tenant.get(), runtime.get().settings.token_max_ttl_s,
+                                      retire_previous_now=request.retire_previous_now)
+        log.info("token_key_rotated", key_id=key.id, previous_retire_time=retire.isoformat(),
+                 retire_previous_now=request.retire_previous_now)
         return identity_pb2.RotateTokenKeyResponse(key_id=key.id, previous_keys_retire_time=convert.ts(retire))
 
     def RevokeUserTokens(self, request: identity_pb2.RevokeUserTokensRequest, context: grpc.ServicerContext):

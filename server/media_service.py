@@ -185,6 +185,9 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
 
     # -- resumable upload (server.resumable, core.upload_sessions)
     def CreateUploadSession(self, request: media_pb2.CreateUploadSessionRequest, context: grpc.ServicerContext):
+        found = resumable.existing(request)  # a retry after a lost answer: its session, whatever the load
+        if found is not None:
+            return found
         _upload_quota(request.metadata.size_bytes)
         _backpressure(current_tenant.get())
         return resumable.create(request)

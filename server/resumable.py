@@ -11,7 +11,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from core import runtime
+from core import quotas, runtime
 from core import upload_sessions as sessions
 from core.failures import is_infrastructure
 from mp4totext.v1 import media_pb2
@@ -21,6 +21,7 @@ from server.auth import current_tenant, current_user
 from server.errors import ApiError, failed_precondition, invalid, not_found, unavailable
 from server.upload import MAX_CHUNK
 from server.uploads import Slot
+from server.usage_service import quota_error
 from server.validation import content_type, parse_name, request_id
 from storage.tenancy import UploadSession
 
@@ -83,12 +84,24 @@ def lookup(name: str, field: str = "name") -> UploadSession:
     return s
 
 
-def create(request: media_pb2.CreateUploadSessionRequest) -> media_pb2.UploadSession:
-    declared = _declared(request, runtime.get().settings.max_upload_bytes)
-    s = sessions.create(current_tenant.get(), current_user.get(""), declared)
+def _mine(s: UploadSession) -> UploadSession:
     if s.owner != current_user.get(""):  # another caller's request_id: show nothing of it
         raise ApiError(grpc.StatusCode.ALREADY_EXISTS, "metadata.request_id was already used by another caller "
                        "of this tenant; use a new unique request_id (a UUID)")
+    return s
+
+
+def existing(request: media_pb2.CreateUploadSessionRequest) -> media_pb2.UploadSession | None:
+    """The caller's session with this request's request_id, if any: a retry gets it back before
+    any quota or backpressure check (those are for new sessions)."""
+    rid = request_id(request.metadata.request_id, "metadata.request_id")
+    s = sessions.by_request_id(current_tenant.get(), rid) if rid else None
+    return to_proto(_mine(s)) if s is not None else None
+
+
+def create(request: media_pb2.CreateUploadSessionRequest) -> media_pb2.UploadSession:
+    declared = _declared(request, runtime.get().settings.max_upload_bytes)
+    s = _mine(sessions.create(current_tenant.get(), current_user.get(""), declared))
     log.info("upload_session_created", upload_session=s.id, size_bytes=s.size_bytes, part_size=s.part_size)
     return to_proto(s)
 
@@ -161,6 +174,8 @@ def _call(fn: Any, *args: Any) -> Any:
         return fn(*args)
     except sessions.SessionError as exc:
         raise _status(exc) from None
+    except quotas.QuotaExceeded as exc:  # completing it would go over the storage quota: it FAILED
+        raise quota_error(exc.violation) from None
     except (ApiError, grpc.RpcError):
         raise
     except Exception as exc:

@@ -95,19 +95,22 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
             raise invalid("request_id must be at most 128 characters")
         if request.request_id:
             found = self._by_request_id(tenant, request.request_id)
-            if found is not None:
-                return wpb.CreateWebhookEndpointResponse(webhook_endpoint=endpoint_to_proto(found))
+            if found is not None:  # a retry (its first answer may be lost): the same answer, secret included
+                return self._created(found)
         url, types = _check_url(spec.url), _event_types(spec.event_types)
-        secret = webhooks.new_secret()
         try:
             with locked():
                 row = WebhookEndpoint.create(tenant=tenant, request_id=request.request_id or None, url=url,
                                              event_types=types, description=_description(spec.description),
-                                             disabled=spec.disabled, secret=secret)
+                                             disabled=spec.disabled, secret=webhooks.new_secret())
         except pw.IntegrityError:  # the same request_id won a race
-            found = self._by_request_id(tenant, request.request_id)
-            return wpb.CreateWebhookEndpointResponse(webhook_endpoint=endpoint_to_proto(found))
-        return wpb.CreateWebhookEndpointResponse(webhook_endpoint=endpoint_to_proto(row), secret=secret)
+            return self._created(self._by_request_id(tenant, request.request_id))
+        return self._created(row)
+
+    @staticmethod
+    def _created(row: WebhookEndpoint) -> wpb.CreateWebhookEndpointResponse:
+        """The endpoint with its current secret (the tenant's own, asked for with its API key)."""
+        return wpb.CreateWebhookEndpointResponse(webhook_endpoint=endpoint_to_proto(row), secret=row.secret)
 
     @staticmethod
     def _by_request_id(tenant: str, request_id: str) -> WebhookEndpoint | None:

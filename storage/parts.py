@@ -2,7 +2,8 @@
 
 S3: the multipart calls minio-py keeps private (its put_object drives them itself); parts
 persist in the bucket until completed or aborted. Local: one file per part under
-``<root>/.parts/<upload id>/``, written atomically, concatenated into the object at completion.
+``<root>/.parts/<upload id>/``, written atomically, concatenated into the object at completion,
+where each part's MD5 must be its recorded etag (as S3 refuses an InvalidPart).
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from minio.datatypes import Part
 from minio.error import S3Error
 
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class PartMismatch(ValueError):
+    """A part file is not the part recorded for it (a stale stream overwrote it): S3's InvalidPart."""
+
+    code = "InvalidPart"
 
 
 class LocalParts:
@@ -66,9 +73,14 @@ class LocalParts:
         fd, tmp = tempfile.mkstemp(dir=self.incoming)
         try:
             with os.fdopen(fd, "wb") as out:
-                for number, _etag in parts:
+                for number, etag in parts:  # like S3: each part must be the one whose etag was recorded
+                    md5 = hashlib.md5(usedforsecurity=False)
                     with open(folder / f"{number:05d}", "rb") as part:
-                        shutil.copyfileobj(part, out, 4 * 1024 * 1024)
+                        while chunk := part.read(4 * 1024 * 1024):
+                            md5.update(chunk)
+                            out.write(chunk)
+                    if md5.hexdigest() != etag.strip('"'):
+                        raise PartMismatch(f"part {number} has MD5 {md5.hexdigest()}, not the recorded etag {etag}")
                 out.flush()
                 os.fsync(out.fileno())
             self._commit(tmp, key)

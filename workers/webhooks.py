@@ -45,11 +45,20 @@ def _connect_url(target: webhooks.Target, address: str) -> str:
 
 
 def post(attempt: webhooks.Attempt, s: Settings) -> tuple[int, str]:
-    """One attempt: (HTTP status, error text); status 0 when there was no answer."""
+    """One attempt: (HTTP status, error text); status 0 when there was no answer. Never raises:
+    whatever goes wrong is a failed attempt, so the delivery's retry schedule applies."""
     try:
         target = webhooks.resolve_target(attempt.url, _allow(s.webhook_allow_nets))
     except webhooks.TargetRefused as exc:
         return 0, f"refused: {exc}"
+    try:
+        return _send(attempt, target, s)
+    except Exception as exc:  # httpx.HTTPError, and anything else (a bad header value, a TLS library error)
+        return 0, f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _send(attempt: webhooks.Attempt, target: webhooks.Target, s: Settings) -> tuple[int, str]:
+    """POST once to the checked address, with the name (ASCII/IDNA form) in Host and SNI."""
     timestamp = int(time.time())
     headers = webhooks.headers(attempt.secrets, attempt.msg_id, timestamp, attempt.body)
     default_port = 443 if target.scheme == "https" else 80
@@ -57,21 +66,18 @@ def post(attempt: webhooks.Attempt, s: Settings) -> tuple[int, str]:
     if ":" in target.host:  # an IPv6 literal
         headers["host"] = f"[{target.host}]" + ("" if target.port == default_port else f":{target.port}")
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    try:
-        with httpx.Client(timeout=s.webhook_timeout_s, follow_redirects=False, trust_env=False) as http:
-            with http.stream("POST", _connect_url(target, target.addresses[0]), content=attempt.body.encode(),
-                             headers=headers, extensions=extensions) as response:
-                if 200 <= response.status_code < 300:
-                    return response.status_code, ""
-                text = b""
-                for chunk in response.iter_bytes():
-                    text += chunk
-                    if len(text) >= MAX_ERROR_BODY:
-                        break
-                shown = text[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
-                return response.status_code, f"HTTP {response.status_code}" + (f": {shown}" if shown else "")
-    except httpx.HTTPError as exc:
-        return 0, f"{type(exc).__name__}: {exc}"[:500]
+    with httpx.Client(timeout=s.webhook_timeout_s, follow_redirects=False, trust_env=False) as http:
+        with http.stream("POST", _connect_url(target, target.addresses[0]), content=attempt.body.encode(),
+                         headers=headers, extensions=extensions) as response:
+            if 200 <= response.status_code < 300:
+                return response.status_code, ""
+            text = b""
+            for chunk in response.iter_bytes():
+                text += chunk
+                if len(text) >= MAX_ERROR_BODY:
+                    break
+            shown = text[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
+            return response.status_code, f"HTTP {response.status_code}" + (f": {shown}" if shown else "")
 
 
 def deliver(delivery_id: str) -> None:

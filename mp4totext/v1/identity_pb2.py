@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmp4totext/v1/identity.proto\x12\x0cmp4totext.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n\x16\x43reateUserTokenRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"\x8a\x01\n\x17\x43reateUserTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\"\x17\n\x15RotateTokenKeyRequest\"g\n\x16RotateTokenKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12=\n\x19previous_keys_retire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x17RevokeUserTokensRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"K\n\x18RevokeUserTokensResponse\x12/\n\x0brevoke_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb1\x02\n\x0fIdentityService\x12^\n\x0f\x43reateUserToken\x12$.mp4totext.v1.CreateUserTokenRequest\x1a%.mp4totext.v1.CreateUserTokenResponse\x12[\n\x0eRotateTokenKey\x12#.mp4totext.v1.RotateTokenKeyRequest\x1a$.mp4totext.v1.RotateTokenKeyResponse\x12\x61\n\x10RevokeUserTokens\x12%.mp4totext.v1.RevokeUserTokensRequest\x1a&.mp4totext.v1.RevokeUserTokensResponseB:\n\x10\x64\x65v.mp4totext.v1P\x01Z\x18mp4totext/v1;mp4totextv1\xa2\x02\x03MTT\xba\x02\x03MTTb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmp4totext/v1/identity.proto\x12\x0cmp4totext.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"a\n\x16\x43reateUserTokenRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"\x8a\x01\n\x17\x43reateUserTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\"4\n\x15RotateTokenKeyRequest\x12\x1b\n\x13retire_previous_now\x18\x01 \x01(\x08\"g\n\x16RotateTokenKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12=\n\x19previous_keys_retire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x17RevokeUserTokensRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"K\n\x18RevokeUserTokensResponse\x12/\n\x0brevoke_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xb1\x02\n\x0fIdentityService\x12^\n\x0f\x43reateUserToken\x12$.mp4totext.v1.CreateUserTokenRequest\x1a%.mp4totext.v1.CreateUserTokenResponse\x12[\n\x0eRotateTokenKey\x12#.mp4totext.v1.RotateTokenKeyRequest\x1a$.mp4totext.v1.RotateTokenKeyResponse\x12\x61\n\x10RevokeUserTokens\x12%.mp4totext.v1.RevokeUserTokensRequest\x1a&.mp4totext.v1.RevokeUserTokensResponseB:\n\x10\x64\x65v.mp4totext.v1P\x01Z\x18mp4totext/v1;mp4totextv1\xa2\x02\x03MTT\xba\x02\x03MTTb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEUSERTOKENRESPONSE']._serialized_start=210
   _globals['_CREATEUSERTOKENRESPONSE']._serialized_end=348
   _globals['_ROTATETOKENKEYREQUEST']._serialized_start=350
-  _globals['_ROTATETOKENKEYREQUEST']._serialized_end=373
-  _globals['_ROTATETOKENKEYRESPONSE']._serialized_start=375
-  _globals['_ROTATETOKENKEYRESPONSE']._serialized_end=478
-  _globals['_REVOKEUSERTOKENSREQUEST']._serialized_start=480
-  _globals['_REVOKEUSERTOKENSREQUEST']._serialized_end=522
-  _globals['_REVOKEUSERTOKENSRESPONSE']._serialized_start=524
-  _globals['_REVOKEUSERTOKENSRESPONSE']._serialized_end=599
-  _globals['_IDENTITYSERVICE']._serialized_start=602
-  _globals['_IDENTITYSERVICE']._serialized_end=907
+  _globals['_ROTATETOKENKEYREQUEST']._serialized_end=402
+  _globals['_ROTATETOKENKEYRESPONSE']._serialized_start=404
+  _globals['_ROTATETOKENKEYRESPONSE']._serialized_end=507
+  _globals['_REVOKEUSERTOKENSREQUEST']._serialized_start=509
+  _globals['_REVOKEUSERTOKENSREQUEST']._serialized_end=551
+  _globals['_REVOKEUSERTOKENSRESPONSE']._serialized_start=553
+  _globals['_REVOKEUSERTOKENSRESPONSE']._serialized_end=628
+  _globals['_IDENTITYSERVICE']._serialized_start=631
+  _globals['_IDENTITYSERVICE']._serialized_end=936
 # @@protoc_insertion_point(module_scope)

@@ -36,8 +36,10 @@ class CreateUserTokenResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., user_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RotateTokenKeyRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("retire_previous_now",)
+    RETIRE_PREVIOUS_NOW_FIELD_NUMBER: _ClassVar[int]
+    retire_previous_now: bool
+    def __init__(self, retire_previous_now: _Optional[bool] = ...) -> None: ...
 
 class RotateTokenKeyResponse(_message.Message):
     __slots__ = ("key_id", "previous_keys_retire_time")

@@ -93,8 +93,10 @@ class IdentityServiceServicer:
     def RotateTokenKey(self, request, context):
         """Makes a new current signing key. Tokens signed by the previous keys keep working until they
         expire: those keys are retired once every token they may have signed has expired (24 h, the
-        longest ttl), then they verify nothing. Rotate regularly, or at once if a key may be exposed
-        (then also RevokeUserTokens for the users concerned).
+        longest ttl), then they verify nothing. Rotate regularly, or at once if a key may be exposed:
+        then with `retire_previous_now`, so the previous keys verify nothing from now on (on every
+        server within MP4T_TOKEN_CACHE_S) and their users need new tokens. Tokens that claim a
+        lifetime longer than the longest ttl are refused whatever key signed them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -121,7 +121,7 @@ class WebhookServiceServicer:
         private, link-local, unique-local, multicast or unspecified address
         (unless the operator allows that network with MP4T_WEBHOOK_ALLOW_NETS).
         With a `request_id` the call is idempotent (the repeated call returns the
-        endpoint without its secret).
+        same endpoint with its current secret).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,7 +159,9 @@ class WebhookServiceServicer:
     def RotateWebhookSecret(self, request, context):
         """Replaces the signing secret. The old secret keeps signing too (a second
         signature) until `previous_secret_expire_time`, so receivers can switch
-        without missing an event.
+        without missing an event. A rotation during that grace period (e.g. a
+        retry whose answer was lost) replaces only the current secret: the older
+        one keeps signing until its own `previous_secret_expire_time`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

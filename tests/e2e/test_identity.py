@@ -202,6 +202,7 @@ def test_bad_tokens_are_unauthenticated(world: World) -> None:
         "wrong issuer": forge(_claims(world, iss="someone-else"), secret_a, kid_a),
         "no jti": forge({k: v for k, v in _claims(world).items() if k != "jti"}, secret_a, kid_a),
         "issued in the future": forge(_claims(world, iat=now + 3600, exp=now + 7200), secret_a, kid_a),
+        "living longer than the longest ttl": forge(_claims(world, exp=now + 30 * 86400), secret_a, kid_a),
         "garbage": "not.a.jwt",
     }
     for what, token in cases.items():
@@ -212,6 +213,7 @@ def test_bad_tokens_are_unauthenticated(world: World) -> None:
     assert "expired" in _list_media(world, cases["expired"])[1]
     assert "another tenant" in _list_media(world, cases["tenant B's key claiming tenant A"])[1]
     assert "unknown key" in _list_media(world, cases["unknown kid"])[1]
+    assert "longer than" in _list_media(world, cases["living longer than the longest ttl"])[1]
     # A real 1 s token stops working once it expired (plus the clock leeway).
     started = time.monotonic()
     wait_for(lambda: _list_media(world, short)[0] == grpc.StatusCode.UNAUTHENTICATED, 1 + LEEWAY_S + 5,
@@ -261,6 +263,29 @@ def test_rotation_keeps_old_tokens_until_retired(world: World) -> None:
     for server in (0, 1):
         wait_for(lambda: _list_media(world, before.token, server)[0] == grpc.StatusCode.UNAUTHENTICATED,
                  CACHE_S + 5, "the retired key to stop verifying", 0.2)
+    assert _list_media(world, after.token)[0] == grpc.StatusCode.OK
+
+
+def test_rotation_can_retire_a_leaked_key_at_once(world: World) -> None:
+    from server.auth import create_key
+
+    user = f"frank-{uuid.uuid4().hex[:6]}"
+    key, _ = create_key(f"tenant-leak-{uuid.uuid4().hex[:6]}")
+    with Client(world.stack.target, key) as admin:
+        leaked = admin.create_user_token(user)
+        for server in (0, 1):  # cached as valid on both servers
+            assert _list_media(world, leaked.token, server)[0] == grpc.StatusCode.OK
+        rotated = admin.call(admin.identity.RotateTokenKey,
+                             identity_pb2.RotateTokenKeyRequest(retire_previous_now=True))
+        after = admin.create_user_token(user)
+    assert rotated.key_id == after.key_id != leaked.key_id
+    assert abs((rotated.previous_keys_retire_time.ToDatetime() - _utcnow()).total_seconds()) < 60
+    started = time.monotonic()
+    for server in (0, 1):
+        wait_for(lambda: _list_media(world, leaked.token, server)[0] == grpc.StatusCode.UNAUTHENTICATED,
+                 CACHE_S + 5, "the leaked key to stop verifying", 0.2)
+    assert time.monotonic() - started <= CACHE_S + 5
+    assert "retired" in _list_media(world, leaked.token)[1]
     assert _list_media(world, after.token)[0] == grpc.StatusCode.OK
 
 

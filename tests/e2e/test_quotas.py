@@ -6,12 +6,14 @@ Each test makes its own tenants, so quotas set here touch nothing else.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 import pathlib
 import subprocess
 import threading
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 import pytest
@@ -195,6 +197,101 @@ def test_upload_size_and_storage_quotas(stack: Stack, db: Any, speech_mp4: Any) 
         assert info.metadata["used"] == str(size)
         set_quota(stack, name, "--storage-bytes", str(2 * size))
         c.upload(str(speech_mp4))  # exactly at the limit
+
+
+MiB = 1024 * 1024
+
+
+def create_session(c: Client, data: bytes, request_id: str = "") -> media_pb2.UploadSession:
+    return c.call(c.media.CreateUploadSession, media_pb2.CreateUploadSessionRequest(
+        metadata=media_pb2.UploadMetadata(filename="f.bin", size_bytes=len(data),
+                                          sha256=hashlib.sha256(data).hexdigest(),
+                                          request_id=request_id or str(uuid.uuid4()))))
+
+
+def write_session(c: Client, name: str, data: bytes) -> media_pb2.WriteUploadResponse:
+    def reqs() -> Iterator[media_pb2.WriteUploadRequest]:
+        for i in range(0, len(data), MiB):
+            yield media_pb2.WriteUploadRequest(upload_session=name if i == 0 else "", write_offset=i,
+                                               data=data[i:i + MiB])
+
+    return c.media.WriteUpload(reqs(), metadata=c.metadata, timeout=120)
+
+
+def delete_sessions(c: Client, *names: str) -> None:
+    """Unfinished sessions keep multipart uploads that other modules expect gone."""
+    for name in names:
+        try:
+            c.media.DeleteUploadSession(media_pb2.DeleteUploadSessionRequest(name=name), metadata=c.metadata,
+                                        timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+
+
+def test_parallel_upload_sessions_reserve_storage_and_a_retry_gets_its_session(stack: Stack, db: Any) -> None:
+    """An ACTIVE session's declared size counts as stored: a second session that would not fit
+    beside it is refused. A retry of the first (its answer lost) gets its session back before any
+    quota check, even one it would now fail."""
+    from core import quotas
+
+    name, tid, key = tenant(db)
+    data = os.urandom(6 * MiB)
+    with db.connection_context():
+        quotas.set_quota(name, storage_bytes=len(data) * 3 // 2)
+    with Client(stack.target, key) as c, Client(stack.targets[1], key) as c1:
+        rid = str(uuid.uuid4())
+        first = create_session(c, data, rid)
+        try:
+            exc, info = refused(lambda: create_session(c1, data), "storage_bytes", tid)
+            assert float(info.metadata["used"]) == pytest.approx(len(data), rel=1e-5)
+            assert "unfinished upload sessions" in exc.details()
+            assert create_session(c1, data, rid).name == first.name  # counted, but it is the same session
+            with db.connection_context():
+                quotas.set_quota(name, max_upload_bytes=len(data) - 1)
+            assert create_session(c, data, rid).name == first.name
+            refused(lambda: create_session(c, data), "max_upload_bytes", tid)
+            with db.connection_context():
+                quotas.set_quota(name, max_upload_bytes=-1)
+            assert write_session(c, first.name, data).media.size_bytes == len(data)
+        finally:
+            delete_sessions(c, first.name)
+
+
+def test_a_session_completing_over_the_storage_quota_fails_and_keeps_nothing(stack: Stack, db: Any,
+                                                                             s3_client: Any) -> None:
+    """Two sessions created while both fit; the quota is lowered (or they raced at creation):
+    completion checks again under the quota row lock, the second FAILS with RESOURCE_EXHAUSTED and
+    neither a media row nor an object nor a multipart upload is left of it."""
+    from core import quotas
+    from storage.db import Media
+    from storage.tenancy import UploadSession
+
+    name, tid, key = tenant(db)
+    data = os.urandom(6 * MiB)
+    with Client(stack.target, key) as c:
+        a, b = create_session(c, data), create_session(c, data)
+        try:
+            with db.connection_context():
+                quotas.set_quota(name, storage_bytes=len(data) * 3 // 2)
+            assert write_session(c, a.name, data).media.size_bytes == len(data)
+            exc, info = refused(lambda: write_session(c, b.name, data), "storage_bytes", tid)
+            assert float(info.metadata["used"]) == pytest.approx(len(data), rel=1e-5)
+            failed = c.media.GetUploadSession(media_pb2.GetUploadSessionRequest(name=b.name), metadata=c.metadata,
+                                              timeout=30)
+            assert failed.state == media_pb2.UPLOAD_SESSION_STATE_FAILED
+            assert "storage quota" in failed.error_message and "not kept" in failed.error_message
+            with db.connection_context():
+                row = UploadSession.get_by_id(b.name.split("/", 1)[1])
+                assert Media.get_or_none(Media.id == row.media_id) is None
+                assert Media.select().where(Media.tenant == tid).count() == 1
+            assert list(s3_client.list_objects(stack.s3["bucket"], prefix=row.object_key)) == []
+            uploads = s3_client._list_multipart_uploads(stack.s3["bucket"]).uploads  # noqa: SLF001
+            assert row.upload_id not in {u.upload_id for u in uploads}
+            with pytest.raises(grpc.RpcError) as again:  # a failed session takes no more data
+                write_session(c, b.name, data)
+            assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            delete_sessions(c, a.name, b.name)
 
 
 def test_credits_debited_exactly_refused_when_spent_and_failures_free(stack: Stack, db: Any, speech_mp4: Any,

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from mp4totext.client import Client
-from mp4totext.resumable import committed_size_of
+from mp4totext.resumable import FileChanged, committed_size_of
 from mp4totext.v1 import media_pb2
 from tests.e2e.test_haproxy import Edge
 from tests.support import Stack, metric, need, wait_for
@@ -280,6 +280,41 @@ def test_delete_aborts_the_parts(client: Client, stack: Stack, db: Any, s3_clien
     with pytest.raises(grpc.RpcError) as err:
         get_session(client, s.name)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_client_stops_with_a_clear_error_when_the_file_shrinks(client: Client, tmp_path: pathlib.Path) -> None:
+    """The file is truncated from 12 to 9 MiB while it streams: the stream ends early, the server
+    commits the whole part it got, and the client says the file changed instead of resuming forever."""
+    path = tmp_path / "shrinks.bin"
+    path.write_bytes(os.urandom(12 * MiB))
+
+    def shrink(sent: int, total: int) -> None:
+        if sent == MiB:
+            os.truncate(path, 9 * MiB)
+
+    outcome: list[Any] = []
+
+    def upload() -> None:
+        try:
+            outcome.append(client.upload(str(path), resumable_upload=True, on_progress=shrink, timeout=60))
+        except Exception as exc:  # the test looks at what it is
+            outcome.append(exc)
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    thread.join(60)
+    name = client.upload_stats.session
+    CREATED.append(name)
+    if thread.is_alive():  # it never gave up: deleting its session ends the loop (NOT_FOUND)
+        client.media.DeleteUploadSession(media_pb2.DeleteUploadSessionRequest(name=name), metadata=client.metadata,
+                                         timeout=30)
+        thread.join(30)
+        pytest.fail(f"the client kept resuming an upload whose file shrank ({client.upload_stats})")
+    (err,) = outcome
+    assert isinstance(err, FileChanged), err
+    assert f"has {9 * MiB} bytes now, {12 * MiB} when the upload started" in str(err)
+    part = get_session(client, name).part_size_bytes
+    assert f"{part} bytes are committed in {name}" in str(err)
 
 
 # ---------------------------------------------------------------- maintenance

@@ -166,6 +166,23 @@ def test_only_the_tenant_key_manages_webhooks(hc: Client, client_b: Client, stac
     assert got.description == "test" and not got.disabled
 
 
+def test_a_retried_creation_gets_the_secret_again(hc: Client, client_b: Client, receiver: Receiver) -> None:
+    request_id = uuid.uuid4().hex
+    first = hc.create_webhook(receiver.base + "/retried-creation", ["media.failed"], request_id=request_id)
+    try:
+        again = hc.create_webhook(receiver.base + "/retried-creation", ["media.failed"], request_id=request_id)
+        assert again.webhook_endpoint.name == first.webhook_endpoint.name
+        assert again.secret == first.secret and first.secret.startswith("whsec_")
+        other = client_b.create_webhook(receiver.base + "/retried-creation", request_id=request_id)
+        try:  # another tenant's request_id space: its own endpoint and secret
+            assert other.webhook_endpoint.name != first.webhook_endpoint.name and other.secret != first.secret
+        finally:
+            client_b.call(client_b.webhooks.DeleteWebhookEndpoint,
+                          wpb.DeleteWebhookEndpointRequest(name=other.webhook_endpoint.name))
+    finally:
+        hc.call(hc.webhooks.DeleteWebhookEndpoint, wpb.DeleteWebhookEndpointRequest(name=first.webhook_endpoint.name))
+
+
 # ---------------------------------------------------------------- events
 
 
@@ -252,13 +269,15 @@ def test_a_receiver_that_keeps_failing_ends_failed_after_the_schedule(hc: Client
 def test_after_a_rotation_both_secrets_sign(hc: Client, receiver: Receiver, tmp_path: pathlib.Path,
                                             endpoint: Any) -> None:
     name, old, path = endpoint("media.failed")
-    rotated = hc.call(hc.webhooks.RotateWebhookSecret, wpb.RotateWebhookSecretRequest(name=name))
-    assert rotated.secret.startswith("whsec_") and rotated.secret != old
+    lost = hc.call(hc.webhooks.RotateWebhookSecret, wpb.RotateWebhookSecretRequest(name=name))
+    rotated = hc.call(hc.webhooks.RotateWebhookSecret, wpb.RotateWebhookSecretRequest(name=name))  # a retry
+    assert rotated.secret.startswith("whsec_") and rotated.secret not in (old, lost.secret)
     assert rotated.previous_secret_expire_time.seconds > time.time() + 23 * 3600
+    assert rotated.previous_secret_expire_time == lost.previous_secret_expire_time  # the old secret's, as it was
     upload_bytes(hc, tmp_path, b"junk" * 100)
     (post,) = receiver.wait(path, 1)
     assert len(post["headers"]["webhook-signature"].split(" ")) == 2
-    assert verified(post, old, rotated.secret)["type"] == "media.failed"
+    assert verified(post, old, rotated.secret)["type"] == "media.failed"  # the receiver's secret still verifies
     updated = hc.call(hc.webhooks.UpdateWebhookEndpoint, wpb.UpdateWebhookEndpointRequest(
         webhook_endpoint=wpb.WebhookEndpoint(name=name, disabled=True), update_mask={"paths": ["disabled"]}))
     assert updated.disabled

@@ -86,3 +86,33 @@ def test_scopes() -> None:
     assert identity.check_scopes(["WRITE", "read", "read"]) == ("read", "write")
     with pytest.raises(identity.InvalidRequest, match="admin"):
         identity.check_scopes(["admin"])
+
+
+def test_rotation_can_retire_the_previous_keys_now(tenant: str) -> None:
+    old = identity.mint(tenant, "u", 60)
+    verifier = identity.Verifier(0)
+    assert verifier.verify(old.token).user == "u"
+    key, retire = identity.rotate(tenant, 3600, retire_previous_now=True)
+    assert abs((retire - dbmod.utcnow()).total_seconds()) < 5
+    with pytest.raises(identity.TokenError, match="retired"):
+        verifier.verify(old.token)
+    new = identity.mint(tenant, "u", 60)
+    assert new.key_id == key.id and verifier.verify(new.token).user == "u"
+    identity.rotate(tenant, 3600, retire_previous_now=True)  # also ends a key that was retiring later
+    with pytest.raises(identity.TokenError, match="retired"):
+        verifier.verify(new.token)
+
+
+def test_a_token_living_longer_than_the_longest_ttl_is_refused(tenant: str) -> None:
+    """A holder of a leaked signing key cannot mint itself a token that outlives key rotation."""
+    key = identity.current_key(tenant)
+    now = int(dt.datetime.now(dt.timezone.utc).timestamp())
+
+    def forged(lifetime: int) -> str:
+        claims = {"iss": "mp4totext", "sub": "u", "tid": tenant, "iat": now, "exp": now + lifetime, "jti": "j"}
+        return jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.id})
+
+    verifier = identity.Verifier(0, max_ttl_s=3600)
+    assert verifier.verify(forged(3600 + identity.LEEWAY_S)).user == "u"
+    with pytest.raises(identity.TokenError, match="longer than"):
+        verifier.verify(forged(365 * 86400))

@@ -113,6 +113,29 @@ def test_upload_quota(db: Any) -> None:
     assert quotas.check_upload(t.id, 0) == 500  # undeclared size: the reader stops at what is left
 
 
+def test_unfinished_upload_sessions_count_against_the_storage_quota(db: Any) -> None:
+    """Parallel upload sessions: each one's declared size is reserved while it is ACTIVE, so a
+    second one that would not fit beside the first is refused before a byte is sent."""
+    t = _tenant()
+    quotas.set_quota(t.name, storage_bytes=1500)
+    dbmod.Media.create(tenant=t, object_key="k", size_bytes=500)
+    now = dbmod.utcnow()
+
+    def session(size: int, state: str = "ACTIVE", expire: dt.timedelta = dt.timedelta(hours=1)) -> Any:
+        return tenancy.UploadSession.create(tenant=t, size_bytes=size, sha256="0" * 64, part_size=size,
+                                            media_id=dbmod.new_id(), object_key="o", upload_id="u", state=state,
+                                            expire_time=now + expire)
+
+    session(600)
+    assert quotas.check_upload(t.id, 400) == 400
+    with pytest.raises(quotas.QuotaExceeded) as err:
+        quotas.check_upload(t.id, 401)
+    v = err.value.violation
+    assert (v.limit, v.used) == ("storage_bytes", 1100) and "unfinished upload sessions" in v.description
+    session(5000, state="FAILED"), session(5000, expire=-dt.timedelta(seconds=1))  # neither reserves
+    assert quotas.check_upload(t.id, 400) == 400
+
+
 def test_fair_share_demotes_a_tenants_burst_only(db: Any) -> None:
     a, b = _tenant("a"), _tenant("b")
     burst = [_job(a, priority=5) for _ in range(4)]

@@ -42,7 +42,7 @@ def _job(media: dbmod.Media, age: dt.timedelta, state: str = "SUCCEEDED") -> dbm
     job = dbmod.Transcription.create(tenant=media.tenant_id, media=media, state=state, create_time=when,
                                      end_time=when if state != "RUNNING" else None)
     dbmod.add_event(job, "done")
-    item = dbmod.Enhancement.create(tenant=media.tenant_id, transcription=job, kind="summary")
+    item = dbmod.Enhancement.create(tenant=media.tenant_id, transcription=job, kind="summary", state="SUCCEEDED")
     dbmod.EnhancementChunk.create(enhancement=item, key="0", output={})
     return job
 
@@ -170,3 +170,52 @@ def test_local_listing_is_ordered_and_resumable(env: tuple[Settings, LocalStore]
     keys = [o.key for o in store.list_objects("media/")]
     assert keys == ["media/t/a/audio.wav", "media/t/a/original", "media/t/b/original"]
     assert [o.key for o in store.list_objects("media/", start_after=keys[0], limit=1)] == [keys[1]]
+
+
+def test_a_transcription_with_an_unfinished_ai_item_is_kept(env: tuple[Settings, LocalStore]) -> None:
+    """An AI item asked for on an old transcript is still working on it: the sweep waits for it."""
+    settings, store = env
+    with dbmod.database.connection_context():
+        tenant = dbmod.Tenant.create(name="t", retention_days=1)
+        job = _job(_media(store, tenant, OLD), OLD)
+        running = dbmod.Enhancement.create(tenant=tenant, transcription=job, kind="translation", language="de",
+                                           state="RUNNING")
+    report = retention.run(settings, store)
+    assert (report.deleted_transcriptions, report.deleted_media) == (0, 0)
+    assert retention.delete_transcriptions([job.id]) == 0  # the delete itself checks again
+    with dbmod.database.connection_context():
+        assert dbmod.Enhancement.get_by_id(running.id).state == "RUNNING"
+        dbmod.Enhancement.update(state="SUCCEEDED").where(dbmod.Enhancement.id == running.id).execute()
+    report = retention.run(settings, store)
+    assert (report.deleted_transcriptions, report.deleted_media) == (1, 1)
+
+
+def test_lost_objects_fail_the_media_like_a_failed_preparation(tmp_path: pathlib.Path) -> None:
+    """The media.failed webhook is recorded and the transcriptions waiting for the media fail with
+    it (instead of burning their attempts on an object that is gone); finished ones are untouched."""
+    from core import runtime, webhooks
+
+    settings = Settings(data_dir=str(tmp_path / "data"), broker_url="memory", sweep_batch=10)
+    runtime.init(settings)
+    store = LocalStore(str(tmp_path / "objects"))
+    try:
+        with dbmod.database.connection_context():
+            tenant = dbmod.Tenant.create(name="t")
+            tenancy.WebhookEndpoint.create(tenant=tenant, url="http://127.0.0.1:9/", secret=webhooks.new_secret(),
+                                           event_types=["media.failed", "transcription.failed"])
+            lost = _media(store, tenant, dt.timedelta(0))
+            waiting = dbmod.Transcription.create(tenant=tenant, media=lost, state="QUEUED")
+            done = _job(lost, dt.timedelta(0))
+        store.delete(lost.object_key)
+        assert retention.run(settings, store).missing_objects == 1
+        with dbmod.database.connection_context():
+            assert dbmod.Media.get_by_id(lost.id).state == "FAILED"
+            failed = dbmod.Transcription.get_by_id(waiting.id)
+            assert (failed.state, failed.error_reason) == ("FAILED", "MEDIA_INVALID")
+            assert "missing from object storage" in failed.error_message
+            assert dbmod.Transcription.get_by_id(done.id).state == "SUCCEEDED"
+            events = {e.type: e.body for e in tenancy.WebhookEvent.select()}
+        assert set(events) == {"media.failed", "transcription.failed"} and "upload" in events["media.failed"]
+        assert retention.run(settings, store).missing_objects == 0  # FAILED now: not READY, not again
+    finally:
+        dbmod.database.close()

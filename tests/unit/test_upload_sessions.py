@@ -114,3 +114,60 @@ def test_expiry_removes_parts_and_rows_and_is_idempotent(rt: Any) -> None:
 
     assert rt.store.abort_stale_uploads(dt.timedelta(seconds=-1), keep=us.live_upload_ids()) == 0
     assert (pathlib.Path(rt.store.parts) / young.upload_id).exists()
+
+
+def test_request_id_used_by_a_single_stream_upload_too(rt: Any) -> None:
+    """A session and an UploadMedia with the same request_id: the session's media is its own (the
+    session is idempotent by the request_id; the media row does not take it), not stuck ACTIVE."""
+    data = os.urandom(1000)
+    t = tenant()
+    with database.connection_context():
+        single = Media.create(tenant=t, object_key="k", size_bytes=1, request_id="rid-1")
+    s = us.create(t, "", us.Declared("f.bin", "", len(data), hashlib.sha256(data).hexdigest(), "rid-1"))
+    w = us.Writer(s, 0)
+    feed(w, data)
+    media = us.finish(s, w.sha256)
+    assert media.id == s.media_id != single.id and media.sha256 == hashlib.sha256(data).hexdigest()
+    assert us.get(t, "", s.id).state == us.COMPLETED
+    assert us.create(t, "", us.Declared("f.bin", "", len(data), "0" * 64, "rid-1")).id == s.id  # idempotent
+
+
+def test_a_part_overwritten_by_a_stale_stream_fails_completion(rt: Any) -> None:
+    """A superseded stream stored different bytes over a recorded part: the local store refuses to
+    assemble it (like S3's InvalidPart) even though the streamed sha256 matches the declared one."""
+    data = os.urandom(PART + 100)
+    s = us.create(tenant(), "", declared(data))
+    w = us.Writer(s, 0)
+    feed(w, data)
+    rt.store.put_part(s.object_key, s.upload_id, 1, os.urandom(PART))  # the stale stream's part
+    with pytest.raises(us.Rejected, match="superseded"):
+        us.finish(s, w.sha256)
+    failed = us.get(s.tenant_id, "", s.id)
+    assert failed.state == us.FAILED and "does not match" in failed.error_message
+    assert not rt.store.exists(s.object_key) and not (pathlib.Path(rt.store.parts) / s.upload_id).exists()
+    with database.connection_context():
+        assert Media.get_or_none(Media.id == s.media_id) is None
+
+
+def test_storage_quota_is_checked_again_when_a_session_completes(rt: Any) -> None:
+    """Two sessions that each fit passed their checks at the same moment: the one completing second
+    no longer fits, FAILS with the storage quota and keeps nothing."""
+    from core import quotas
+
+    data = os.urandom(PART + 100)
+    t = tenant()
+    quotas.set_quota(t, storage_bytes=len(data) * 3 // 2)
+    first, second = us.create(t, "", declared(data)), us.create(t, "", declared(data))
+    writers = [us.Writer(first, 0), us.Writer(second, 0)]
+    for w in writers:
+        feed(w, data)
+    assert us.finish(first, writers[0].sha256).size_bytes == len(data)
+    with pytest.raises(quotas.QuotaExceeded, match="storage quota") as err:
+        us.finish(second, writers[1].sha256)
+    assert err.value.violation.limit == "storage_bytes"
+    failed = us.get(t, "", second.id)
+    assert failed.state == us.FAILED and "storage quota" in failed.error_message
+    assert not rt.store.exists(second.object_key)
+    with database.connection_context():
+        assert Media.get_or_none(Media.id == second.media_id) is None
+        assert Media.select().where(Media.tenant == t).count() == 1

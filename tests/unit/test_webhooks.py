@@ -8,6 +8,7 @@ import datetime as dt
 import http.server
 import json
 import pathlib
+import socket
 import threading
 from typing import Any, Iterator
 
@@ -324,3 +325,81 @@ def test_the_log_forgets_old_finished_events_only(broker: StubBroker) -> None:
     assert webhooks.prune(dt.timedelta(days=30)) == 0  # finished, but recent
     assert webhooks.prune(later) == 1
     assert _rows(WebhookDelivery) == [] and _rows(WebhookEvent) == []
+
+
+# ---------------------------------------------------------------- review fixes (issue 13)
+
+
+def test_a_repeated_rotation_keeps_the_secret_receivers_still_verify_with(broker: StubBroker) -> None:
+    _, (endpoint,) = _tenant_with({})
+    original = endpoint.secret
+    webhooks.rotate_secret(endpoint, 3600)  # its answer is lost: the client retries
+    second, row = webhooks.rotate_secret(endpoint, 3600)
+    assert row.secret == second and row.previous_secret == original
+    assert webhooks.signing_secrets(row, utcnow()) == [second, original]
+    first_expiry = row.previous_secret_expire_time  # the grace period is the first rotation's, not extended
+    assert (first_expiry - utcnow()).total_seconds() <= 3600
+    with database.connection_context():  # once that grace period is over, a rotation retires the current one
+        WebhookEndpoint.update(previous_secret_expire_time=utcnow() - dt.timedelta(seconds=1)).execute()
+    third, row = webhooks.rotate_secret(endpoint, 3600)
+    assert row.previous_secret == second and webhooks.signing_secrets(row, utcnow()) == [third, second]
+
+
+def test_a_cancelled_waiting_item_event_names_the_owner(broker: StubBroker) -> None:
+    from core import enhancements
+    from storage.db import Enhancement
+
+    tenant, _ = _tenant_with({"event_types": ["enhancement.cancelled"]})
+    job = _job(tenant)
+    with database.connection_context():
+        Transcription.update(owner="alice", ai_items=1).where(Transcription.id == job.id).execute()
+        item = Enhancement.create(tenant=tenant, transcription=job, kind="SUMMARY", state="PENDING")
+    assert enhancements.request_cancel(job.id) == 1
+    (event,) = _rows(WebhookEvent)
+    data = json.loads(event.body)["data"]
+    assert (data["enhancement_id"], data["state"], data["owner"]) == (item.id, "CANCELLED", "alice")
+
+
+def test_an_idn_host_is_resolved_and_sent_in_its_ascii_form(broker: StubBroker, receiver: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import webhooks as sender
+
+    real = socket.getaddrinfo
+
+    def fake(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return real("127.0.0.1" if host == "xn--bcher-kva.test" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    port = receiver.split("/")[2].split(":")[1]
+    url = f"http://Bücher.test:{port}/hooks"
+    assert webhooks.check_url(url) == ("http", "xn--bcher-kva.test", int(port))
+    attempt = webhooks.Attempt("d", "e", url, "msg_1", BODY, (webhooks.new_secret(),), 1)
+    assert sender.post(attempt, runtime.get().settings) == (200, "")
+    assert _Receiver.seen[0][0]["host"] == f"xn--bcher-kva.test:{port}"
+    with pytest.raises(webhooks.TargetRefused, match="internationalised"):
+        webhooks.check_url("http://" + "ü" * 70 + ".test/")  # no IDNA form: a label over 63 characters
+
+
+def test_an_attempt_that_breaks_unexpectedly_is_a_failed_attempt(broker: StubBroker, receiver: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the HTTP client raises, the delivery records the attempt and keeps its schedule."""
+    import httpx
+
+    from workers import webhooks as sender
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise UnicodeEncodeError("ascii", "ü", 0, 1, "ordinal not in range(128)")
+
+    monkeypatch.setattr(httpx.Client, "stream", broken)
+    attempt = webhooks.Attempt("d", "e", receiver, "msg_1", BODY, (webhooks.new_secret(),), 1)
+    status, error = sender.post(attempt, runtime.get().settings)
+    assert status == 0 and error.startswith("UnicodeEncodeError")
+    tenant, (endpoint,) = _tenant_with({})
+    with database.connection_context():
+        WebhookEndpoint.update(url=receiver).execute()
+    jobs.finish(_job(tenant).id, JobState.SUCCEEDED)
+    (delivery,) = _rows(WebhookDelivery)
+    sender.deliver(delivery.id)  # the actor: no exception, the answer recorded, the next attempt scheduled
+    (row,) = _rows(WebhookDelivery)
+    assert (row.state, row.attempts, row.claim_until) == ("PENDING", 1, None)
+    assert row.last_error.startswith("UnicodeEncodeError") and row.next_attempt_time > utcnow()
