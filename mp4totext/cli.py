@@ -346,6 +346,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file that cannot be read, or changed during its upload
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -20,18 +20,23 @@ from server.errors import ApiError, invalid
 MAX_DAYS = 400  # one request covers at most this many days
 
 
+def _num(value: float) -> str:
+    """6291456 -> "6291456", 12.5 -> "12.5" (never exponent notation in a message a person reads)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
 def quota_error(v: quotas.Violation) -> ApiError:
     """RESOURCE_EXHAUSTED for an over-quota request, with QuotaFailure + ErrorInfo details."""
     reset = f"; resets {v.reset_time.isoformat()}Z" if v.reset_time else ""
     failure = error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
         subject=f"tenant:{v.tenant_id}", description=v.description, quota_metric=f"mp4totext/{v.limit}",
         quota_id=v.limit, quota_value=int(v.maximum))])
-    metadata = {"limit": v.limit, "used": f"{v.used:g}", "maximum": f"{v.maximum:g}"}
+    metadata = {"limit": v.limit, "used": _num(v.used), "maximum": _num(v.maximum)}
     if v.reset_time:
         metadata["reset_time"] = v.reset_time.isoformat() + "Z"
     info = error_details_pb2.ErrorInfo(reason="QUOTA_EXCEEDED", domain="mp4totext", metadata=metadata)
     return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"quota exceeded ({v.limit}): {v.description} [used {v.used:g}, limit {v.maximum:g}{reset}]",
+                    f"quota exceeded ({v.limit}): {v.description} [used {_num(v.used)}, limit {_num(v.maximum)}{reset}]",
                     v.retry_after_s, details=(failure, info))
 
 
