@@ -328,12 +328,18 @@ def test_cancel_and_time_limit_hold_on_audio_that_never_reports_progress(stack: 
         stack.restart_worker("high")
 
 
-def test_stalled_upload_streams_cannot_lock_a_replica_out(stack: Stack, key_a: str, key_b: str) -> None:
+def test_stalled_upload_streams_cannot_lock_a_replica_out(stack: Stack, db: Any) -> None:
     """Finding: 70 upload streams that sent metadata and then stayed silent (or sent zero-byte
     chunks forever) made the server unresponsive, health included, while /healthz said SERVING."""
     import threading
     import time
     import urllib.request
+
+    from server.auth import create_key
+
+    # Tenants of its own: the session's tenants carry whatever earlier tests left them (quotas,
+    # uploads in preparation), which must not decide whether an upload slot is held.
+    key_a, key_b = (create_key(f"stall-{c}-{uuid.uuid4().hex[:6]}")[0] for c in "ab")
 
     # 4 uploads, 2/tenant. The idle timeout must outlast the checks below on a loaded machine: CI once took
     # over 3 s between the first stalled stream and the first refusal, and the reaper had freed its slot.
@@ -356,7 +362,8 @@ def test_stalled_upload_streams_cannot_lock_a_replica_out(stack: Stack, key_a: s
     try:
         def refused(key: str, why: str) -> None:
             got = upload_raw(target, key, media_pb2.UploadMetadata(filename="x.mp4"))
-            assert got[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and why in got[1], got
+            held = [(f.done(), f.done() and code_of(f.result)) for f in streams]
+            assert got[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and why in got[1], (got, "stalled streams:", held)
 
         stalled(key_a, False), stalled(key_a, True)
         wait_for(lambda: metric(stack.metrics(proc), "mp4t_grpc_handler_threads_busy") >= 2, 10, "2 uploads held")
