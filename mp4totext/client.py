@@ -60,31 +60,29 @@ def backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
-def quota_failure(exc: grpc.RpcError) -> error_details_pb2.QuotaFailure | None:
-    """The google.rpc.QuotaFailure of an over-quota error (RESOURCE_EXHAUSTED), if it has one:
-    a limit, not a passing overload, so the client does not retry it."""
+def _status_detail(exc: grpc.RpcError, detail_type: type) -> Any:
+    """The first detail of ``detail_type`` in the error's google.rpc.Status, if it has one."""
     try:
         status = rpc_status.from_call(exc)  # type: ignore[arg-type]
     except (AttributeError, ValueError):
         return None
     for detail in status.details if status is not None else ():
-        failure = error_details_pb2.QuotaFailure()
-        if detail.Is(failure.DESCRIPTOR) and detail.Unpack(failure):
-            return failure
+        found = detail_type()
+        if detail.Is(found.DESCRIPTOR) and detail.Unpack(found):
+            return found
     return None
+
+
+def quota_failure(exc: grpc.RpcError) -> error_details_pb2.QuotaFailure | None:
+    """The google.rpc.QuotaFailure of an over-quota error (RESOURCE_EXHAUSTED), if it has one:
+    a limit, not a passing overload, so the client does not retry it."""
+    return _status_detail(exc, error_details_pb2.QuotaFailure)
 
 
 def server_retry_delay(exc: grpc.RpcError) -> float | None:
     """The delay a server asked for in the status's google.rpc.RetryInfo, if any."""
-    try:
-        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    except (AttributeError, ValueError):
-        return None
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.RetryInfo()
-        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
-            return info.retry_delay.ToTimedelta().total_seconds()
-    return None
+    info = _status_detail(exc, error_details_pb2.RetryInfo)
+    return None if info is None else info.retry_delay.ToTimedelta().total_seconds()
 
 
 class Client:

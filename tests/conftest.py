@@ -166,6 +166,20 @@ def stack(s3: dict[str, str], rabbit_url: str, pg_url: str, log_dir: pathlib.Pat
         st.stop()
 
 
+@pytest.fixture(scope="module")
+def edge(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """HAProxy (the committed haproxy.cfg) in front of two server replicas of the stack, one per
+    test module (tests/e2e/test_haproxy.py's Edge)."""
+    from tests.e2e.test_haproxy import Edge
+
+    need(shutil.which("haproxy") is not None, "haproxy (apt-get install haproxy)")
+    e = Edge(stack, tmp_path_factory.mktemp("edge"))
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
 @pytest.fixture(scope="session")
 def llm_server(log_dir: pathlib.Path) -> Iterator[Any]:
     """A real OpenAI-compatible server on loopback: llama-cpp-python serving SmolLM2-135M."""

@@ -113,16 +113,6 @@ class Edge:
                 proc.stop()
 
 
-@pytest.fixture(scope="module")
-def edge(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    need(shutil.which("haproxy") is not None, "haproxy (apt-get install haproxy)")
-    e = Edge(stack, tmp_path_factory.mktemp("edge"))
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
 @pytest.fixture()
 def via_edge(edge: Edge, key_a: str) -> Iterator[Client]:
     with Client(edge.target, key_a, retries=10) as c:

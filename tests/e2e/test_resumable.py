@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import threading
@@ -24,20 +23,10 @@ from mp4totext.client import Client
 from mp4totext.resumable import FileChanged, committed_size_of
 from mp4totext.v1 import media_pb2
 from tests.e2e.test_haproxy import Edge
-from tests.support import Stack, metric, need, wait_for
+from tests.support import Stack, metric, wait_for
 from tests.support.procs import log_lines
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def edge(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    need(shutil.which("haproxy") is not None, "haproxy (apt-get install haproxy)")
-    e = Edge(stack, tmp_path_factory.mktemp("edge-resumable"))
-    try:
-        yield e
-    finally:
-        e.stop()
 
 
 @pytest.fixture(scope="module")
