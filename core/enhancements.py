@@ -287,16 +287,22 @@ def request_cancel(job_id: str) -> int:
     return len(items)
 
 
-def stuck(older_than: dt.timedelta) -> list[tuple[str, int, Any]]:
-    """Items of succeeded jobs that made no progress for ``older_than`` (message lost):
-    (item id, priority, trace context) to enqueue again."""
+def stuck(older_than: dt.timedelta) -> tuple[list[tuple[str, int, Any]], list[tuple[str, int, Any]], int]:
+    """Items of succeeded jobs that made no progress for ``older_than`` (message lost), oldest
+    first, as (item id, priority, trace context) to enqueue again: the stale PENDING ones (which
+    may only wait in a backlog), the RUNNING ones whose heartbeat stopped, and how many items are
+    PENDING in all (what the default queue should hold a message for)."""
     cutoff = utcnow() - older_than
+    fields = (Enhancement.id, Transcription.priority, Transcription.trace_context)
+    pending = (Enhancement.state == EnhancementState.PENDING) & (Transcription.state == JobState.SUCCEEDED)
     with connection():
-        waiting = (Enhancement.state == EnhancementState.PENDING) & (Enhancement.update_time < cutoff)
-        running = (Enhancement.state == EnhancementState.RUNNING) & (Enhancement.heartbeat_time < cutoff)
-        rows = (Enhancement.select(Enhancement.id, Transcription.priority, Transcription.trace_context)
-                .join(Transcription).where(Transcription.state == JobState.SUCCEEDED, waiting | running).tuples())
-        return list(rows)
+        waiting = list(Enhancement.select(*fields).join(Transcription)
+                       .where(pending & (Enhancement.update_time < cutoff)).order_by(Enhancement.update_time).tuples())
+        running = list(Enhancement.select(*fields).join(Transcription)
+                       .where(Transcription.state == JobState.SUCCEEDED, Enhancement.state == EnhancementState.RUNNING,
+                              Enhancement.heartbeat_time < cutoff).tuples())
+        total = Enhancement.select().join(Transcription).where(pending).count()
+    return waiting, running, total
 
 
 def items(job_id: str, with_results: bool = True) -> list[Enhancement]:

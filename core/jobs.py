@@ -410,26 +410,3 @@ def request_cancel(job: Transcription) -> Transcription:
 
 def publish_deleted(job: Transcription) -> None:
     runtime.get().bus.publish(DeletedEvent(id=job.id, sequence=job.sequence + 1).model_dump(mode="json"))
-
-
-# ---------------------------------------------------------------- recovery
-
-
-def stuck(older_than: dt.timedelta) -> tuple[list[Media], list[Transcription]]:
-    """Media and jobs that made no progress for ``older_than``: their message may be lost.
-
-    With the outbox a committed state change always gets its message; what is left is work
-    from before the outbox, a message dead-lettered after its retries, or a claim whose worker
-    vanished. Re-enqueueing is safe because every stage is idempotent.
-    """
-    cutoff = utcnow() - older_than
-    with connection():
-        media = list(Media.select(Media.id, Media.trace_context).where(Media.state == MediaState.PROCESSING,
-                                                                       Media.update_time < cutoff))
-        waiting = (Transcription.state == JobState.QUEUED) & Transcription.stage.in_(
-            [Stage.WAITING, Stage.DIARIZING]) & (Transcription.update_time < cutoff)
-        running = (Transcription.state == JobState.RUNNING) & (Transcription.heartbeat_time < cutoff)
-        finishing = (Transcription.stage == Stage.FINALIZING) & (Transcription.update_time < cutoff)
-        found = list(Transcription.select(Transcription.id, Transcription.priority, Transcription.stage,
-                                          Transcription.trace_context).where(waiting | running | finishing))
-    return media, found

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import dramatiq
+import structlog
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
 
@@ -18,6 +19,7 @@ from observability import middleware, tracing
 from storage.db import database
 
 _broker: dramatiq.Broker | None = None
+log = structlog.get_logger(__name__)
 
 
 def make_broker(settings: Settings) -> dramatiq.Broker:
@@ -55,3 +57,25 @@ def enqueue(actor: str, object_id: str, priority: int, trace_context: Mapping[st
                                options={"broker_priority": message_priority(actor, priority)})
     with tracing.attached(trace_context):
         get_broker().enqueue(message, delay=delay_ms)
+
+
+def queue_depths() -> dict[str, int]:
+    """Messages each queue holds, ready or delayed (a delayed retry still counts), by queue name;
+    a queue whose depth cannot be read is left out. Messages a consumer holds unacknowledged
+    (prefetched or being worked on) are not counted: RabbitMQ does not report them this way."""
+    broker = get_broker()
+    depths: dict[str, int] = {}
+    for queue in QUEUES:
+        try:
+            if isinstance(broker, RabbitmqBroker):
+                ready, delayed, _dead = broker.get_queue_message_counts(queue)
+            elif isinstance(broker, StubBroker):
+                ready = broker.queues[queue].qsize()
+                delayed = broker.queues[dramatiq.common.dq_name(queue)].qsize()
+            else:
+                continue
+        except Exception as exc:  # a depth is an optimisation; the sweep then re-sends as before
+            log.warning("queue_depth_unreadable", queue=queue, error=f"{type(exc).__name__}: {exc}")
+            continue
+        depths[queue] = ready + delayed
+    return depths

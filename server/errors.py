@@ -8,7 +8,6 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-
 MAX_MESSAGE = 1000  # statuses echo client input: keep them small (clients refuse > 16 KB of trailers)
 
 

@@ -39,6 +39,7 @@ from server.errors import ApiError, unavailable
 from server.load import HandlerLoad
 from server.requests import check_request, checked_stream, safe_deserializer
 from server.watch import in_thread
+from storage.db import call_scope
 
 log = structlog.get_logger(__name__)
 
@@ -315,8 +316,12 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
                 try:
                     with tracing.activated(call.span):
                         try:
-                            checked = checked_stream(request) if kind == "client_stream" else check_request(request)
-                            return behavior(checked, call.context)
+                            if kind == "client_stream":  # an upload: no connection held while bytes arrive
+                                return behavior(checked_stream(request), call.context)
+                            # One pooled connection for the whole call, taken when first needed
+                            # (storage.db.call_scope): auth, lookups and conversion share it.
+                            with call_scope():
+                                return behavior(check_request(request), call.context)
                         except Exception as exc:
                             call.fail(exc)
                 finally:

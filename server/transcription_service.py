@@ -20,6 +20,7 @@ from server.auth import current_tenant
 from server.errors import failed_precondition, invalid, not_found
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_job, get_media, job_by_request_id, owner
+from server.usage_service import quota_error
 from server.validation import (
     EXPORT_FORMATS,
     KIND_NAMES,
@@ -31,7 +32,6 @@ from server.validation import (
     parse_name,
     request_id,
 )
-from server.usage_service import quota_error
 from server.watch import BatchReader, in_thread, watch_events
 from storage.db import Enhancement, Media, Transcription, locked
 

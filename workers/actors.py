@@ -13,6 +13,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+import ctranslate2
 import dramatiq
 
 from core.failures import outage_retries
@@ -38,7 +39,7 @@ from workers.pipeline import (
 from workers.stages.diarize import DiarizationUnavailable, load_pipeline, pipeline_label, run_stage
 from workers.stages.media import MediaError, extract_audio, probe
 from workers.stages.model_files import ModelFilesMissing, locate
-from workers.stages.transcribe import ModelUnavailable, TranscribeOptions, load_model, transcribe_routed
+from workers.stages.transcribe import Batching, ModelUnavailable, TranscribeOptions, load_model, transcribe_routed
 
 # ---------------------------------------------------------------- inputs -> pure function -> output
 
@@ -70,12 +71,29 @@ def load_spec(s: Settings, spec: ModelSpec) -> Any:
     except ModelFilesMissing as exc:
         raise ModelUnavailable(f"cannot load whisper model {spec.name!r}: {exc}") from exc
     return load_model(path, s.whisper_device, s.whisper_compute_type, s.whisper_cpu_threads,
-                      s.whisper_download_root, s.whisper_local_files_only)
+                      s.whisper_download_root, s.whisper_local_files_only, s.whisper_num_workers)
+
+
+@functools.lru_cache(maxsize=8)
+def load_detector(s: Settings, spec: ModelSpec) -> Any:
+    """The language detector: the same model at MP4T_WHISPER_DETECT_COMPUTE_TYPE (when the device has it)."""
+    if not s.whisper_detect_compute_type or s.whisper_detect_compute_type == s.whisper_compute_type:
+        return load_spec(s, spec)
+    device = load_spec(s, spec).model.device
+    if s.whisper_detect_compute_type not in ctranslate2.get_supported_compute_types(device):
+        return load_spec(s, spec)
+    return load_model(locate(spec.source, s.resolved_models_dir), device, s.whisper_detect_compute_type,
+                      s.whisper_cpu_threads, s.whisper_download_root, s.whisper_local_files_only, s.whisper_num_workers)
 
 
 def whisper_model(s: Settings) -> dict[str, Any]:
-    """Every model of the configured set, loaded (a transcription worker does this at start)."""
-    return {spec.name: load_spec(s, spec) for spec in ModelSet.of(s.model_sources).specs}
+    """Every model of the configured set (and the detector), loaded (a transcription worker does this at start)."""
+    models = ModelSet.of(s.model_sources)
+    loaded = {spec.name: load_spec(s, spec) for spec in models.specs}
+    detector = models.detector(None)
+    if detector is not None:
+        load_detector(s, detector)
+    return loaded
 
 
 def _warnings(result: Any, s: Settings, job: Any) -> dict[str, Any]:
@@ -97,7 +115,8 @@ def run_transcription(run: StageRun) -> Output:
                                                      **opts.span_attributes()}) as span:
         started = time.monotonic()
         result = transcribe_routed(models, functools.partial(load_spec, s), audio, opts, run.on_seconds,
-                                   s.language_min_probability)
+                                   s.language_min_probability, Batching(s.whisper_batch_min_s, s.whisper_batch_size),
+                                   functools.partial(load_detector, s))
         span.set_attributes({"mp4t.rtf": round((time.monotonic() - started) / max(result.duration, 1e-6), 4),
                              "mp4t.segments": len(result.segments), "mp4t.detected_language": result.language,
                              "mp4t.model": result.model})

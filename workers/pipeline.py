@@ -36,8 +36,8 @@ from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, Transc
 from observability import metrics, tracing
 from storage.db import Media, Transcription, connection, drop_broken_connection
 from storage.objects import ObjectStore, audio_key
-from workers.watchdog import Watchdog
 from workers.stages.media import SAMPLE_RATE, MediaError, load_wav
+from workers.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 

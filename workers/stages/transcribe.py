@@ -9,6 +9,9 @@ expected languages when the request lists them), low-confidence windows keep the
 neighbour's language, runs of one language are recognised with that language fixed, each on
 the model the routing rules choose (English on the English-only model), and every segment
 carries its language.
+
+Long stretches are recognised with faster-whisper's BatchedInferencePipeline
+(workers.stages.batched, ``Batching``), short ones with the sequential decoder.
 """
 from __future__ import annotations
 
@@ -19,21 +22,24 @@ from typing import Any, Callable
 
 import ctranslate2
 import numpy as np
+import structlog
 from faster_whisper import WhisperModel
 from faster_whisper.audio import pad_or_trim
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from core.models import ModelSet, ModelSpec
-from mp4totext.contracts import JobConfig, LanguageShare, Segment, TranscriptResult, Word
+from mp4totext.contracts import JobConfig, LanguageShare, Segment, TranscriptResult
+from workers.stages import batched
+from workers.stages.batched import SEQUENTIAL, Batching  # noqa: F401 - re-exported
 from workers.stages.media import SAMPLE_RATE
 
 WINDOW = 30 * SAMPLE_RATE  # Whisper's own window: one encoder pass detects its language
 MIN_SPEECH = SAMPLE_RATE  # a window with less speech than this takes its neighbour's language
-BOUNDARY_SEARCH = int(1.5 * SAMPLE_RATE)  # a run boundary moves to the quietest point this close
 FRAME = SAMPLE_RATE // 10
 REFINE_BELOW = 0.9  # a window detected less surely than this is detected again utterance by utterance
 PAUSE = SAMPLE_RATE // 2  # a silence this long separates utterances
 SHORT_SPEECH = 3 * SAMPLE_RATE  # an uncertain stretch with less speech than this takes its neighbour's language
+log = structlog.get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +77,21 @@ class ModelUnavailable(RuntimeError):
 
 @functools.lru_cache(maxsize=8)  # every model of a configured set stays loaded
 def load_model(model: str, device: str = "auto", compute_type: str = "default", cpu_threads: int = 0,
-               download_root: str = "", local_files_only: bool = True) -> Any:
-    """Load a WhisperModel once per process (cached by its settings)."""
+               download_root: str = "", local_files_only: bool = True, num_workers: int = 1) -> Any:
+    """Load a WhisperModel once per process (cached by its settings).
+
+    ``cpu_threads`` is CTranslate2's intra_threads (threads one decoding uses) and
+    ``num_workers`` its inter_threads (decodings that run at once on this one model instance,
+    for a worker with several threads).
+    """
     on_cpu = device == "cpu" or (device == "auto" and ctranslate2.get_cuda_device_count() == 0)
     if compute_type == "default" and on_cpu and "float16" not in ctranslate2.get_supported_compute_types("cpu"):
         # What CTranslate2 does anyway with float16 weights on a CPU, without its warning on stderr.
         compute_type = "float32"
     try:
         return WhisperModel(model, device=device, compute_type=compute_type, cpu_threads=cpu_threads,
-                            download_root=download_root or None, local_files_only=local_files_only)
+                            num_workers=max(1, num_workers), download_root=download_root or None,
+                            local_files_only=local_files_only)
     except Exception as exc:
         raise ModelUnavailable(
             f"cannot load whisper model {model!r} ({exc}); set MP4T_WHISPER_MODEL to a CTranslate2 "
@@ -104,8 +116,15 @@ class Run:
 
 def _recognise(model: Any, audio: np.ndarray, options: TranscribeOptions, language: str | None,
                offset_s: float, first_id: int, on_progress: ProgressCallback | None,
-               total_s: float) -> tuple[list[Segment], Any]:
+               total_s: float, batching: Batching = SEQUENTIAL) -> tuple[list[Segment], Any]:
     """Recognise ``audio`` (which starts ``offset_s`` into the file) with ``language`` fixed or detected."""
+    use_batched = batching.applies(len(audio), options)
+    batch_size = batching.size_for(len(audio)) if use_batched else 1
+    log.info("whisper_decoding", mode="batched" if use_batched else "sequential", batch_size=batch_size,
+             seconds=round(len(audio) / SAMPLE_RATE, 3), offset_s=round(offset_s, 3))
+    if use_batched:
+        return batched.recognise(model, audio, options, language, offset_s, first_id, on_progress, total_s,
+                                  batch_size)
     segments_iter, info = model.transcribe(
         audio,
         language=language,
@@ -119,12 +138,7 @@ def _recognise(model: Any, audio: np.ndarray, options: TranscribeOptions, langua
     )
     segments: list[Segment] = []
     for seg in segments_iter:  # lazy: stopping (cancel, time limit) from on_progress is immediate
-        words = [Word(word=w.word, start=round(offset_s + w.start, 3), end=round(offset_s + w.end, 3),
-                      probability=round(w.probability, 4)) for w in (seg.words or [])]
-        segments.append(Segment(id=first_id + len(segments), start=round(offset_s + seg.start, 3),
-                                end=round(offset_s + seg.end, 3), text=seg.text.strip(),
-                                avg_logprob=round(seg.avg_logprob, 4), no_speech_prob=round(seg.no_speech_prob, 4),
-                                words=words, language=language or info.language))
+        segments.append(batched.to_segment(seg, offset_s, first_id + len(segments), language or info.language))
         if on_progress:
             on_progress(min(offset_s + seg.end, total_s))
     return segments, info
@@ -151,7 +165,8 @@ def _result(segments: list[Segment], runs: list[Run], audio: np.ndarray, options
 
 
 def transcribe(model: Any, audio: np.ndarray, options: TranscribeOptions,
-               on_progress: ProgressCallback | None = None, model_name: str = "") -> TranscriptResult:
+               on_progress: ProgressCallback | None = None, model_name: str = "",
+               batching: Batching = SEQUENTIAL) -> TranscriptResult:
     """Run recognition with one model on 16 kHz mono float32 audio (language fixed or detected once).
 
     ``on_progress(processed_seconds)`` is called after every segment; it may raise to stop
@@ -159,7 +174,7 @@ def transcribe(model: Any, audio: np.ndarray, options: TranscribeOptions,
     """
     started = time.monotonic()
     duration = len(audio) / SAMPLE_RATE
-    segments, info = _recognise(model, audio, options, options.language, 0.0, 0, on_progress, duration)
+    segments, info = _recognise(model, audio, options, options.language, 0.0, 0, on_progress, duration, batching)
     run = Run(0, len(audio), info.language, 1.0 if options.language else float(info.language_probability))
     speech = float(getattr(info, "duration_after_vad", duration) or 0.0)
     return _result(segments, [run], audio, options, model_name, speech, started, 0.0)
@@ -295,19 +310,9 @@ def language_runs(windows: list[Detected], min_probability: float, fallback: str
     return runs
 
 
-def _quietest(audio: np.ndarray, at: int) -> int:
-    """The start of the quietest 100 ms frame near sample ``at`` (a run boundary never cuts a word)."""
-    lo, hi = max(0, at - BOUNDARY_SEARCH), min(len(audio), at + BOUNDARY_SEARCH)
-    frames = (hi - lo) // FRAME
-    if frames < 2:
-        return at
-    energy = np.square(audio[lo:lo + frames * FRAME].reshape(frames, FRAME)).mean(axis=1)
-    return lo + int(np.argmin(energy)) * FRAME + FRAME // 2
-
-
 def _move_boundaries(runs: list[Run], audio: np.ndarray) -> list[Run]:
     for before, after in zip(runs, runs[1:]):
-        cut = _quietest(audio, after.start)
+        cut = batched.quietest(audio, after.start)
         if before.start < cut < after.end:
             before.end = after.start = cut
     return runs
@@ -315,10 +320,13 @@ def _move_boundaries(runs: list[Run], audio: np.ndarray) -> list[Run]:
 
 def transcribe_routed(models: ModelSet, load: Callable[[ModelSpec], Any], audio: np.ndarray,
                       options: TranscribeOptions, on_progress: ProgressCallback | None = None,
-                      min_probability: float = 0.5) -> TranscriptResult:
+                      min_probability: float = 0.5, batching: Batching = SEQUENTIAL,
+                      load_detector: Callable[[ModelSpec], Any] | None = None) -> TranscriptResult:
     """The stage: find the language(s), recognise each run on the model routing chooses.
 
-    ``load(spec)`` returns the loaded model of a spec (loaded once per process by the caller).
+    ``load(spec)`` returns the loaded model of a spec (loaded once per process by the caller),
+    ``load_detector(spec)`` the one detection runs on (default ``load``); runs of at least
+    ``batching.min_s`` are decoded batched.
     """
     started = time.monotonic()
     duration = len(audio) / SAMPLE_RATE
@@ -328,7 +336,8 @@ def transcribe_routed(models: ModelSet, load: Callable[[ModelSpec], Any], audio:
     elif detector is None:  # an English-only model: nothing to detect
         runs = [Run(0, len(audio), "en", 1.0)]
     else:
-        windows = detect_windows(load(detector), audio, options.expected_languages, options.vad_filter)
+        windows = detect_windows((load_detector or load)(detector), audio, options.expected_languages,
+                                 options.vad_filter)
         fallback = options.expected_languages[0] if options.expected_languages else "en"
         runs = _move_boundaries(language_runs(windows, min_probability, fallback), audio)
     segments: list[Segment] = []
@@ -338,7 +347,7 @@ def transcribe_routed(models: ModelSet, load: Callable[[ModelSpec], Any], audio:
         spec = models.for_language(run.language or "en", options.task, options.model)
         used.append(spec.name)
         part, info = _recognise(load(spec), audio[run.start:run.end], options, run.language,
-                                run.start / SAMPLE_RATE, len(segments), on_progress, duration)
+                                run.start / SAMPLE_RATE, len(segments), on_progress, duration, batching)
         segments += part
         speech += float(getattr(info, "duration_after_vad", 0.0) or 0.0)
     model = "+".join(dict.fromkeys(used))
