@@ -1,6 +1,6 @@
 """Ceilings of the shared components on this machine, each as a rate (issue 14, docs/capacity.md).
 
-    .venv/bin/python bench/capacity.py [--seconds 8] [--json PATH] [--history-rows 300000]
+    .venv/bin/python bench/capacity.py [--seconds 6] [--json PATH] [--history-rows 160000]
                                        [--skip-db] [--skip-broker] [--skip-s3] [--skip-prepare]
 
 Every figure runs the product's own code against the real services, on resources this script
@@ -91,6 +91,20 @@ def proc_cpu(names: tuple[str, ...]) -> float:
     return total / CLK
 
 
+def pid_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes ``pids`` (gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2:].split()
+        total += int(rest[11]) + int(rest[12])
+    return total / CLK
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine spent busy (all cores) so far."""
     with open("/proc/stat") as fh:
@@ -99,17 +113,21 @@ def machine_busy() -> float:
 
 
 class Cpu:
-    """CPU used by ``names`` and by the whole machine between ``start`` and ``stop``."""
+    """CPU used by the server processes (``names``, or exactly ``pids`` where other sessions may
+    run the same program) and by the whole machine between ``start`` and ``stop``."""
 
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
+    def __init__(self, names: tuple[str, ...] = (), pids: list[int] | None = None) -> None:
+        self.names, self.pids = names, pids
+
+    def _server(self) -> float:
+        return pid_cpu(self.pids) if self.pids is not None else proc_cpu(self.names)
 
     def start(self) -> None:
-        self.t0, self.s0, self.m0 = time.monotonic(), proc_cpu(self.names), machine_busy()
+        self.t0, self.s0, self.m0 = time.monotonic(), self._server(), machine_busy()
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self.t0
-        server = proc_cpu(self.names) - self.s0
+        server = self._server() - self.s0
         machine = machine_busy() - self.m0
         return {"wall_s": wall, "server_cpu_s": server, "machine_cpu_s": machine,
                 "server_cores": server / wall, "machine_cores": machine / wall}
@@ -314,9 +332,14 @@ def _count_statements(fn: Callable[[], None]) -> int:
 
 
 def _db_child(url: str, tenant: str, idx: int, mode: str, seconds: float, result: dict[str, Any],
-              ready: Any, start: Any, release: Any, out: Any) -> None:
+              ready: Any, warm_up: Any, start: Any, release: Any, out: Any) -> None:
     try:
+        # Every process start runs the schema check (CREATE INDEX IF NOT EXISTS, a SHARE lock on each
+        # table until it commits): all processes start before any of them writes, or a starting one
+        # deadlocks with the writers (seen in the first run of this script).
         _db_runtime(url)
+        ready.put(idx)
+        warm_up.wait()
         phone = Phone(tenant, f"user-{idx}", result)
         statements = _count_statements(phone.job)  # also the warm-up
         warm = 1
@@ -324,8 +347,10 @@ def _db_child(url: str, tenant: str, idx: int, mode: str, seconds: float, result
         if mode == "tick":
             running = [phone.running() for _ in range(10)]
             warm += 10
+        _flush_stub_broker()
         ready.put(idx)
         start.wait()
+        cpu0 = time.process_time()
         deadline = time.monotonic() + seconds
         count, lat = 0, []
         done_s = 1.0
@@ -342,7 +367,8 @@ def _db_child(url: str, tenant: str, idx: int, mode: str, seconds: float, result
             count += 1
             if count % 200 == 0:
                 _flush_stub_broker()
-        out.put({"idx": idx, "count": count, "lat": lat, "warm": warm, "statements": statements})
+        out.put({"idx": idx, "count": count, "lat": lat, "warm": warm, "statements": statements,
+                 "client_cpu_s": time.process_time() - cpu0})
         release.wait()
     except BaseException as exc:  # reported to the parent, which fails the run
         out.put({"idx": idx, "error": f"{type(exc).__name__}: {exc}"})
@@ -366,6 +392,22 @@ def _pg_stats(admin: Any, name: str) -> dict[str, int]:
     return dict(zip(keys, (int(v) for v in cur.fetchone())))
 
 
+def _table_stats(conn: Any) -> dict[str, tuple[int, int, int, int]]:
+    """(inserted, updated, deleted, HOT-updated) rows per table of the database; a TOAST table
+    is named after its table."""
+    cur = conn.cursor()
+    cur.execute("SELECT COALESCE(o.relname || ' (TOAST)', c.relname), s.n_tup_ins, s.n_tup_upd, s.n_tup_del, "
+                "s.n_tup_hot_upd FROM pg_stat_all_tables s JOIN pg_class c ON c.oid = s.relid "
+                "LEFT JOIN pg_class o ON o.reltoastrelid = c.oid WHERE s.schemaname IN ('public', 'pg_toast')")
+    return {r[0]: tuple(int(x) for x in r[1:]) for r in cur.fetchall()}
+
+
+def _backends(admin: Any, name: str) -> list[int]:
+    cur = admin.cursor()
+    cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+    return [r[0] for r in cur.fetchall()]
+
+
 def _setup_child(url: str, n_tenants: int, out: Any) -> None:
     from server.auth import create_key
 
@@ -373,23 +415,31 @@ def _setup_child(url: str, n_tenants: int, out: Any) -> None:
     out.put([create_key(f"capacity-{k}")[1].id for k in range(n_tenants)])
 
 
-def _run_level(url: str, name: str, admin: Any, tenants: list[str], procs: int, mode: str, seconds: float,
-               result: dict[str, Any]) -> dict[str, Any]:
+def _run_level(url: str, name: str, admin: Any, mine: Any, tenants: list[str], procs: int, mode: str,
+               seconds: float, result: dict[str, Any]) -> dict[str, Any]:
     ready, out = FORK.Queue(), FORK.Queue()
-    start, release = FORK.Event(), FORK.Event()
-    before = _pg_stats(admin, name)
+    warm_up, start, release = FORK.Event(), FORK.Event(), FORK.Event()
     children = [FORK.Process(target=_db_child, args=(url, tenants[k % len(tenants)], k, mode, seconds, result,
-                                                     ready, start, release, out)) for k in range(procs)]
+                                                     ready, warm_up, start, release, out)) for k in range(procs)]
     for c in children:
         c.start()
     try:
         for _ in range(procs):
             ready.get(timeout=120)
-        cpu = Cpu(("postgres",))
+        time.sleep(0.7)  # the schema checks' statistics flushed
+        before, tables0 = _pg_stats(admin, name), _table_stats(mine)
+        warm_up.set()
+        for _ in range(procs):
+            ready.get(timeout=120)
+        # the backends of this database (other sessions' PostgreSQL work is not counted); the
+        # shared WAL writer, checkpointer and autovacuum are left out
+        cpu = Cpu(pids=_backends(admin, name))
+        wal0 = _pg_stats(admin, name)["wal_bytes"]
         cpu.start()
         start.set()
         answers = [out.get(timeout=seconds + 120) for _ in range(procs)]
         used = cpu.stop()
+        wal_timed = _pg_stats(admin, name)["wal_bytes"] - wal0  # the whole cluster's WAL: other sessions count
     finally:
         release.set()
         for c in children:
@@ -400,16 +450,19 @@ def _run_level(url: str, name: str, admin: Any, tenants: list[str], procs: int, 
     if errors:
         raise RuntimeError(f"database clients failed: {errors}")
     time.sleep(0.7)  # backends flush their statistics when they exit
-    after = _pg_stats(admin, name)
+    after, tables1 = _pg_stats(admin, name), _table_stats(mine)
     count = sum(a["count"] for a in answers)
+    client_cpu = sum(a["client_cpu_s"] for a in answers)
     total = count + sum(a["warm"] for a in answers)
     lat = [x for a in answers for x in a["lat"]]
     rate = count / seconds
     row = {"mode": mode, "processes": procs, "tenants": len(set(tenants[k % len(tenants)] for k in range(procs))),
            "count": count, "rate_per_s": rate, "p50_ms": pct(lat, 0.5) * 1e3, "p95_ms": pct(lat, 0.95) * 1e3,
            "postgres_cpu_ms_per_op": used["server_cpu_s"] / max(count, 1) * 1e3,
+           "client_cpu_ms_per_op": client_cpu / max(count, 1) * 1e3,
            "postgres_cores": used["server_cores"], "machine_cores": used["machine_cores"],
-           "ops_per_postgres_core_s": count / max(used["server_cpu_s"], 1e-9)}
+           "ops_per_postgres_core_s": count / max(used["server_cpu_s"], 1e-9),
+           "wal_kib_per_op_timed": wal_timed / max(count, 1) / 1024}
     if mode == "job":
         d = {k: after[k] - before[k] for k in after}
         row.update({
@@ -419,12 +472,16 @@ def _run_level(url: str, name: str, admin: Any, tenants: list[str], procs: int, 
             "rows_inserted_per_job": d["inserted"] / total, "rows_updated_per_job": d["updated"] / total,
             "rows_deleted_per_job": d["deleted"] / total,
             "wal_kib_per_job": d["wal_bytes"] / total / 1024,
+            "rows_per_job_by_table": {
+                t: [round((v[i] - tables0.get(t, (0, 0, 0, 0))[i]) / total, 2) for i in range(4)]
+                for t, v in sorted(tables1.items()) if v != tables0.get(t, (0, 0, 0, 0))},
         })
     return row
 
 
 def _history_child(url: str, tenant: str, rows: int, out: Any) -> None:
-    """Add ``rows`` finished media + transcriptions of ``tenant``; time the two full-table reads."""
+    """Add ``rows`` finished media + transcriptions of ``tenant`` in two halves; after each, time
+    the two reads that cover the whole table (so the cost per retained row can be read off)."""
     try:
         _db_runtime(url)
         from core import jobs
@@ -432,24 +489,6 @@ def _history_child(url: str, tenant: str, rows: int, out: Any) -> None:
         from storage.db import database
 
         db = database.obj
-        t = time.monotonic()
-        with db.connection_context():
-            db.execute_sql(
-                "INSERT INTO media (id, tenant_id, request_id, filename, content_type, size_bytes, sha256, object_key, "
-                "audio_key, state, error_message, duration_s, format_name, audio_codec, attempts, owner, create_time, "
-                "update_time) SELECT md5('m' || i), %s, NULL, 'lecture.mp4', 'video/mp4', 31000, '', 'k/' || i, "
-                "'a/' || i, 'READY', '', 600, 'mp4', 'aac', 1, 'user-' || (i %% 1000), "
-                "now() - (i || ' s')::interval, now() FROM generate_series(1, %s) i", (tenant, rows))
-            db.execute_sql(
-                "INSERT INTO transcription (id, tenant_id, media_id, config, priority, state, stage, progress, "
-                "processed_s, duration_s, sequence, attempts, total_attempts, cancel_requested, error_message, "
-                "error_reason, ai_items, owner, create_time, update_time) SELECT md5('t' || i), %s, md5('m' || i), "
-                "'{}', 5, 'SUCCEEDED', 'DONE', 100, 600, 600, 6, 0, 1, false, '', '', 0, 'user-' || (i %% 1000), "
-                "now() - (i || ' s')::interval, now() FROM generate_series(1, %s) i", (tenant, rows))
-            db.execute_sql("ANALYZE media")
-            db.execute_sql("ANALYZE transcription")
-            plan = db.execute_sql("EXPLAIN SELECT COUNT(*) FROM media WHERE state = 'PROCESSING'").fetchall()
-        filled_s = time.monotonic() - t
 
         def best(fn: Callable[[], Any]) -> float:
             times = []
@@ -459,9 +498,34 @@ def _history_child(url: str, tenant: str, rows: int, out: Any) -> None:
                 times.append(time.perf_counter() - t0)
             return min(times)
 
-        out.put({"history_rows": rows, "fill_s": filled_s,
-                 "backpressure_ms": best(lambda: media_service._backpressure(tenant)) * 1e3,
-                 "count_by_state_ms": best(jobs.count_by_state) * 1e3,
+        points = []
+        t = time.monotonic()
+        half = rows // 2
+        for first, last in ((1, half), (half + 1, rows)):
+            with db.connection_context():
+                db.execute_sql(
+                    "INSERT INTO media (id, tenant_id, request_id, filename, content_type, size_bytes, sha256, "
+                    "object_key, audio_key, state, error_message, duration_s, format_name, audio_codec, attempts, owner, "
+                    "create_time, update_time) SELECT md5('m' || i), %s, NULL, 'lecture.mp4', 'video/mp4', 31000, '', "
+                    "'k/' || i, 'a/' || i, 'READY', '', 600, 'mp4', 'aac', 1, 'user-' || (i %% 1000), "
+                    "now() - (i || ' s')::interval, now() FROM generate_series(%s, %s) i", (tenant, first, last))
+                db.execute_sql(
+                    "INSERT INTO transcription (id, tenant_id, media_id, config, priority, state, stage, progress, "
+                    "processed_s, duration_s, sequence, attempts, total_attempts, cancel_requested, error_message, "
+                    "error_reason, ai_items, owner, create_time, update_time) SELECT md5('t' || i), %s, md5('m' || i), "
+                    "'{}', 5, 'SUCCEEDED', 'DONE', 100, 600, 600, 6, 0, 1, false, '', '', 0, 'user-' || (i %% 1000), "
+                    "now() - (i || ' s')::interval, now() FROM generate_series(%s, %s) i", (tenant, first, last))
+                db.execute_sql("ANALYZE media")
+                db.execute_sql("ANALYZE transcription")
+                plan = db.execute_sql("EXPLAIN SELECT COUNT(*) FROM media WHERE state = 'PROCESSING'").fetchall()
+            points.append({"rows": last, "backpressure_ms": best(lambda: media_service._backpressure(tenant)) * 1e3,
+                           "count_by_state_ms": best(jobs.count_by_state) * 1e3})
+        a, b = points
+        per_m = {k: (b[k] - a[k]) / ((b["rows"] - a["rows"]) / 1e6) for k in ("backpressure_ms", "count_by_state_ms")}
+        out.put({"history_rows": rows, "fill_s": time.monotonic() - t, "points": points,
+                 "backpressure_ms": b["backpressure_ms"], "count_by_state_ms": b["count_by_state_ms"],
+                 "backpressure_ms_per_million_rows": per_m["backpressure_ms"],
+                 "count_by_state_ms_per_million_rows": per_m["count_by_state_ms"],
                  "backpressure_plan": " | ".join(r[0].strip() for r in plan)})
     except BaseException as exc:
         out.put({"error": f"{type(exc).__name__}: {exc}"})
@@ -485,18 +549,21 @@ def bench_db(seconds: float, history_rows: int) -> dict[str, Any]:
         tenants = q.get(timeout=120)
         p.join()
         assert schema.SCHEMA_VERSION  # init_db ran in the child (core.runtime.init)
+        mine = _pg(name)
         size0 = _pg_stats(admin, name)["db_bytes"]
         rows = []
         for procs, n_tenants in ((1, 1), (4, 1), (8, 1), (8, 8)):
-            row = _run_level(url, name, admin, tenants[:n_tenants], procs, "job", seconds, result)
+            row = _run_level(url, name, admin, mine, tenants[:n_tenants], procs, "job", seconds, result)
             rows.append(row)
             print(f"  db job, {procs} process(es), {n_tenants} tenant(s): {row['rate_per_s']:.1f} jobs/s, "
-                  f"p50 {row['p50_ms']:.1f} ms, postgres {row['postgres_cpu_ms_per_op']:.2f} CPU-ms/job", flush=True)
+                  f"p50 {row['p50_ms']:.1f} ms, postgres {row['postgres_cpu_ms_per_op']:.2f} CPU-ms/job, clients "
+                  f"{row['client_cpu_ms_per_op']:.1f} CPU-ms/job", flush=True)
         jobs_total = sum(r["count"] for r in rows) + sum(r["processes"] for r in rows)
         size1 = _pg_stats(admin, name)["db_bytes"]
         out["db_bytes_per_job"] = (size1 - size0) / jobs_total
         out["jobs"] = rows
-        tick = _run_level(url, name, admin, tenants[:1], 8, "tick", seconds, result)
+        tick = _run_level(url, name, admin, mine, tenants[:1], 8, "tick", seconds, result)
+        mine.close()
         print(f"  db tick, 8 processes: {tick['rate_per_s']:.0f} ticks/s, postgres "
               f"{tick['postgres_cpu_ms_per_op']:.3f} CPU-ms/tick", flush=True)
         out["tick"] = tick
@@ -714,7 +781,7 @@ def bench_s3(seconds: float, tmp: pathlib.Path) -> dict[str, Any]:
                     counts[k] += 1
                     i += 1
 
-            cpu = Cpu(("weed",))
+            cpu = Cpu(pids=[server.proc.pid])
             cpu.start()
             ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
             for th in ts:
@@ -748,7 +815,7 @@ def bench_s3(seconds: float, tmp: pathlib.Path) -> dict[str, Any]:
         print(f"  s3 GET 30 KB, 8 threads: {out['get_30k']['rate_per_s']:.0f}/s", flush=True)
         big = os.urandom(LARGE)
         puts, getsl = [], []
-        cpu = Cpu(("weed",))
+        cpu = Cpu(pids=[server.proc.pid])
         cpu.start()
         for k in range(3):
             t0 = time.perf_counter()
@@ -803,24 +870,36 @@ def table(res: dict[str, Any]) -> list[tuple[str, str]]:
         for r in db["jobs"]:
             rows.append((f"PostgreSQL: whole jobs/s, {r['processes']} client process(es), {r['tenants']} tenant(s)",
                          f"{r['rate_per_s']:.1f} (p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms; postgres "
-                         f"{r['postgres_cpu_ms_per_op']:.2f} CPU-ms/job, {r['postgres_cores']:.2f} cores busy, "
-                         f"machine {r['machine_cores']:.2f})"))
+                         f"{r['postgres_cpu_ms_per_op']:.2f} CPU-ms/job, clients {r['client_cpu_ms_per_op']:.0f}; "
+                         f"cores busy: postgres {r['postgres_cores']:.2f}, machine {r['machine_cores']:.2f})"))
         r = db["jobs"][0]
         rows.append(("PostgreSQL: per job (statements / commits / rows written / WAL)",
                      f"{r['statements_per_job']} / {r['commits_per_job']:.1f} / {r['rows_written_per_job']:.1f} "
                      f"(ins {r['rows_inserted_per_job']:.1f}, upd {r['rows_updated_per_job']:.1f}, "
                      f"del {r['rows_deleted_per_job']:.1f}) / {r['wal_kib_per_job']:.0f} KiB"))
+        top = sorted(r["rows_per_job_by_table"].items(), key=lambda kv: -sum(kv[1][:3]))[:8]
+        rows.append(("PostgreSQL: rows ins/upd/del per job, by table",
+                     "; ".join(f"{t} {v[0]:g}/{v[1]:g}/{v[2]:g}" for t, v in top)))
         rows.append(("PostgreSQL: database bytes per job (10-min transcript JSON)",
                      f"{db['db_bytes_per_job'] / 1024:.0f} KiB (result JSON {db['result_json_kib']:.0f} KiB)"))
         t = db["tick"]
         rows.append(("PostgreSQL: running-job ticks/s (progress write + watchdog read), 8 processes",
                      f"{t['rate_per_s']:.0f} (p50 {t['p50_ms']:.1f} ms; postgres {t['postgres_cpu_ms_per_op']:.3f} "
-                     f"CPU-ms/tick, {t['postgres_cores']:.2f} cores busy)"))
+                     f"CPU-ms/tick, clients {t['client_cpu_ms_per_op']:.2f}; WAL {t['wal_kib_per_op_timed']:.2f} "
+                     f"KiB/tick; cores busy: postgres "
+                     f"{t['postgres_cores']:.2f}, machine {t['machine_cores']:.2f})"))
         h = db.get("history")
         if h:
-            rows.append((f"PostgreSQL: with {h['history_rows']:,} finished jobs in the tables: upload backpressure "
-                         "check / count_by_state", f"{h['backpressure_ms']:.1f} ms / {h['count_by_state_ms']:.1f} ms "
-                         f"(plan: {h['backpressure_plan'][:60]})"))
+            p1, p2 = h["points"]
+            rows.append(("PostgreSQL: upload backpressure check, ms at "
+                         f"{p1['rows']:,} / {p2['rows']:,} finished jobs in the tables",
+                         f"{p1['backpressure_ms']:.1f} / {p2['backpressure_ms']:.1f} "
+                         f"(+{h['backpressure_ms_per_million_rows']:.0f} ms per million rows; "
+                         f"{h['backpressure_plan'].split('|')[1].strip()[:48]})"))
+            rows.append(("PostgreSQL: mp4t_jobs gauge (count_by_state), ms at "
+                         f"{p1['rows']:,} / {p2['rows']:,} finished jobs",
+                         f"{p1['count_by_state_ms']:.1f} / {p2['count_by_state_ms']:.1f} "
+                         f"(+{h['count_by_state_ms_per_million_rows']:.0f} ms per million rows)"))
     br = res.get("broker")
     if br:
         for p in br["publish"]:
@@ -857,8 +936,8 @@ def table(res: dict[str, Any]) -> list[tuple[str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8.0, help="length of each timed measurement")
-    ap.add_argument("--history-rows", type=int, default=300_000, help="finished jobs added for the table-growth "
+    ap.add_argument("--seconds", type=float, default=6.0, help="length of each timed measurement")
+    ap.add_argument("--history-rows", type=int, default=160_000, help="finished jobs added for the table-growth "
                     "figure (0 = skip)")
     ap.add_argument("--json", help="write every figure to this file")
     ap.add_argument("--skip-db", action="store_true")

@@ -319,8 +319,12 @@ def test_cancel_and_time_limit_hold_on_audio_that_never_reports_progress(stack: 
         assert done.state == tpb.TRANSCRIPTION_STATE_FAILED and "time limit of 20 s" in done.error_message, \
             (done.state, done.error_message)
         assert limit_s < 20 + 8, f"the 20 s limit held only after {limit_s:.1f} s"
-        lines = [ln for ln in log_lines(stack.workers["high"]) if ln.get("event") == "stage_finished"
-                 and ln.get("job_id") == started.name.split("/")[1]]
+        def finished() -> list[dict[str, Any]]:
+            return [ln for ln in log_lines(stack.workers["high"]) if ln.get("event") == "stage_finished"
+                    and ln.get("job_id") == started.name.split("/")[1]]
+
+        # The worker logs the stage's end just after it saved the state the client saw: wait for the line.
+        lines = wait_for(finished, 10, "the worker's stage_finished line", 0.1)
         assert [ln["outcome"] for ln in lines] == ["time_limit"], lines
         print(f"\nnoise, VAD off: cancelled {cancel_s:.1f} s after the request; 20 s limit ended it after "
               f"{limit_s:.1f} s")
