@@ -18,6 +18,7 @@ workers together and wires them to the core (settings, database, storage, queue,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 
@@ -150,6 +151,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     make_broker(s)  # for enqueueing; no worker code is loaded here
     server = Server().start()
     install_signal_handlers(server.stop)
+    # What start-up allocated stays (modules, descriptors, settings): out of the collector's
+    # scans; and collect the youngest generation less often. Every call allocates thousands of
+    # short-lived objects (protobuf, rows, log events), and the collector took ~7 % of a
+    # replica's samples under 32 Gets in flight (py-spy --native).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     server.wait()
     return 0
 

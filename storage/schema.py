@@ -3,6 +3,8 @@ start-up (idempotent, one process at a time on PostgreSQL) and new columns added
 from __future__ import annotations
 
 import pathlib
+import time
+from typing import Any
 from urllib.parse import urlparse
 
 import peewee as pw
@@ -33,6 +35,41 @@ MODELS = [Tenant, ApiKey, Media, Transcription, Enhancement, EnhancementChunk, L
           WorkerInfo, OutboxMessage, MaintenanceState, *tenancy.MODELS, SchemaInfo]
 
 
+class _Pool(PooledPostgresqlDatabase):
+    """Peewee's pool without its liveness round trip (``SELECT 1``) at check-out for a connection
+    that was in use less than PING_AFTER_S ago.
+
+    Peewee pings at every check-out while it holds the database's process-wide lock, so every
+    API call of a replica waited on one round trip of every other (py-spy, GetTranscription
+    through HAProxy with 32 in flight: most handler threads in Database.connect/close). A busy
+    replica's connections go back and forth within milliseconds; one that PostgreSQL closed in
+    that second fails its first statement instead (the call answers UNAVAILABLE, the client
+    retries, and the broken connection is discarded at check-in). Idle connections are pinged
+    as before.
+    """
+
+    PING_AFTER_S = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._returned: dict[int, float] = {}
+
+    def _is_closed(self, conn: Any) -> bool:
+        if conn.closed:
+            return True
+        recent = time.monotonic() - self._returned.get(id(conn), float("-inf")) < self.PING_AFTER_S
+        if recent and conn.get_transaction_status() == 0:  # psycopg2 TRANSACTION_STATUS_IDLE (local flag)
+            return False
+        return super()._is_closed(conn)
+
+    def _close(self, conn: Any, close_conn: bool = False) -> None:
+        super()._close(conn, close_conn)
+        if close_conn or conn.closed:
+            self._returned.pop(id(conn), None)
+        else:
+            self._returned[id(conn)] = time.monotonic()
+
+
 def make_database(url: str, pool_size: int = 20) -> pw.Database:
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
@@ -50,7 +87,7 @@ def make_database(url: str, pool_size: int = 20) -> pw.Database:
             check_same_thread=False,
         )
     if parsed.scheme in ("postgres", "postgresql"):
-        return PooledPostgresqlDatabase(
+        return _Pool(
             parsed.path.lstrip("/"),
             user=parsed.username,
             password=parsed.password,
