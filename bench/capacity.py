@@ -16,7 +16,9 @@ creates and removes (a PostgreSQL database, a RabbitMQ vhost, a SeaweedFS server
      statements, commits, rows written and WAL per job, database bytes per job, and the CPU the
      postgres processes used per job;
    - a running job's once-a-second cost ("tick"): ``jobs.report_progress`` plus the watchdog's
-     cancel/claim read, in 8 processes;
+     cancel/claim read, in 8 processes; and the outbox relay's look for unsent messages
+     (``core.outbox.publish`` with nothing pending), which every server and worker process
+     makes once a second;
    - table growth: ``--history-rows`` finished media and transcriptions of the same tenant are
      added, then the time of the upload backpressure check (``server.media_service._backpressure``,
      once per upload) and of the ``mp4t_jobs`` gauge's ``jobs.count_by_state`` (per server scrape).
@@ -333,6 +335,8 @@ def _count_statements(fn: Callable[[], None]) -> int:
 
 def _db_child(url: str, tenant: str, idx: int, mode: str, seconds: float, result: dict[str, Any],
               ready: Any, warm_up: Any, start: Any, release: Any, out: Any) -> None:
+    from core import outbox
+
     try:
         # Every process start runs the schema check (CREATE INDEX IF NOT EXISTS, a SHARE lock on each
         # table until it commits): all processes start before any of them writes, or a starting one
@@ -361,6 +365,8 @@ def _db_child(url: str, tenant: str, idx: int, mode: str, seconds: float, result
                 job_id, msg = next(cycle)
                 phone.tick(job_id, msg, done_s)
                 done_s = min(done_s + 0.5, AUDIO_S)
+            elif mode == "poll":
+                outbox.publish()  # the outbox relay's once-a-second look (nothing pending)
             else:
                 phone.job()
             lat.append(time.perf_counter() - t)
@@ -385,10 +391,10 @@ def _pg(dbname: str = "postgres") -> Any:
 
 def _pg_stats(admin: Any, name: str) -> dict[str, int]:
     cur = admin.cursor()
-    cur.execute("SELECT xact_commit, tup_inserted, tup_updated, tup_deleted, tup_fetched, "
+    cur.execute("SELECT xact_commit, xact_rollback, tup_inserted, tup_updated, tup_deleted, tup_fetched, "
                 "pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint, pg_database_size(datname) "
                 "FROM pg_stat_database WHERE datname = %s", (name,))
-    keys = ("commits", "inserted", "updated", "deleted", "fetched", "wal_bytes", "db_bytes")
+    keys = ("commits", "rollbacks", "inserted", "updated", "deleted", "fetched", "wal_bytes", "db_bytes")
     return dict(zip(keys, (int(v) for v in cur.fetchone())))
 
 
@@ -468,6 +474,7 @@ def _run_level(url: str, name: str, admin: Any, mine: Any, tenants: list[str], p
         row.update({
             "statements_per_job": answers[0]["statements"],
             "commits_per_job": d["commits"] / total,
+            "rollbacks_per_job": d["rollbacks"] / total,
             "rows_written_per_job": (d["inserted"] + d["updated"] + d["deleted"]) / total,
             "rows_inserted_per_job": d["inserted"] / total, "rows_updated_per_job": d["updated"] / total,
             "rows_deleted_per_job": d["deleted"] / total,
@@ -563,10 +570,14 @@ def bench_db(seconds: float, history_rows: int) -> dict[str, Any]:
         out["db_bytes_per_job"] = (size1 - size0) / jobs_total
         out["jobs"] = rows
         tick = _run_level(url, name, admin, mine, tenants[:1], 8, "tick", seconds, result)
-        mine.close()
         print(f"  db tick, 8 processes: {tick['rate_per_s']:.0f} ticks/s, postgres "
               f"{tick['postgres_cpu_ms_per_op']:.3f} CPU-ms/tick", flush=True)
         out["tick"] = tick
+        poll = _run_level(url, name, admin, mine, tenants[:1], 8, "poll", seconds, result)
+        print(f"  db relay poll, 8 processes: {poll['rate_per_s']:.0f} polls/s, postgres "
+              f"{poll['postgres_cpu_ms_per_op']:.3f} CPU-ms/poll", flush=True)
+        out["poll"] = poll
+        mine.close()
         if history_rows:
             p = FORK.Process(target=_history_child, args=(url, tenants[0], history_rows, q))
             p.start()
@@ -888,6 +899,10 @@ def table(res: dict[str, Any]) -> list[tuple[str, str]]:
                      f"CPU-ms/tick, clients {t['client_cpu_ms_per_op']:.2f}; WAL {t['wal_kib_per_op_timed']:.2f} "
                      f"KiB/tick; cores busy: postgres "
                      f"{t['postgres_cores']:.2f}, machine {t['machine_cores']:.2f})"))
+        t = db["poll"]
+        rows.append(("PostgreSQL: outbox relay polls/s (each server and worker process polls once a second)",
+                     f"{t['rate_per_s']:.0f} (p50 {t['p50_ms']:.2f} ms; postgres {t['postgres_cpu_ms_per_op']:.3f} "
+                     f"CPU-ms/poll; cores busy: postgres {t['postgres_cores']:.2f}, machine {t['machine_cores']:.2f})"))
         h = db.get("history")
         if h:
             p1, p2 = h["points"]

@@ -143,7 +143,6 @@ def write(requests: Iterator[media_pb2.WriteUploadRequest], context: Any, slot: 
         _feed(writer, first)
         for req in slot.watch(requests):
             _feed(writer, req)
-        _call(writer.flush)  # the part still being stored, if the stream paused or broke off
         if not writer.complete:
             if slot.expired or not context.is_active() or context.ended_within(0.02):
                 raise ApiError(grpc.StatusCode.CANCELLED, f"the stream ended; {writer.committed} bytes are "

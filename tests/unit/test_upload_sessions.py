@@ -38,10 +38,8 @@ def declared(data: bytes, sha: str | None = None) -> us.Declared:
 
 
 def feed(writer: us.Writer, data: bytes, step: int = 1024 * 1024) -> None:
-    """What the server does with a stream: feed its messages, then flush (the stream ended)."""
     for i in range(0, len(data), step):
         writer.feed(data[i:i + step])
-    writer.flush()
 
 
 def test_parts_persist_and_another_writer_resumes(rt: Any) -> None:
