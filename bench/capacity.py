@@ -1,6 +1,6 @@
 """Ceilings of the shared components on this machine, each as a rate (issue 14, docs/capacity.md).
 
-    .venv/bin/python bench/capacity.py [--seconds 6] [--json PATH] [--history-rows 160000]
+    .venv/bin/python bench/capacity.py [--seconds 5] [--json PATH] [--history-rows 120000]
                                        [--skip-db] [--skip-broker] [--skip-s3] [--skip-prepare]
 
 Every figure runs the product's own code against the real services, on resources this script
@@ -13,8 +13,8 @@ creates and removes (a PostgreSQL database, a RabbitMQ vhost, a SeaweedFS server
      stage_done with a 10-minute transcript; finalize; the phone's GetTranscription), with the
      ``core.jobs`` functions and the same statements, in 1, 4 and 8 client processes of one
      tenant (a mobile app is one tenant) and 8 processes of 8 tenants. Jobs/s, latency, SQL
-     statements, commits, rows written and WAL per job, database bytes per job, and the CPU the
-     postgres processes used per job;
+     statements, commits, rows written (by table) and WAL per job, database bytes per job, and
+     the CPU this database's PostgreSQL backends and the clients used per job;
    - a running job's once-a-second cost ("tick"): ``jobs.report_progress`` plus the watchdog's
      cancel/claim read, in 8 processes; and the outbox relay's look for unsent messages
      (``core.outbox.publish`` with nothing pending), which every server and worker process
@@ -34,9 +34,10 @@ creates and removes (a PostgreSQL database, a RabbitMQ vhost, a SeaweedFS server
 4. Media preparation of a 10-minute upload: ``workers.stages.media.probe`` + ``extract_audio``
    on 600 s of AAC (the CPU a critical worker spends per upload, besides moving the bytes).
 
-For each, the CPU the server processes used (postgres, beam.smp, weed) is read from /proc, so a
-rate can be turned into "per core". Client and server share this machine's cores: the rates are
-what this machine sustains, not what a dedicated server would.
+For each, the CPU the server side used is read from /proc (the backends of this database; all of
+beam.smp, so other sessions' RabbitMQ traffic counts; this script's weed), so a rate can be
+turned into "per core". Client and server share this machine's cores: the rates are what this
+machine sustains, not what a dedicated server would.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ AUDIO_S = 600.0  # the product notes' 10-minute task
 SMALL = 30 * 1024
 LARGE = 64 * 1024 * 1024
 FORK = mp.get_context("fork")
+_TMP: list[pathlib.Path] = []  # the run's temporary directory (children are forked and see it)
 
 
 # ---------------------------------------------------------------- measuring helpers
@@ -178,7 +180,8 @@ def _db_runtime(url: str) -> None:
     from mp4totext import config
 
     settings = config.reload(database_url=url, broker_url="memory", storage_backend="local",
-                             data_dir=tempfile.mkdtemp(prefix="mp4t-cap-"), log_level="WARNING")
+                             data_dir=tempfile.mkdtemp(prefix="mp4t-cap-", dir=_TMP[0] if _TMP else None),
+                             log_level="WARNING")
     runtime.init(settings)
     queue.make_broker(settings)
 
@@ -512,9 +515,9 @@ def _history_child(url: str, tenant: str, rows: int, out: Any) -> None:
             with db.connection_context():
                 db.execute_sql(
                     "INSERT INTO media (id, tenant_id, request_id, filename, content_type, size_bytes, sha256, "
-                    "object_key, audio_key, state, error_message, duration_s, format_name, audio_codec, attempts, owner, "
-                    "create_time, update_time) SELECT md5('m' || i), %s, NULL, 'lecture.mp4', 'video/mp4', 31000, '', "
-                    "'k/' || i, 'a/' || i, 'READY', '', 600, 'mp4', 'aac', 1, 'user-' || (i %% 1000), "
+                    "object_key, audio_key, state, error_message, duration_s, format_name, audio_codec, attempts, "
+                    "owner, create_time, update_time) SELECT md5('m' || i), %s, NULL, 'lecture.mp4', 'video/mp4', "
+                    "31000, '', 'k/' || i, 'a/' || i, 'READY', '', 600, 'mp4', 'aac', 1, 'user-' || (i %% 1000), "
                     "now() - (i || ' s')::interval, now() FROM generate_series(%s, %s) i", (tenant, first, last))
                 db.execute_sql(
                     "INSERT INTO transcription (id, tenant_id, media_id, config, priority, state, stage, progress, "
@@ -741,7 +744,8 @@ def bench_broker(seconds: float) -> dict[str, Any]:
         t_pub = max(t for _, _, t in published) - t0
         n_got = sum(n for n, _ in got)
         t_got = max(t for _, t in got) - t0
-        out["bus"] = {"publishers": pubs, "subscribers": subs, "event_bytes": len(json.dumps(event, separators=(",", ":"))),
+        event_bytes = len(json.dumps(event, separators=(",", ":")))
+        out["bus"] = {"publishers": pubs, "subscribers": subs, "event_bytes": event_bytes,
                       "published": n_pub, "publish_rate_per_s": n_pub / t_pub, "delivered": n_got,
                       "delivered_fraction": n_got / max((n_pub + pubs) * subs, 1), "delivery_rate_per_s": n_got / t_got,
                       "rabbit_cpu_ms_per_delivery": used["server_cpu_s"] / max(n_got, 1) * 1e3,
@@ -951,8 +955,8 @@ def table(res: dict[str, Any]) -> list[tuple[str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=6.0, help="length of each timed measurement")
-    ap.add_argument("--history-rows", type=int, default=160_000, help="finished jobs added for the table-growth "
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of each timed measurement")
+    ap.add_argument("--history-rows", type=int, default=120_000, help="finished jobs added for the table-growth "
                     "figure (0 = skip)")
     ap.add_argument("--json", help="write every figure to this file")
     ap.add_argument("--skip-db", action="store_true")
@@ -961,19 +965,26 @@ def main() -> int:
     ap.add_argument("--skip-prepare", action="store_true")
     args = ap.parse_args()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="mp4t-capacity-"))
+    _TMP.append(tmp)
     res: dict[str, Any] = {"started": now_utc(), "load_avg_start": load_avg(), "cpus": os.cpu_count(),
                            "host": platform.node(), "seconds": args.seconds}
     t0 = time.monotonic()
     try:
         if not args.skip_db:
             print("PostgreSQL ...", flush=True)
+            t = time.monotonic()
             res["db"] = bench_db(args.seconds, args.history_rows)
+            res["db"]["elapsed_s"] = time.monotonic() - t
         if not args.skip_broker:
             print("RabbitMQ ...", flush=True)
+            t = time.monotonic()
             res["broker"] = bench_broker(args.seconds)
+            res["broker"]["elapsed_s"] = time.monotonic() - t
         if not args.skip_s3:
             print("S3 (SeaweedFS) ...", flush=True)
+            t = time.monotonic()
             res["s3"] = bench_s3(args.seconds, tmp)
+            res["s3"]["elapsed_s"] = time.monotonic() - t
         if not args.skip_prepare:
             print("media preparation ...", flush=True)
             res["prepare"] = bench_prepare(tmp)
