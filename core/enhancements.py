@@ -288,8 +288,8 @@ def request_cancel(job_id: str) -> int:
 
 
 def stuck(older_than: dt.timedelta) -> tuple[list[tuple[str, int, Any]], list[tuple[str, int, Any]], int]:
-    """Items of succeeded jobs that made no progress for ``older_than`` (message lost), oldest
-    first, as (item id, priority, trace context) to enqueue again: the stale PENDING ones (which
+    """Items of succeeded jobs that made no progress for ``older_than`` (message lost), highest
+    priority first, then oldest, as (item id, priority, trace context) to enqueue again: the stale PENDING ones (which
     may only wait in a backlog), the RUNNING ones whose heartbeat stopped, and how many items are
     PENDING in all (what the default queue should hold a message for)."""
     cutoff = utcnow() - older_than
@@ -297,7 +297,8 @@ def stuck(older_than: dt.timedelta) -> tuple[list[tuple[str, int, Any]], list[tu
     pending = (Enhancement.state == EnhancementState.PENDING) & (Transcription.state == JobState.SUCCEEDED)
     with connection():
         waiting = list(Enhancement.select(*fields).join(Transcription)
-                       .where(pending & (Enhancement.update_time < cutoff)).order_by(Enhancement.update_time).tuples())
+                       .where(pending & (Enhancement.update_time < cutoff))
+                       .order_by(Transcription.priority.desc(), Enhancement.update_time).tuples())
         running = list(Enhancement.select(*fields).join(Transcription)
                        .where(Transcription.state == JobState.SUCCEEDED, Enhancement.state == EnhancementState.RUNNING,
                               Enhancement.heartbeat_time < cutoff).tuples())

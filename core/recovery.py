@@ -30,7 +30,8 @@ class Stuck:
 
 
 def stuck(older_than: dt.timedelta) -> Stuck:
-    """Media and jobs that made no progress for ``older_than``, oldest first: their message may be lost.
+    """Media and jobs that made no progress for ``older_than`` (jobs highest priority first, then
+    oldest): their message may be lost.
 
     With the outbox a committed state change always gets its message; what is left is work
     from before the outbox, a message dead-lettered after its retries, or a claim whose worker
@@ -44,8 +45,10 @@ def stuck(older_than: dt.timedelta) -> Stuck:
                      .where(Media.state == MediaState.PROCESSING, Media.update_time < cutoff)
                      .order_by(Media.update_time))
         media_total = Media.select().where(Media.state == MediaState.PROCESSING).count()
+        # In the order the queue serves them (priority first): re-sending the oldest low-priority
+        # row while a newer high-priority one lost its message would never reach the latter.
         waiting = list(Transcription.select(*fields).where(queued & (Transcription.update_time < cutoff))
-                       .order_by(Transcription.update_time))
+                       .order_by(Transcription.priority.desc(), Transcription.update_time))
         by_queue: dict[str, int] = {}
         for stage, n in (Transcription.select(Transcription.stage, pw.fn.COUNT(Transcription.id))
                          .where(queued).group_by(Transcription.stage).tuples()):

@@ -41,7 +41,12 @@ def _drain(requests: Iterator[Any], context: Any, exc: ApiError) -> None:
     """Read what is left of ``requests`` (DRAIN_BYTES, DRAIN_S at most) before ``exc`` is answered."""
     if exc.code in NOT_DRAINED:
         return
-    timer = threading.Timer(DRAIN_S, context.end_call, (exc.code, exc.message))  # a stalled sender
+    def end() -> None:  # a stalled sender: the status goes out now, with its details
+        if exc.rich:
+            context.set_trailing_metadata(exc.status().trailing_metadata)
+        context.end_call(exc.code, exc.message)
+
+    timer = threading.Timer(DRAIN_S, end)
     timer.daemon = True
     timer.start()
     read = 0
@@ -152,12 +157,14 @@ class MediaService(media_pb2_grpc.MediaServiceServicer):
 
     def UploadMedia(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext):
         end = functools.partial(context.end_call, grpc.StatusCode.DEADLINE_EXCEEDED)
-        try:
-            with self.uploads.slot(current_tenant.get(), end) as slot:
+        # A refusal for want of a slot is not drained: draining holds a handler thread, which is
+        # what the slot limit protects.
+        with self.uploads.slot(current_tenant.get(), end) as slot:
+            try:
                 return self._upload(request_iterator, context, slot)
-        except ApiError as exc:
-            _drain(request_iterator, context, exc)
-            raise
+            except ApiError as exc:
+                _drain(request_iterator, context, exc)
+                raise
 
     def _upload(self, request_iterator: Iterator[media_pb2.UploadMediaRequest], context: grpc.ServicerContext,
                 slot: Slot) -> media_pb2.UploadMediaResponse:

@@ -62,6 +62,10 @@ class _Pool(PooledPostgresqlDatabase):
             return False
         return super()._is_closed(conn)
 
+    def _close_raw(self, conn: Any) -> None:  # discarded (stale, broken, close_idle): forget it
+        self._returned.pop(id(conn), None)
+        super()._close_raw(conn)
+
     def _close(self, conn: Any, close_conn: bool = False) -> None:
         super()._close(conn, close_conn)
         if close_conn or conn.closed:

@@ -14,6 +14,7 @@ from mp4totext.contracts import Priority, broker_priority
 from workers import usage_reports, webhooks
 
 log = structlog.get_logger(__name__)
+DEDICATED = {q for q in set(ROUTES.values()) if list(ROUTES.values()).count(q) == 1}
 
 
 def sweep(_unused: str = "") -> None:
@@ -31,7 +32,9 @@ def sweep(_unused: str = "") -> None:
     # every sweep grew a queue to ~2,400 messages for 50 jobs (load test, 20 s stuck_after_s).
     # So a queue gets at most as many messages as it holds fewer than the rows waiting on it
     # (the oldest stale rows first); a claimed stage whose heartbeat stopped has no message left.
-    depth = queue_depths()
+    # Only a queue one actor uses tells how many of these rows have a message (critical also
+    # carries finalize and webhook messages: its stale media are all re-sent, as before).
+    depth = {q: n for q, n in queue_depths().items() if q in DEDICATED}
     waiting: list[Any] = []
     for name, total in stuck.waiting_by_queue.items():
         rows = [j for j in stuck.waiting if ROUTES[plan.actor_for(j.stage)] == name]

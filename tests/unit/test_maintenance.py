@@ -78,3 +78,18 @@ def test_a_stage_whose_worker_died_is_always_sent_again(broker: StubBroker) -> N
     maintenance.sweep()
     sent = _drain(broker)
     assert sorted(sent) == sorted([*(j.id for j in waiting), running.id])
+
+
+def test_the_job_the_queue_serves_first_is_sent_again_first(broker: StubBroker) -> None:
+    """RabbitMQ serves by priority: re-sending an old low-priority row while a newer urgent one
+    lost its message would leave the urgent one waiting behind every sweep's duplicate."""
+    low = _jobs(2)  # older, priority 0, messages lost
+    (urgent,) = _jobs(1, priority=9)
+    with database.connection_context():
+        Transcription.update(update_time=utcnow() - dt.timedelta(seconds=120)).where(
+            Transcription.id == urgent.id).execute()  # newer than the others, still stale
+    for j in low[:1]:
+        queue.enqueue("transcribe", j.id, 0)
+    queue.enqueue("transcribe", low[1].id, 0)  # every low row has its message; the urgent one lost it
+    maintenance.sweep()
+    assert _drain(broker)[2:] == [urgent.id]
