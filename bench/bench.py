@@ -181,11 +181,16 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"benchmark failed; process logs kept in {log_dir}", file=sys.stderr)
+    print_report("mp4totext benchmark", rows)
+    return 0
+
+
+def print_report(title: str, rows: list[tuple[str, str]]) -> None:
+    """The figures as an aligned table under ``title``, the date and the CPU count (bench/speed.py too)."""
     width = max(len(k) for k, _ in rows)
-    print("\nmp4totext benchmark (" + time.strftime("%Y-%m-%d %H:%M") + f", {os.cpu_count()} CPUs)")
+    print(f"\n{title} (" + time.strftime("%Y-%m-%d %H:%M %Z") + f", {os.cpu_count()} CPUs)")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    return 0
 
 
 def embedded_figures(env: dict[str, str], tmp: pathlib.Path, log_dir: pathlib.Path, speech: str, bare: float,

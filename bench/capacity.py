@@ -137,6 +137,17 @@ class Cpu:
                 "server_cores": server / wall, "machine_cores": machine / wall}
 
 
+def run_threads(cpu: Cpu, target: Callable[[int], None], threads: int) -> dict[str, float]:
+    """``target(k)`` on ``threads`` threads, all joined, with ``cpu`` measuring around them."""
+    cpu.start()
+    ts = [threading.Thread(target=target, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return cpu.stop()
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return 0.0
@@ -662,14 +673,7 @@ def bench_broker(seconds: float) -> dict[str, Any]:
                     queue.enqueue("transcribe", new_id(), 5)
                     counts[k] += 1
 
-            cpu = Cpu(("beam.smp",))
-            cpu.start()
-            ts = [threading.Thread(target=publisher, args=(k,)) for k in range(threads)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            used = cpu.stop()
+            used = run_threads(Cpu(("beam.smp",)), publisher, threads)
             n = sum(counts)
             publish.append({"threads": threads, "count": n, "rate_per_s": n / used["wall_s"],
                             "rabbit_cpu_ms_per_msg": used["server_cpu_s"] / n * 1e3,
@@ -700,13 +704,7 @@ def bench_broker(seconds: float) -> dict[str, Any]:
                 c.close()
 
         cpu = Cpu(("beam.smp",))
-        cpu.start()
-        ts = [threading.Thread(target=consumer, args=(k,)) for k in range(4)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        used = cpu.stop()
+        used = run_threads(cpu, consumer, 4)
         n = sum(consumed)
         busy_s = max(last) - cpu.t0  # to the last message (the queue may empty before the time is up)
         out["consume"] = {"consumers": 4, "prefetch": 4, "waiting": waiting, "count": n,
@@ -796,14 +794,7 @@ def bench_s3(seconds: float, tmp: pathlib.Path) -> dict[str, Any]:
                     counts[k] += 1
                     i += 1
 
-            cpu = Cpu(pids=[server.proc.pid])
-            cpu.start()
-            ts = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-            for th in ts:
-                th.start()
-            for th in ts:
-                th.join()
-            used = cpu.stop()
+            used = run_threads(Cpu(pids=[server.proc.pid]), worker, threads)
             n = sum(counts)
             flat = [x for lst in lat for x in lst]
             return {"threads": threads, "count": n, "rate_per_s": n / used["wall_s"], "p50_ms": pct(flat, 0.5) * 1e3,

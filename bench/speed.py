@@ -232,10 +232,7 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"benchmark failed; process logs kept in {log_dir}", file=sys.stderr)
-        width = max(len(k) for k, _ in rows)
-        print("\nmp4totext speed benchmark (" + time.strftime("%Y-%m-%d %H:%M %Z") + f", {os.cpu_count()} CPUs)")
-        for k, v in rows:
-            print(f"  {k:<{width}}  {v}")
+        base_bench.print_report("mp4totext speed benchmark", rows)
     return 0
 
 
