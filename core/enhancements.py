@@ -82,8 +82,10 @@ def request(job_id: str, tenant_id: str, wanted: list[EnhancementRequest], reque
                                               language=w.language.lower(), request_id=request_id)
                     existing[w.key] = item
                 elif item.state in (EnhancementState.FAILED, EnhancementState.CANCELLED):
+                    # runs afresh (its time limit too); the warning of the failure it replaces goes
+                    job.warnings = [w for w in job.warnings or [] if not w.startswith(_failed_prefix(item))]
                     item.state, item.error_reason, item.error_message = EnhancementState.PENDING, "", ""
-                    item.attempts, item.cancel_requested, item.end_time = 0, False, None
+                    item.attempts, item.cancel_requested, item.end_time, item.start_time = 0, False, None, None
                     item.request_id, item.update_time = request_id, utcnow()
                     item.save()
                 else:  # waiting or running: asked again, a cancel requested for it no longer holds
@@ -227,10 +229,14 @@ def _end(item: Enhancement, job: Transcription | None, state: str, reason: str, 
     if job is None or not bump:
         return
     if state == EnhancementState.FAILED:
-        what = f"{item.kind.lower().replace('_', ' ')}{' (' + item.language + ')' if item.language else ''}"
-        warning = f"{what} failed, the transcript is unaffected: {message}"
+        warning = f"{_failed_prefix(item)} {message}"
         job.warnings = list(dict.fromkeys([*(job.warnings or []), warning]))
     jobs._bump(job, f"{item.kind} {state}")
+
+
+def _failed_prefix(item: Enhancement) -> str:
+    what = f"{item.kind.lower().replace('_', ' ')}{' (' + item.language + ')' if item.language else ''}"
+    return f"{what} failed, the transcript is unaffected:"
 
 
 def finish(item_id: str, message_id: str | None, state: str, reason: str = "", message: str = "",

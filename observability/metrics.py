@@ -62,7 +62,9 @@ AI_ITEMS_FINISHED = Counter("mp4t_ai_items_finished_total", "AI items (clean-up,
 LLM_TOKENS = Counter("mp4t_llm_tokens_total", "LLM tokens used, by model and direction (prompt, completion).",
                      ["model", "direction"])
 LLM_REQUESTS = Counter("mp4t_llm_requests_total", "LLM requests by outcome (ok, invalid_output, rate_limited, "
-                       "server_error, timeout, connection, refused).", ["model", "outcome"])
+                       "quota_exhausted, server_error, timeout, connection, refused).", ["model", "outcome"])
+LLM_RESPONSES = Counter("mp4t_llm_responses_total", "HTTP answers of the LLM server by status code, the client's own "
+                        "retries included (429: rate limited; 5xx: server errors).", ["model", "code"])
 LLM_LATENCY = Histogram("mp4t_llm_request_seconds", "LLM request latency (client retries included).", ["model"],
                         buckets=LATENCY_BUCKETS)
 MODEL_LOAD = Gauge("mp4t_model_load_seconds", "Time the last model load took.", ["kind", "model"])

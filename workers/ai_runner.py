@@ -1,20 +1,32 @@
 """The runner of AI items (actor ``enhance``, queue ``default``): claims an item for its message,
 runs the pure stage (workers.stages.enhance) with the stored chunks, and ends the item.
 
+Stopping is cooperative: a thread beside the item (``Stop``) renews its claim and notes a
+cancel, a lost claim or the time limit; the item checks before each request and after each
+stored chunk, and every request's timeout ends by the item's deadline. Nothing is raised inside
+the item's thread from outside, so an answer that arrives is always recorded (it was paid for)
+and a concurrency slot is always given back. The time limit is the item's, counted from its
+first start (redeliveries do not restart it).
+
 Failure policy, as for the optional job stages (workers.pipeline):
-- cancelled by the client (checked between chunks, and by the watchdog): CANCELLED;
+- cancelled by the client (checked between chunks): CANCELLED;
 - an outage of our own infrastructure: released uncounted, Dramatiq retries with backoff;
 - the LLM server unreachable, overloaded or failing after the client's own retries: released,
-  retried by Dramatiq with backoff until the item's attempts reach ``MP4T_LLM_MAX_ATTEMPTS``;
+  retried by Dramatiq with backoff (at least the server's Retry-After) until the item's attempts
+  reach ``MP4T_LLM_MAX_ATTEMPTS``; an outage shorter than ``MP4T_OUTAGE_BUDGET_S`` since the
+  item last made progress counts no attempt;
 - an invalid answer after a repair, a refused request, the time limit: FAILED at once.
 A failed item never touches the transcript: the job stays SUCCEEDED and gets a warning.
 """
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import threading
 import time
 from typing import Any
 
+import dramatiq
 import structlog
 
 from core import enhancements, runtime
@@ -24,13 +36,15 @@ from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, TranscriptResult
 from mp4totext.enhancements import EnhancementKind, EnhancementState, TokenUsage
 from observability import tracing
-from storage.db import Enhancement, connection, drop_broken_connection, utcnow
+from storage.db import Enhancement, EnhancementChunk, connection, drop_broken_connection, utcnow
 from workers.pipeline import Cancelled, JobTimeout, finished, message_id
 from workers.stages import enhance
-from workers.stages.llm import LLM, LLMError, LLMOutputError, transient
-from workers.watchdog import Watchdog
+from workers.stages import llm as llm_stage
+from workers.stages.llm import LLM, LLMConfigError, LLMDeadline, LLMError, LLMOutputError, transient
 
 log = structlog.get_logger(__name__)
+
+MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is waited this long (the stuck-item sweep comes after 30 min)
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,23 +53,62 @@ def llm_for(s: Settings) -> LLM:
     return LLM(s)
 
 
+class Stop:
+    """Cooperative stop of one item: a thread renews the claim every ``MP4T_CANCEL_POLL_S`` and
+    notes a cancel or a lost claim; ``check()`` (the item's thread, between steps) raises it, or
+    JobTimeout past the deadline. ``with Stop(...) as stop:`` runs the requests under the deadline."""
+
+    def __init__(self, item_id: str, msg_id: str, deadline: float, s: Settings) -> None:
+        self.item_id, self.msg_id, self.deadline, self.s = item_id, msg_id, deadline, s
+        self.reason: type[BaseException] | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="ai-item-stop", daemon=True)
+        self._deadline_cm = llm_stage.deadline(deadline)
+
+    def __enter__(self) -> "Stop":
+        self._thread.start()
+        self._deadline_cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._deadline_cm.__exit__(None, None, None)
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.s.cancel_poll_s):
+            try:
+                self.reason = _stop_reason(self.item_id, self.msg_id, self.s.lease_s) or self.reason
+            except Exception as exc:  # noqa: BLE001 - an outage: the item meets it itself
+                log.warning("ai_stop_check_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise self.reason()
+        if time.monotonic() >= self.deadline:
+            raise JobTimeout()
+
+
 class StoredChunks:
     """``enhance.Chunks`` on the database: each answer saved with its usage as it arrives."""
 
-    def __init__(self, item_id: str, msg_id: str, model: str) -> None:
-        self.item_id, self.msg_id, self.model = item_id, msg_id, model
+    def __init__(self, item_id: str, msg_id: str, model: str, stop: Stop) -> None:
+        self.item_id, self.msg_id, self.model, self.stop = item_id, msg_id, model, stop
         self.stored: dict[str, Any] = enhancements.stored_chunks(item_id)
 
     def put(self, key: str, value: Any, usage: TokenUsage, done: int, total: int) -> None:
         if enhancements.save_chunk(self.item_id, self.msg_id, key, value, usage, self.model, done, total):
             raise Cancelled()
         self.stored[key] = value
+        self.stop.check()
 
     def progress(self, done: int, total: int) -> None:
         if enhancements.set_progress(self.item_id, self.msg_id, done, total):
             raise Cancelled()
+        self.stop.check()
 
     def request(self) -> None:
+        self.stop.check()
         enhancements.count_request(self.item_id, self.msg_id)
 
     def spent(self, usage: TokenUsage) -> None:
@@ -73,12 +126,24 @@ def _stop_reason(item_id: str, msg_id: str, lease_s: float) -> type[BaseExceptio
 
 
 def _outage_budget_left(item_id: str, s: Settings) -> bool:
-    """Whether the item started less than MP4T_OUTAGE_BUDGET_S ago (an LLM outage shorter than
-    that fails nothing; after it, each try counts toward MP4T_LLM_MAX_ATTEMPTS)."""
+    """Whether the item made progress (started, or stored a chunk) less than MP4T_OUTAGE_BUDGET_S
+    ago: an LLM outage shorter than that fails nothing, however long the item has run; after it,
+    each try counts toward MP4T_LLM_MAX_ATTEMPTS."""
     with connection():
         row = Enhancement.select(Enhancement.start_time).where(Enhancement.id == item_id).first()
-    return row is not None and row.start_time is not None and \
-        (utcnow() - row.start_time).total_seconds() < s.outage_budget_s
+        last_chunk = (EnhancementChunk.select(EnhancementChunk.create_time)
+                      .where(EnhancementChunk.enhancement == item_id)
+                      .order_by(EnhancementChunk.create_time.desc()).scalar())
+    if row is None or row.start_time is None:
+        return False
+    progress = max(row.start_time, last_chunk) if last_chunk is not None else row.start_time
+    return (utcnow() - progress).total_seconds() < s.outage_budget_s
+
+
+def _deadline(start_time: dt.datetime | None, s: Settings) -> float:
+    """The item's deadline on this process's monotonic clock: MP4T_AI_TIME_LIMIT_S after its first start."""
+    ran = (utcnow() - start_time).total_seconds() if start_time is not None else 0.0
+    return time.monotonic() + s.ai_time_limit_s - max(0.0, ran)
 
 
 def run_enhancement(item_id: str) -> None:
@@ -102,12 +167,14 @@ def run_enhancement(item_id: str) -> None:
     started = time.monotonic()
     try:
         llm = llm_for(s)
-        chunks = StoredChunks(item_id, msg_id, llm.model)
         budget = enhance.Budget(s.llm_context_tokens, s.llm_max_output_tokens)
-        with Watchdog(started + s.ai_time_limit_s, lambda: _stop_reason(item_id, msg_id, s.lease_s), s.cancel_poll_s,
-                      timeout=JobTimeout):
-            out = enhance.run(kind, result, language, llm, chunks, budget)
+        with Stop(item_id, msg_id, _deadline(item.start_time, s), s) as stop:
+            stop.check()  # a redelivery past the item's time limit does not start again
+            out = enhance.run(kind, result, language, llm, StoredChunks(item_id, msg_id, llm.model, stop), budget)
     except BaseException as exc:  # noqa: BLE001 - classified below; Dramatiq's own exits re-raised there
+        if isinstance(exc, Exception) and not isinstance(exc, (Cancelled, LostClaim)) and \
+                time.monotonic() >= _deadline(item.start_time, s):
+            exc = JobTimeout()  # whatever the last request did, the item's time is up
         _failed(item_id, msg_id, exc, item.attempts, s, started)
         return
     written_in = result.language if kind == EnhancementKind.CLEANUP else language  # a clean-up keeps the language
@@ -116,16 +183,18 @@ def run_enhancement(item_id: str) -> None:
 
 
 def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Settings, started: float) -> None:
-    if isinstance(exc, Cancelled):
-        enhancements.finish(item_id, None, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
+    if isinstance(exc, Cancelled):  # only while this message holds it (the client may have asked again since)
+        enhancements.finish(item_id, msg_id, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
         finished("enhance", "cancelled", started)
         return
     if isinstance(exc, LostClaim):
         finished("enhance", "lost_claim", started)
         return
     error = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, JobTimeout):
+    if isinstance(exc, (JobTimeout, LLMDeadline)):
         final = "TIME_LIMIT", f"the AI item exceeded the time limit of {s.ai_time_limit_s} s (MP4T_AI_TIME_LIMIT_S)"
+    elif isinstance(exc, LLMConfigError):
+        final = "CONTEXT_TOO_SMALL", str(exc)
     elif isinstance(exc, LLMError):
         final = "LLM_OUTPUT_INVALID" if isinstance(exc, LLMOutputError) else "LLM_REFUSED", str(exc)
     elif is_infrastructure(exc):
@@ -137,11 +206,11 @@ def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Set
         # the LLM server is down or overloaded: wait it out uncounted, as an outage of our own services
         enhancements.release_for_retry(item_id, msg_id, error, outage=True)
         finished("enhance", "llm_unavailable", started, level="warning", error=error, retrying=True)
-        raise exc
+        raise _again(exc)
     elif isinstance(exc, Exception) and attempts < s.llm_max_attempts:
         enhancements.release_for_retry(item_id, msg_id, error)
         finished("enhance", "error", started, level="warning", error=error, retrying=True)
-        raise exc
+        raise _again(exc)
     elif isinstance(exc, Exception):
         why = "the LLM server could not be reached or kept failing" if transient(exc) else "it kept failing"
         final = "ATTEMPTS_EXHAUSTED", f"{why} ({attempts} attempts); last error: {error}"
@@ -151,3 +220,13 @@ def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Set
     enhancements.finish(item_id, msg_id, EnhancementState.FAILED, reason, message)
     tracing.set_attributes(**{"mp4t.error": message})
     finished("enhance", reason.lower(), started, level="warning", error=message)
+
+
+def _again(exc: Exception) -> BaseException:
+    """What to raise for Dramatiq's retry: the error itself (its backoff), or, when the server said
+    how long to wait (Retry-After beyond what the client waits itself), a Retry delayed that long."""
+    wait_s = llm_stage.retry_after_s(exc)
+    if wait_s is None or wait_s <= 0:
+        return exc
+    wait_s = min(wait_s, MAX_RETRY_AFTER_S)
+    return dramatiq.Retry(f"the LLM server asked to wait {wait_s:g} s: {exc}", delay=int(wait_s * 1000))

@@ -84,9 +84,10 @@ class Worker:
         actors.register(broker, settings)
         queues, capabilities, self.diarization_unavailable = _capabilities(settings, queues, optional_diarization)
         self.worker = dramatiq.Worker(broker, queues=set(queues), worker_threads=threads)
-        # One unacked message per consumer: a crashed worker holds nothing hostage and
-        # priorities apply across workers.
-        self.worker.queue_prefetch = 1
+        # As many unacked messages per queue as threads (a worker takes no more than it can run:
+        # priorities apply across workers, a crash redelivers only what was running). With 1 (until
+        # 2026-11-25) the threads of a one-queue worker ran one message at a time.
+        self.worker.queue_prefetch = threads
         self.worker.start()
         self.registration = registry.Registration(queues, capabilities, settings.worker_heartbeat_s)
         self.stopping = threading.Event()

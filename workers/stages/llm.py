@@ -8,12 +8,16 @@
 - Retries with backoff on 408/409/429/5xx, timeouts and connection errors are the client's own
   (``max_retries``; it honours Retry-After). What still fails is ``transient`` for the runner.
 - At most ``MP4T_LLM_MAX_CONCURRENCY`` requests in flight per process.
+- A deadline (``deadline``, the item's time limit) bounds each request's timeout; near it the
+  client retries no more (a request never runs far past the deadline).
 - Tokens are counted, not guessed: the server's own tokenizer where it has an endpoint for it
   (llama.cpp, llama-cpp-python, vLLM), else the UTF-8 byte count, which bounds any byte-level
   BPE tokenizer's count from above (chunks come out smaller, never truncated).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -21,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import openai
 import structlog
@@ -44,6 +48,14 @@ class LLMOutputError(LLMError):
     """The model's answer did not match the schema, even after one repair."""
 
 
+class LLMConfigError(LLMError):
+    """The configuration cannot work for this item (a context window too small for the prompt)."""
+
+
+class LLMDeadline(Exception):
+    """The item's time limit came before this request could be sent (the runner ends the item)."""
+
+
 class LLMUnreachable(Exception):
     """The LLM server did not answer (transient: the item is tried again later)."""
 
@@ -55,8 +67,45 @@ class Answer:
     requests: int
 
 
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("llm_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(at_monotonic: float) -> Iterator[None]:
+    """Requests sent inside (this thread) end by ``at_monotonic`` (time.monotonic())."""
+    token = _DEADLINE.set(at_monotonic)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """The wait a server asked for with its refusal (Retry-After / retry-after-ms), if any."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    try:
+        if headers.get("retry-after-ms"):
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        if headers.get("retry-after"):
+            return max(0.0, float(headers["retry-after"]))
+    except ValueError:  # an HTTP date: rare for APIs; the backoff applies
+        return None
+    return None
+
+
+def _quota_gone(exc: BaseException) -> bool:
+    """OpenAI's 429 for an account without credit: waiting does not help."""
+    return isinstance(exc, openai.APIStatusError) and exc.status_code == 429 and \
+        getattr(exc, "code", None) == "insufficient_quota"
+
+
 def transient(exc: BaseException) -> bool:
     """A failure that may pass (server down, overloaded, slow): the runner retries the item later."""
+    if _quota_gone(exc):
+        return False
     if isinstance(exc, (LLMUnreachable, openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError,
                         openai.InternalServerError)):
         return True
@@ -65,6 +114,8 @@ def transient(exc: BaseException) -> bool:
 
 
 def _outcome(exc: BaseException) -> str:
+    if _quota_gone(exc):
+        return "quota_exhausted"
     if isinstance(exc, openai.RateLimitError):
         return "rate_limited"
     if isinstance(exc, openai.APITimeoutError):
@@ -159,8 +210,14 @@ class LLM:
             raise LLMError("no LLM is configured: set MP4T_LLM_MODEL (and MP4T_LLM_BASE_URL, MP4T_LLM_API_KEY)")
         self.s = s
         self.model = s.llm_model
+        answered = metrics.LLM_RESPONSES.labels  # every HTTP answer, the client's own retries included
+
+        def count(resp: Any) -> None:  # the client's httpx Response
+            answered(self.model, str(resp.status_code)).inc()
+
         self.client = openai.OpenAI(base_url=s.llm_base_url or None, api_key=s.llm_api_key or "not-needed",
-                                    timeout=s.llm_timeout_s, max_retries=s.llm_max_retries)
+                                    timeout=s.llm_timeout_s, max_retries=s.llm_max_retries,
+                                    http_client=openai.DefaultHttpxClient(event_hooks={"response": [count]}))
         self.count = TokenCounter(s.llm_base_url, s.llm_model, s.llm_tokenizer)
         self.mode = s.llm_json_mode if s.llm_json_mode in MODES else "json_schema"
         self.auto = s.llm_json_mode == "auto"
@@ -174,6 +231,15 @@ class LLM:
 
     def prompt_tokens(self, *texts: str) -> int:
         return sum(self.count(t) + MESSAGE_OVERHEAD for t in texts)
+
+    @property
+    def schema_in_prompt(self) -> bool:
+        """Whether a request's schema may travel in its system prompt (JSON mode, prompt only; and
+        while ``auto`` has not yet found what the server takes): its tokens count then."""
+        return self.mode != "json_schema" or (self.auto and not self.confirmed)
+
+    def schema_tokens(self, schema: dict[str, Any]) -> int:
+        return self.count(json.dumps(schema)) + 24 if self.schema_in_prompt else 0
 
     def _format(self, name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
         # Length bounds stay out of what the server gets (strict mode refuses them, and llama.cpp's
@@ -196,6 +262,18 @@ class LLM:
             system = f"{system}\n\nAnswer with one JSON object that follows this JSON schema:\n{json.dumps(schema)}"
         return [{"role": "system", "content": system}, *user]
 
+    def _client(self, probing: bool) -> openai.OpenAI:
+        """The client for one request: the item's deadline bounds its timeout, and near the
+        deadline the client does not retry (the runner decides then)."""
+        end = _DEADLINE.get()
+        if end is None:
+            return self.client.with_options(max_retries=0) if probing else self.client
+        left = end - time.monotonic()
+        if left <= 0:
+            raise LLMDeadline("the item's time limit was reached")
+        retries = 0 if probing or left < 2 * self.s.llm_timeout_s else self.s.llm_max_retries
+        return self.client.with_options(timeout=min(self.s.llm_timeout_s, left), max_retries=retries)
+
     def _send(self, system: str, user: list[dict[str, str]], name: str, schema: dict[str, Any],
               max_tokens: int, temperature: float) -> Any:
         while True:
@@ -203,15 +281,16 @@ class LLM:
             messages = self._messages(system, user, schema)
             fmt = self._format(name, schema)
             extra = {"response_format": fmt} if fmt else {}
-            started = time.monotonic()
             probing = self.auto and not self.confirmed and mode != "none"
             # While auto mode is finding out what the server takes, a refusal is not retried (some
             # servers answer an unknown response_format with a 500).
-            client = self.client.with_options(max_retries=0) if probing else self.client
+            client = self._client(probing)
+            started = time.monotonic()
             try:
                 with self.slots, tracing.stage_span("llm chat completion", **{
                         "gen_ai.system": "openai", "gen_ai.request.model": self.model,
                         "gen_ai.request.max_tokens": max_tokens, "mp4t.llm.json_mode": mode}) as span:
+                    started = time.monotonic()  # latency of the request, not of the wait for a slot
                     resp = client.chat.completions.create(
                         model=self.model, messages=messages, max_tokens=max_tokens,
                         temperature=temperature, **extra)
@@ -224,6 +303,9 @@ class LLM:
                     self._step_down(mode, exc)
                     continue
                 metrics.LLM_REQUESTS.labels(self.model, _outcome(exc)).inc()
+                if _quota_gone(exc):
+                    raise LLMError(f"the LLM provider says the account has no quota left (429 insufficient_quota): "
+                                   f"add credit or set another MP4T_LLM_API_KEY; {exc}") from exc
                 if not transient(exc):
                     raise LLMError(f"the LLM server refused the request ({exc.status_code}): {exc}") from exc
                 raise
