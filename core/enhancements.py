@@ -86,6 +86,7 @@ def request(job_id: str, tenant_id: str, wanted: list[EnhancementRequest], reque
                     job.warnings = [w for w in job.warnings or [] if not w.startswith(_failed_prefix(item))]
                     item.state, item.error_reason, item.error_message = EnhancementState.PENDING, "", ""
                     item.attempts, item.cancel_requested, item.end_time, item.start_time = 0, False, None, None
+                    item.run_seconds = 0.0
                     item.request_id, item.update_time = request_id, utcnow()
                     item.save()
                 else:  # waiting or running: asked again, a cancel requested for it no longer holds
@@ -254,10 +255,12 @@ def finish(item_id: str, message_id: str | None, state: str, reason: str = "", m
     return True
 
 
-def release_for_retry(item_id: str, message_id: str, error: str, outage: bool = False) -> None:
-    """A transient failure: give the item back for the next delivery (an outage's attempt is not counted)."""
+def release_for_retry(item_id: str, message_id: str, error: str, outage: bool = False, ran_s: float = 0.0) -> None:
+    """A transient failure: give the item back for the next delivery (an outage's attempt is not
+    counted; the ``ran_s`` seconds this delivery ran are, toward the item's time limit)."""
     with connection():
         Enhancement.update(claim_message_id=None, error_message=error, update_time=utcnow(),
+                           run_seconds=Enhancement.run_seconds + max(0.0, ran_s),
                            attempts=Enhancement.attempts - (1 if outage else 0)).where(
             Enhancement.id == item_id, Enhancement.claim_message_id == message_id).execute()
 

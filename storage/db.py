@@ -159,6 +159,7 @@ class Enhancement(BaseModel):
     claim_message_id = pw.CharField(max_length=64, null=True)
     heartbeat_time = pw.DateTimeField(null=True)
     cancel_requested = pw.BooleanField(default=False)
+    run_seconds = pw.DoubleField(default=0.0)  # time its deliveries ran, summed (MP4T_AI_TIME_LIMIT_S bounds it)
     result = JSONField(null=True)
     create_time = pw.DateTimeField(default=utcnow)
     update_time = pw.DateTimeField(default=utcnow)

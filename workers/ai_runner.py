@@ -5,8 +5,9 @@ Stopping is cooperative: a thread beside the item (``Stop``) renews its claim an
 cancel, a lost claim or the time limit; the item checks before each request and after each
 stored chunk, and every request's timeout ends by the item's deadline. Nothing is raised inside
 the item's thread from outside, so an answer that arrives is always recorded (it was paid for)
-and a concurrency slot is always given back. The time limit is the item's, counted from its
-first start (redeliveries do not restart it).
+and a concurrency slot is always given back. The time limit is the item's: the time its
+deliveries ran, summed (a redelivery goes on with what is left; time waiting in the queue or
+for an LLM outage to pass does not count).
 
 Failure policy, as for the optional job stages (workers.pipeline):
 - cancelled by the client (checked between chunks): CANCELLED;
@@ -20,7 +21,6 @@ A failed item never touches the transcript: the job stays SUCCEEDED and gets a w
 """
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import threading
 import time
@@ -28,6 +28,9 @@ from typing import Any
 
 import dramatiq
 import structlog
+from dramatiq.common import compute_backoff
+from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 
 from core import enhancements, runtime
 from core.failures import is_infrastructure
@@ -77,8 +80,9 @@ class Stop:
 
     def _watch(self) -> None:
         while not self._done.wait(self.s.cancel_poll_s):
-            try:
-                self.reason = _stop_reason(self.item_id, self.msg_id, self.s.lease_s) or self.reason
+            try:  # the latest word: a cancel the client withdrew (asked again) no longer stops it
+                reason = _stop_reason(self.item_id, self.msg_id, self.s.lease_s)
+                self.reason = LostClaim if self.reason is LostClaim else reason
             except Exception as exc:  # noqa: BLE001 - an outage: the item meets it itself
                 log.warning("ai_stop_check_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -140,10 +144,10 @@ def _outage_budget_left(item_id: str, s: Settings) -> bool:
     return (utcnow() - progress).total_seconds() < s.outage_budget_s
 
 
-def _deadline(start_time: dt.datetime | None, s: Settings) -> float:
-    """The item's deadline on this process's monotonic clock: MP4T_AI_TIME_LIMIT_S after its first start."""
-    ran = (utcnow() - start_time).total_seconds() if start_time is not None else 0.0
-    return time.monotonic() + s.ai_time_limit_s - max(0.0, ran)
+def _deadline(started: float, ran_s: float, s: Settings) -> float:
+    """The item's deadline on this process's monotonic clock: MP4T_AI_TIME_LIMIT_S of running,
+    less what its earlier deliveries ran."""
+    return started + s.ai_time_limit_s - max(0.0, ran_s)
 
 
 def run_enhancement(item_id: str) -> None:
@@ -168,13 +172,15 @@ def run_enhancement(item_id: str) -> None:
     try:
         llm = llm_for(s)
         budget = enhance.Budget(s.llm_context_tokens, s.llm_max_output_tokens)
-        with Stop(item_id, msg_id, _deadline(item.start_time, s), s) as stop:
+        deadline = _deadline(started, item.run_seconds or 0.0, s)
+        with Stop(item_id, msg_id, deadline, s) as stop:
             stop.check()  # a redelivery past the item's time limit does not start again
             out = enhance.run(kind, result, language, llm, StoredChunks(item_id, msg_id, llm.model, stop), budget)
     except BaseException as exc:  # noqa: BLE001 - classified below; Dramatiq's own exits re-raised there
-        if isinstance(exc, Exception) and not isinstance(exc, (Cancelled, LostClaim)) and \
-                time.monotonic() >= _deadline(item.start_time, s):
-            exc = JobTimeout()  # whatever the last request did, the item's time is up
+        if isinstance(exc, Exception) and not isinstance(exc, (Cancelled, LostClaim, JobTimeout)) and \
+                time.monotonic() >= deadline:
+            # whatever the last request did (its timeout was cut to the deadline), the item's time is up
+            exc = JobTimeout(f"last error: {type(exc).__name__}: {exc}")
         _failed(item_id, msg_id, exc, item.attempts, s, started)
         return
     written_in = result.language if kind == EnhancementKind.CLEANUP else language  # a clean-up keeps the language
@@ -191,26 +197,28 @@ def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Set
         finished("enhance", "lost_claim", started)
         return
     error = f"{type(exc).__name__}: {exc}"
+    ran = time.monotonic() - started
     if isinstance(exc, (JobTimeout, LLMDeadline)):
-        final = "TIME_LIMIT", f"the AI item exceeded the time limit of {s.ai_time_limit_s} s (MP4T_AI_TIME_LIMIT_S)"
+        final = "TIME_LIMIT", (f"the AI item ran longer than its time limit of {s.ai_time_limit_s} s "
+                               f"(MP4T_AI_TIME_LIMIT_S){'; ' + str(exc) if str(exc) else ''}")
     elif isinstance(exc, LLMConfigError):
         final = "CONTEXT_TOO_SMALL", str(exc)
     elif isinstance(exc, LLMError):
         final = "LLM_OUTPUT_INVALID" if isinstance(exc, LLMOutputError) else "LLM_REFUSED", str(exc)
     elif is_infrastructure(exc):
         drop_broken_connection()
-        enhancements.release_for_retry(item_id, msg_id, error, outage=True)
+        enhancements.release_for_retry(item_id, msg_id, error, outage=True, ran_s=ran)
         finished("enhance", "outage", started, level="warning", error=error, retrying=True)
         raise exc
     elif isinstance(exc, Exception) and transient(exc) and _outage_budget_left(item_id, s):
         # the LLM server is down or overloaded: wait it out uncounted, as an outage of our own services
-        enhancements.release_for_retry(item_id, msg_id, error, outage=True)
+        enhancements.release_for_retry(item_id, msg_id, error, outage=True, ran_s=ran)
         finished("enhance", "llm_unavailable", started, level="warning", error=error, retrying=True)
-        raise _again(exc)
+        raise _again(exc, s, _retries())
     elif isinstance(exc, Exception) and attempts < s.llm_max_attempts:
-        enhancements.release_for_retry(item_id, msg_id, error)
+        enhancements.release_for_retry(item_id, msg_id, error, ran_s=ran)
         finished("enhance", "error", started, level="warning", error=error, retrying=True)
-        raise _again(exc)
+        raise _again(exc, s, _retries())
     elif isinstance(exc, Exception):
         why = "the LLM server could not be reached or kept failing" if transient(exc) else "it kept failing"
         final = "ATTEMPTS_EXHAUSTED", f"{why} ({attempts} attempts); last error: {error}"
@@ -222,11 +230,19 @@ def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Set
     finished("enhance", reason.lower(), started, level="warning", error=message)
 
 
-def _again(exc: Exception) -> BaseException:
-    """What to raise for Dramatiq's retry: the error itself (its backoff), or, when the server said
-    how long to wait (Retry-After beyond what the client waits itself), a Retry delayed that long."""
+def _again(exc: Exception, s: Settings, retries: int) -> BaseException:
+    """What to raise for Dramatiq's retry: the error itself (its backoff), or, when the server
+    asked for a longer wait (Retry-After), a Retry delayed that long (the backoff at least: the
+    actor's retries are sized for it)."""
     wait_s = llm_stage.retry_after_s(exc)
     if wait_s is None or wait_s <= 0:
         return exc
-    wait_s = min(wait_s, MAX_RETRY_AFTER_S)
-    return dramatiq.Retry(f"the LLM server asked to wait {wait_s:g} s: {exc}", delay=int(wait_s * 1000))
+    _, backoff_ms = compute_backoff(retries, factor=s.retry_min_backoff_ms,
+                                    max_backoff=min(s.retry_max_backoff_ms, DEFAULT_MAX_BACKOFF))
+    delay_ms = max(int(min(wait_s, MAX_RETRY_AFTER_S) * 1000), backoff_ms)
+    return dramatiq.Retry(f"the LLM server asked to wait {wait_s:g} s: {exc}", delay=delay_ms)
+
+
+def _retries() -> int:
+    msg = CurrentMessage.get_current_message()
+    return int(msg.options.get("retries", 0)) if msg is not None else 0

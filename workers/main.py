@@ -77,17 +77,18 @@ class Worker:
         unknown = set(queues) - set(QUEUES)
         if unknown:
             raise SystemExit(f"unknown queue(s) {sorted(unknown)}; choose from {', '.join(QUEUES)}")
-        if not settings.resolved_database_url.startswith("sqlite") and threads + 2 > settings.database_pool_size:
-            raise SystemExit(f"{threads} worker threads need a database pool of at least {threads + 2} connections "
-                             "(each thread holds one for a whole message; the heartbeat and outbox relay use more): "
+        if not settings.resolved_database_url.startswith("sqlite") and 2 * threads + 2 > settings.database_pool_size:
+            raise SystemExit(f"{threads} worker threads need a database pool of at least {2 * threads + 2} connections "
+                             "(each thread holds one for a whole message, its stage's watchdog one more at times; the "
+                             "heartbeat and outbox relay use more): "
                              "raise MP4T_DATABASE_POOL_SIZE or lower MP4T_WORKER_THREADS")
         actors.register(broker, settings)
         queues, capabilities, self.diarization_unavailable = _capabilities(settings, queues, optional_diarization)
         self.worker = dramatiq.Worker(broker, queues=set(queues), worker_threads=threads)
-        # As many unacked messages per queue as threads (a worker takes no more than it can run:
-        # priorities apply across workers, a crash redelivers only what was running). With 1 (until
-        # 2026-11-25) the threads of a one-queue worker ran one message at a time.
-        self.worker.queue_prefetch = threads
+        # Unacked messages per queue: the threads shared among its queues (a worker takes no more
+        # than it can run: priorities apply across workers, a crash redelivers only what was
+        # running). With 1 (until 2026-11-25) the threads of a one-queue worker ran one at a time.
+        self.worker.queue_prefetch = max(1, threads // len(queues))
         self.worker.start()
         self.registration = registry.Registration(queues, capabilities, settings.worker_heartbeat_s)
         self.stopping = threading.Event()

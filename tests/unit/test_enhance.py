@@ -250,14 +250,24 @@ def test_requests_end_by_the_items_deadline() -> None:
     import time
 
     from workers.stages import llm as llm_stage
-    model = _llm(llm_timeout_s=120, llm_max_retries=4)
+    model = _llm(llm_timeout_s=120, llm_max_retries=4, llm_max_concurrency=1)
     assert model._client(False) is model.client  # no deadline: the configured timeout and retries
-    with llm_stage.deadline(time.monotonic() + 1000):
+    with llm_stage.deadline(time.monotonic() + 3600):
         far = model._client(False)
     assert far.timeout == 120 and far.max_retries == 4
+    with llm_stage.deadline(time.monotonic() + 610):  # tries of 120 s and waits of up to 120 s: two retries fit
+        mid = model._client(False)
+    assert mid.timeout == 120 and mid.max_retries == 2
     with llm_stage.deadline(time.monotonic() + 30):
         near = model._client(False)
     assert 25 < near.timeout <= 30 and near.max_retries == 0  # ends by the deadline, the runner decides then
+    model.slots.acquire()  # every slot taken (MP4T_LLM_MAX_CONCURRENCY=1): the wait ends at the deadline
+    try:
+        with llm_stage.deadline(time.monotonic() + 0.2), pytest.raises(llm_stage.LLMDeadline, match="slot"):
+            with model._slot():
+                pass
+    finally:
+        model.slots.release()
     with llm_stage.deadline(time.monotonic() - 1), pytest.raises(llm_stage.LLMDeadline):
         model._client(False)
 
@@ -273,15 +283,45 @@ def _refusal(status: int, headers: dict[str, str], body: dict[str, Any]) -> Any:
 def test_retry_after_beyond_the_clients_wait_delays_the_items_retry() -> None:
     import dramatiq
 
+    from mp4totext.config import Settings
     from workers import ai_runner
     from workers.stages.llm import retry_after_s, transient
+    s = Settings(retry_min_backoff_ms=1000, retry_max_backoff_ms=30000)
     slow_down = _refusal(429, {"retry-after": "300"}, {"message": "slow down", "code": "rate_limit_exceeded"})
     assert transient(slow_down) and retry_after_s(slow_down) == 300
-    again = ai_runner._again(slow_down)
+    again = ai_runner._again(slow_down, s, 0)
     assert isinstance(again, dramatiq.Retry) and again.delay == 300_000
-    huge = ai_runner._again(_refusal(503, {"retry-after-ms": "86400000"}, {}))
+    huge = ai_runner._again(_refusal(503, {"retry-after-ms": "86400000"}, {}), s, 0)
     assert isinstance(huge, dramatiq.Retry) and huge.delay == ai_runner.MAX_RETRY_AFTER_S * 1000
+    # a short Retry-After never comes back sooner than the backoff (the actor's retries are sized for it)
+    short = ai_runner._again(_refusal(429, {"retry-after": "1"}, {}), s, 5)
+    assert isinstance(short, dramatiq.Retry) and short.delay >= 15_000
     plain = _refusal(503, {}, {})
-    assert ai_runner._again(plain) is plain  # no wait asked: Dramatiq's backoff
+    assert ai_runner._again(plain, s, 0) is plain  # no wait asked: Dramatiq's backoff
     broke = _refusal(429, {}, {"message": "You exceeded your current quota", "code": "insufficient_quota"})
     assert not transient(broke)  # waiting does not bring credit back: the item fails at once
+
+
+class BlankForOne(ByteCountingModel):
+    """Translates every segment to "x" except segment 1, which it always leaves empty."""
+
+    def ask_json(self, system: str, user: str, name: str, schema: Any, check: Any, max_tokens: int,
+                 **_kw: Any) -> Any:
+        from workers.stages.llm import Answer, LLMOutputError
+        self.requests.append(user)
+        try:
+            value = check({i: "" if i == "1" else "x" for i in schema["required"]})
+        except ValueError as exc:
+            raise LLMOutputError(f"the model's answer did not match the expected JSON after one repair: {exc}") \
+                from None
+        return Answer(value, TokenUsage(prompt_tokens=1, completion_tokens=1), 1)
+
+
+def test_a_segment_the_model_will_not_translate_keeps_its_text() -> None:
+    """An empty translation is refused (repair, then the batch is split); the one segment left
+    empty keeps its own text instead of failing the whole item. A clean-up may empty a segment."""
+    r = _transcript(4)
+    out = enhance.run(EnhancementKind.TRANSLATION, r, "de", BlankForOne(), MemoryChunks(), enhance.Budget(4096, 512))
+    assert [s["text"] for s in out["segments"]] == ["x", r.segments[1].text, "x", "x"]
+    out = enhance.run(EnhancementKind.CLEANUP, r, "en", BlankForOne(), MemoryChunks(), enhance.Budget(4096, 512))
+    assert [s["text"] for s in out["segments"]] == ["x", "", "x", "x"]

@@ -192,7 +192,14 @@ def _segments(kind: EnhancementKind, result: TranscriptResult, language: str, ll
                                   _checker(ids, blank_ok=kind == EnhancementKind.CLEANUP),
                                   budget.output_for(prompt), on_request=chunks.request, shorten=False,
                                   on_usage=chunks.spent)
-        except LLMOutputError:
+        except LLMOutputError as exc:
+            if len(group) == 1 and kind == EnhancementKind.TRANSLATION and "are empty" in str(exc):
+                # a sound or a filler the model will not translate: the segment keeps its own text
+                # (one segment left as it was beats failing the whole translation)
+                done += 1
+                chunks.put(_key("seg", group), {str(group[0].id): group[0].text}, TokenUsage(), done, total)
+                texts[group[0].id] = group[0].text
+                continue
             if len(group) == 1:
                 raise
             half = len(group) // 2

@@ -36,6 +36,7 @@ from observability import metrics, tracing
 
 log = structlog.get_logger(__name__)
 
+RETRY_WAIT_S = 120.0  # the longest wait between tries the openai client takes (a Retry-After up to 2 min)
 MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (generous for common templates)
 MODES = ("json_schema", "json_object", "none")
 
@@ -263,16 +264,31 @@ class LLM:
         return [{"role": "system", "content": system}, *user]
 
     def _client(self, probing: bool) -> openai.OpenAI:
-        """The client for one request: the item's deadline bounds its timeout, and near the
-        deadline the client does not retry (the runner decides then)."""
+        """The client for one request: the item's deadline bounds its timeout, and the client
+        retries only as often as fits before it, each try and each wait (Retry-After, at most
+        RETRY_WAIT_S) taken whole; the runner decides what comes after."""
         end = _DEADLINE.get()
         if end is None:
             return self.client.with_options(max_retries=0) if probing else self.client
         left = end - time.monotonic()
         if left <= 0:
             raise LLMDeadline("the item's time limit was reached")
-        retries = 0 if probing or left < 2 * self.s.llm_timeout_s else self.s.llm_max_retries
-        return self.client.with_options(timeout=min(self.s.llm_timeout_s, left), max_retries=retries)
+        timeout = min(self.s.llm_timeout_s, left)
+        fits = int((left - timeout) // (timeout + RETRY_WAIT_S))
+        retries = 0 if probing else max(0, min(self.s.llm_max_retries, fits))
+        return self.client.with_options(timeout=timeout, max_retries=retries)
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of MP4T_LLM_MAX_CONCURRENCY request slots, waited for no longer than the deadline."""
+        end = _DEADLINE.get()
+        if not self.slots.acquire(timeout=None if end is None else max(0.0, end - time.monotonic())):
+            raise LLMDeadline("the item's time limit came while it waited for a request slot "
+                              "(MP4T_LLM_MAX_CONCURRENCY)")
+        try:
+            yield
+        finally:
+            self.slots.release()
 
     def _send(self, system: str, user: list[dict[str, str]], name: str, schema: dict[str, Any],
               max_tokens: int, temperature: float) -> Any:
@@ -284,12 +300,12 @@ class LLM:
             probing = self.auto and not self.confirmed and mode != "none"
             # While auto mode is finding out what the server takes, a refusal is not retried (some
             # servers answer an unknown response_format with a 500).
-            client = self._client(probing)
             started = time.monotonic()
             try:
-                with self.slots, tracing.stage_span("llm chat completion", **{
+                with self._slot(), tracing.stage_span("llm chat completion", **{
                         "gen_ai.system": "openai", "gen_ai.request.model": self.model,
                         "gen_ai.request.max_tokens": max_tokens, "mp4t.llm.json_mode": mode}) as span:
+                    client = self._client(probing)  # its timeout from what is left after the wait for a slot
                     started = time.monotonic()  # latency of the request, not of the wait for a slot
                     resp = client.chat.completions.create(
                         model=self.model, messages=messages, max_tokens=max_tokens,
