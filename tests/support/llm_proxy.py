@@ -1,5 +1,5 @@
 """A loopback HTTP proxy in front of the real LLM server that behaves as a busy hosted API does:
-answers 429/503 with Retry-After, answers slowly. Every other request is forwarded unchanged to
+answers 429/503 with Retry-After, answers slowly, refuses parameters a model does not take (``refused_params``). Every other request is forwarded unchanged to
 the real server (llama-cpp-python), so the answers the workers get are the model's own.
 
 It records each chat completion it saw (arrival time, status sent back) and the most that were
@@ -31,8 +31,11 @@ class LLMProxy:
         self.upstream = (up.hostname or "127.0.0.1", up.port or 80)
         self.lock = threading.Lock()
         self.delay_s = 0.0
-        self._refusals: list[tuple[int, float | None]] = []
+        self._refusals: list[tuple[int, float | None, str, str | None]] = []  # status, Retry-After, message, param
         self.seen: list[Seen] = []
+        self.bodies: list[dict] = []  # every chat completion's request body
+        # parameter name -> the 400 message a server that does not take it answers with
+        self.refused_params: dict[str, str] = {}
         self.in_flight = 0
         self.max_in_flight = 0
         proxy = self
@@ -58,11 +61,12 @@ class LLMProxy:
     def refuse_next(self, n: int, status: int = 429, retry_after_s: float | None = None) -> None:
         """The next ``n`` chat completions are answered ``status`` (with Retry-After when given)."""
         with self.lock:
-            self._refusals = [(status, retry_after_s)] * n
+            self._refusals = [(status, retry_after_s, "", None)] * n
 
     def reset(self) -> None:
         with self.lock:
             self.delay_s, self._refusals, self.seen, self.max_in_flight = 0.0, [], [], self.in_flight
+            self.bodies, self.refused_params = [], {}
 
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
@@ -74,14 +78,20 @@ class LLMProxy:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             refusal = self._refusals.pop(0) if self._refusals else None
+            sent = json.loads(body or b"{}")
+            self.bodies.append(sent)
+            bad = next((name for name in self.refused_params if name in sent), None)
+            if refusal is None and bad is not None:
+                refusal = (400, None, self.refused_params[bad], bad)
             seen = Seen(time.monotonic(), refusal[0] if refusal else 200)
             self.seen.append(seen)
             delay = self.delay_s
         try:
             if refusal is not None:
-                status, retry_after = refusal
-                msg = json.dumps({"error": {"message": f"injected {status}: slow down", "type": "rate_limit_error",
-                                            "code": status}}).encode()
+                status, retry_after, message, param = refusal
+                error = {"message": message or f"injected {status}: slow down", "code": status,
+                         "type": "invalid_request_error" if param else "rate_limit_error", "param": param}
+                msg = json.dumps({"error": error}).encode()
                 h.send_response(status)
                 if retry_after is not None:
                     h.send_header("Retry-After", f"{retry_after:g}")

@@ -325,3 +325,29 @@ def test_a_segment_the_model_will_not_translate_keeps_its_text() -> None:
     assert [s["text"] for s in out["segments"]] == ["x", r.segments[1].text, "x", "x"]
     out = enhance.run(EnhancementKind.CLEANUP, r, "en", BlankForOne(), MemoryChunks(), enhance.Budget(4096, 512))
     assert [s["text"] for s in out["segments"]] == ["x", "", "x", "x"]
+
+
+def test_a_model_that_refuses_max_tokens_and_temperature_is_asked_without_them(llm_server: Any) -> None:
+    """OpenAI's reasoning models answer 400 to max_tokens (they want max_completion_tokens) and to
+    any temperature but their own: the client learns both from the refusals, once, and goes on.
+    A proxy in front of the real server answers with OpenAI's own messages for those parameters."""
+    from mp4totext.config import Settings
+    from tests.support.llm_proxy import LLMProxy
+    from workers.stages.llm import LLM
+    proxy = LLMProxy(llm_server.base_url)
+    proxy.refused_params = {
+        "max_tokens": "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                      "'max_completion_tokens' instead.",
+        "temperature": "Unsupported value: 'temperature' does not support 0.2 with this model. Only the default (1) "
+                       "value is supported."}
+    try:
+        model = LLM(Settings(llm_base_url=proxy.base_url, llm_model=llm_server.model))
+        answer = model.ask_json("Reply with JSON.", "Say ok.", "ok", {
+            "type": "object", "properties": {"ok": {"type": "string"}}, "required": ["ok"],
+            "additionalProperties": False}, lambda v: v, 40)
+    finally:
+        proxy.stop()
+    assert "ok" in answer.value and model.token_param == "max_completion_tokens" and not model.send_temperature
+    assert [s.status for s in proxy.seen][:2] == [400, 400] and proxy.seen[-1].status == 200, proxy.seen
+    last = proxy.bodies[-1]
+    assert last["max_completion_tokens"] == 40 and "max_tokens" not in last and "temperature" not in last

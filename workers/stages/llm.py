@@ -225,6 +225,27 @@ class LLM:
         self.confirmed = False  # the server took a request in this mode
         self.mode_lock = threading.Lock()
         self.slots = _slots(s.llm_max_concurrency)
+        # OpenAI's reasoning models refuse max_tokens (they want max_completion_tokens) and any
+        # temperature but their own: learnt from the first refusal, once per process.
+        self.token_param = "max_tokens"
+        self.send_temperature = True
+
+    def _adapt(self, exc: openai.APIStatusError) -> bool:
+        """Whether a 400 names a parameter this model does not take that we can do without."""
+        text = str(exc)
+        if exc.status_code != 400:
+            return False
+        with self.mode_lock:
+            if self.token_param == "max_tokens" and "max_tokens" in text and "max_completion_tokens" in text:
+                self.token_param = "max_completion_tokens"
+            elif self.send_temperature and "temperature" in text and (
+                    "nsupported" in text or "does not support" in text):
+                self.send_temperature = False
+            else:
+                return False
+        log.warning("llm_parameter_refused", adapted_to=f"{self.token_param}, temperature "
+                    f"{'sent' if self.send_temperature else 'left to the model'}", error=text[:300])
+        return True
 
     def cost(self, prompt: int, completion: int) -> float:
         return round(prompt / 1000 * self.s.llm_price_prompt_per_1k
@@ -307,14 +328,17 @@ class LLM:
                         "gen_ai.request.max_tokens": max_tokens, "mp4t.llm.json_mode": mode}) as span:
                     client = self._client(probing)  # its timeout from what is left after the wait for a slot
                     started = time.monotonic()  # latency of the request, not of the wait for a slot
-                    resp = client.chat.completions.create(
-                        model=self.model, messages=messages, max_tokens=max_tokens,
-                        temperature=temperature, **extra)
+                    params: dict[str, Any] = {self.token_param: max_tokens}
+                    if self.send_temperature:
+                        params["temperature"] = temperature
+                    resp = client.chat.completions.create(model=self.model, messages=messages, **params, **extra)
                     if resp.usage:
                         span.set_attributes({"gen_ai.usage.input_tokens": resp.usage.prompt_tokens,
                                              "gen_ai.usage.output_tokens": resp.usage.completion_tokens})
                 self.confirmed = True
             except openai.APIStatusError as exc:
+                if self._adapt(exc):
+                    continue
                 if probing and ("response_format" in str(exc) or "json" in str(exc).lower()):
                     self._step_down(mode, exc)
                     continue
