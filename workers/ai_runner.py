@@ -169,10 +169,10 @@ def run_enhancement(item_id: str) -> None:
     tracing.set_attributes(**{"mp4t.job_id": job.id, "mp4t.item_id": item_id, "mp4t.ai.kind": kind.value,
                               "mp4t.ai.language": language, "mp4t.attempt": item.attempts, "mp4t.model": s.llm_model})
     started = time.monotonic()
+    deadline = _deadline(started, item.run_seconds or 0.0, s)
     try:
         llm = llm_for(s)
         budget = enhance.Budget(s.llm_context_tokens, s.llm_max_output_tokens)
-        deadline = _deadline(started, item.run_seconds or 0.0, s)
         with Stop(item_id, msg_id, deadline, s) as stop:
             stop.check()  # a redelivery past the item's time limit does not start again
             out = enhance.run(kind, result, language, llm, StoredChunks(item_id, msg_id, llm.model, stop), budget)
