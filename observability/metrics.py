@@ -40,6 +40,7 @@ RPC_IN_FLIGHT = Gauge("grpc_server_in_flight", "RPCs being handled now.", ["grpc
 # -- uploads
 UPLOAD_BYTES = Counter("mp4t_upload_bytes_total", "Bytes of media stored by completed uploads.")
 UPLOADS = Counter("mp4t_uploads_total", "Upload attempts by outcome.", ["outcome"])
+UPLOADS_IN_PROGRESS = Gauge("mp4t_uploads_in_progress", "Upload streams holding one of this replica's upload slots now.")
 UPLOAD_THROUGHPUT = Histogram("mp4t_upload_throughput_bytes_per_second", "Throughput of completed uploads.",
                               buckets=tuple(2**i * 1024 * 1024 for i in range(-2, 11)))
 UPLOAD_SIZE = Histogram("mp4t_upload_size_bytes", "Size of completed uploads.",

@@ -62,10 +62,12 @@ class UploadSlots:
             slot = Slot(tenant, end)
             self._slots.add(slot)
             self._tenants[tenant] += 1
+            metrics.UPLOADS_IN_PROGRESS.inc()
         try:
             yield slot
         finally:
             with self._lock:
+                metrics.UPLOADS_IN_PROGRESS.dec()
                 self._slots.discard(slot)
                 self._tenants[tenant] -= 1
                 if not self._tenants[tenant]:

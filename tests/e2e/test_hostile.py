@@ -142,6 +142,9 @@ def _rss(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / MiB
 
 
+WARM_UP = 50_000
+
+
 def test_bad_requests_are_one_line_each_and_memory_stays_flat(stack: Stack, key_a: str) -> None:
     """Finding: every request that failed to decode added ~20 KB to server memory for good
     (20,000 one-byte GetMedia bodies without a key: 405 -> 781 MiB) and printed a traceback.
@@ -169,7 +172,10 @@ def test_bad_requests_are_one_line_each_and_memory_stays_flat(stack: Stack, key_
                         assert codes == {grpc.StatusCode.INVALID_ARGUMENT}, codes
                         futures.clear()
 
-            burst(2000)  # warm up: pools, caches, allocator arenas
+            # Warm up: pools, caches, allocator arenas. Measured 2026-11-25 (RSS after each 50,000
+            # after 2,000): 102.6 -> 124.7 -> 129.9 -> 132.4 -> 134.5 MiB: most of the growth is
+            # one-time and comes in the first 50,000, so 2,000 (enough on earlier days) no longer is.
+            burst(WARM_UP)
             before = _rss(proc.pid)
             burst(calls)
             after = _rss(proc.pid)
@@ -178,7 +184,7 @@ def test_bad_requests_are_one_line_each_and_memory_stays_flat(stack: Stack, key_
         proc.stop()
     print(f"\n{calls} bad requests: server RSS {before:.0f} -> {after:.0f} MiB")
     assert after - before < 30, f"memory grew by {after - before:.0f} MiB over {calls} bad requests"
-    assert len(lines) == calls + 2000 and {ln["code"] for ln in lines} == {"INVALID_ARGUMENT"}
+    assert len(lines) == calls + WARM_UP and {ln["code"] for ln in lines} == {"INVALID_ARGUMENT"}
     assert "Traceback" not in proc.log()
 
 
@@ -370,10 +376,11 @@ def test_stalled_upload_streams_cannot_lock_a_replica_out(stack: Stack, db: Any)
             assert got[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and why in got[1], (got, "stalled streams:", held)
 
         stalled(key_a, False), stalled(key_a, True)
-        wait_for(lambda: metric(stack.metrics(proc), "mp4t_grpc_handler_threads_busy") >= 2, 10, "2 uploads held")
+        # slots held (a busy handler thread may still be authenticating: the next upload could take its slot)
+        wait_for(lambda: metric(stack.metrics(proc), "mp4t_uploads_in_progress") >= 2, 10, "2 uploads held")
         refused(key_a, "tenant")  # a tenant may hold half of the replica's upload slots
         stalled(key_b, False), stalled(key_b, True)
-        wait_for(lambda: metric(stack.metrics(proc), "mp4t_grpc_handler_threads_busy") >= 4, 10, "4 uploads held")
+        wait_for(lambda: metric(stack.metrics(proc), "mp4t_uploads_in_progress") >= 4, 10, "4 uploads held")
         refused(key_b, "its maximum")
         jobs = transcription_pb2_grpc.TranscriptionServiceStub(channel)
         began = time.monotonic()
