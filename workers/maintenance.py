@@ -30,8 +30,9 @@ def sweep(_unused: str = "") -> None:
     registry.forget_dead_workers()
     # Work that only waits its turn in a backlog has its message in the queue: re-sending it at
     # every sweep grew a queue to ~2,400 messages for 50 jobs (load test, 20 s stuck_after_s).
-    # So a queue gets at most as many messages as it holds fewer than the rows waiting on it
-    # (the oldest stale rows first); a claimed stage whose heartbeat stopped has no message left.
+    # So a queue gets at most as many messages as it holds fewer than the rows waiting on it (in
+    # the order the queue serves them: priority, then age); a claimed stage whose heartbeat
+    # stopped has no message left.
     # Only a queue one actor uses tells how many of these rows have a message (critical also
     # carries finalize and webhook messages: its stale media are all re-sent, as before).
     depth = {q: n for q, n in queue_depths().items() if q in DEDICATED}

@@ -159,9 +159,9 @@ def _segments(kind: EnhancementKind, result: TranscriptResult, language: str, ll
               budget: Budget) -> dict[int, str]:
     task = _segment_task(kind, language)
     # With JSON mode or the prompt alone the schema (a property per id) rides in the system prompt.
-    per_id = llm.schema_tokens(segment_texts_schema([10 ** 6])) - llm.schema_tokens(segment_texts_schema([]))
-    overhead = llm.prompt_tokens(SYSTEM, task + "\n<segments>\n</segments>") + llm.schema_tokens(
-        segment_texts_schema([]))
+    no_ids = llm.schema_tokens(segment_texts_schema([]))
+    per_id = llm.schema_tokens(segment_texts_schema([10 ** 6])) - no_ids
+    overhead = llm.prompt_tokens(SYSTEM, task + "\n<segments>\n</segments>") + no_ids
     expansion = 2.0 if kind == EnhancementKind.TRANSLATION else 1.3  # answer tokens per input token, at most
     limit = max(16, min(int((budget.usable() - overhead) / (1 + expansion)), int(budget.max_output / expansion)))
     texts: dict[int, str] = {}
