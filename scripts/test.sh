@@ -19,4 +19,11 @@ fi
 if ! port_open 5432 && command -v pg_ctlcluster >/dev/null 2>&1; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
 fi
-exec .venv/bin/python -m pytest "$@"
+# --fast: the fast tier (< 5 min on 2 cores): the unit tests and the main path on the real services
+# (an upload -> transcript through RabbitMQ + S3 + PostgreSQL, a speaker run, an AI item on the local
+# LLM server). The full suite, without --fast, is the README's test command and what CI runs.
+args=()
+for a in "$@"; do
+  if [ "$a" = --fast ]; then args+=(-m fast); else args+=("$a"); fi
+done
+exec .venv/bin/python -m pytest ${args[@]+"${args[@]}"}
