@@ -25,6 +25,18 @@ RABBIT_HOST, RABBIT_PORT = "127.0.0.1", 5672
 PG_DSN = os.environ.get("MP4T_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 
 
+# ---------------------------------------------------------------- tiers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast tier (``bash scripts/test.sh --fast``, i.e. ``-m fast``): every unit test that is
+    not marked slow, plus the end-to-end tests marked ``fast`` (the main path on the real services)."""
+    unit = pathlib.Path(__file__).parent / "unit"
+    for item in items:
+        if item.path.is_relative_to(unit) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+
+
 # ---------------------------------------------------------------- media
 
 

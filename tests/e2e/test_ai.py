@@ -103,6 +103,7 @@ def test_bad_requests_name_the_field(client: Client, ai_worker: Any, speech_mp4:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details(), words
 
 
+@pytest.mark.fast  # the fast tier's main path (scripts/test.sh --fast)
 def test_every_item_at_creation(client: Client, ai_worker: Any, speech_mp4: pathlib.Path, db: Any) -> None:
     """A clean-up, a translation, a summary and lecture notes asked with the transcription:
     the job SUCCEEDS with its transcript, Watch goes on with the items' progress until each ends."""

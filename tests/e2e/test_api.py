@@ -53,6 +53,7 @@ def wait_state(client: Client, name: str, states: tuple[int, ...], timeout: floa
 # ---------------------------------------------------------------- happy path
 
 
+@pytest.mark.fast  # the fast tier's main path (scripts/test.sh --fast)
 def test_transcribe_end_to_end(client: Client, speech_mp4: Any) -> None:
     media = client.upload(str(speech_mp4), content_type="video/mp4")
     assert media.name.startswith("media/") and media.size_bytes == os.path.getsize(speech_mp4)

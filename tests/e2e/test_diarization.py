@@ -160,6 +160,7 @@ def diarized(client: Any, diarize_worker: Any, dialogue: tuple[pathlib.Path, lis
     return {"job": done, "stages": stages, "truth": truth}
 
 
+@pytest.mark.fast  # the fast tier's main path (scripts/test.sh --fast)
 def test_words_and_segments_carry_consistent_speakers(diarized: dict[str, Any]) -> None:
     job = diarized["job"]
     assert job.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED, job.error_message
@@ -189,6 +190,7 @@ def test_words_and_segments_carry_consistent_speakers(diarized: dict[str, Any]) 
     assert samples.word_error_rate(" ".join(t for _v, t in samples.DIALOGUE), r.text) < 0.4, r.text
 
 
+@pytest.mark.fast  # the fast tier's main path (scripts/test.sh --fast)
 def test_two_voices_recognised(diarized: dict[str, Any]) -> None:
     """No speaker-count hint: the two voices are found, and who said what matches the truth."""
     r, truth = diarized["job"].result, diarized["truth"]

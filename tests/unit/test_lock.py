@@ -21,13 +21,11 @@ REQ = ROOT / "requirements"
 LOCKS = {"core.txt": [], "diarize.txt": ["diarize"], "test.txt": ["test", "diarize"]}
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("lock,extras", sorted(LOCKS.items()))
 def test_lock_covers_every_declared_dependency(lock: str, extras: list[str]) -> None:
     assert lockfile.uncovered(REQ / lock, extras) == []
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("lock", ["core.txt", "diarize.txt"])
 def test_smaller_locks_agree_with_the_tested_one(lock: str) -> None:
     # core and diarize are compiled with test.txt as a constraint: an image gets exactly the
@@ -37,7 +35,6 @@ def test_smaller_locks_agree_with_the_tested_one(lock: str) -> None:
         assert tested.get(name) == version, f"{lock} pins {name}=={version}, test.txt {tested.get(name)}"
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("lock", sorted([*LOCKS, "nodeps.txt"]))
 def test_every_pin_has_a_hash(lock: str) -> None:
     text = (REQ / lock).read_text()
@@ -48,7 +45,6 @@ def test_every_pin_has_a_hash(lock: str) -> None:
             assert "==" in entry.split()[0] and "--hash=sha256:" in entry, entry[:120]
 
 
-@pytest.mark.fast
 def test_torch_and_torchaudio_are_pinned_as_a_pair_that_loads() -> None:
     locked = lockfile.applicable(REQ / "diarize.txt")
     assert locked["torchaudio"] != "2.11.1"  # does not load with torch 2.11.0
@@ -59,14 +55,12 @@ def test_torch_and_torchaudio_are_pinned_as_a_pair_that_loads() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-@pytest.mark.fast
 def test_the_venv_is_the_test_lock() -> None:
     wrong, extra = lockfile.env_problems(REQ / "test.txt")
     assert wrong == [], wrong
     assert extra == [], extra
 
 
-@pytest.mark.fast
 def test_every_install_path_uses_the_lock() -> None:
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert "--require-hashes -r \"$lock\"" in setup
