@@ -13,7 +13,7 @@ from core.plan import QUEUES
 from core.queue import make_broker
 from mp4totext import config
 from mp4totext.cli import KEY_FILE, cmd_transcribe
-from mp4totext.samples import SENTENCES, make_media
+from mp4totext.samples import DEMO_TEXT, make_media
 from observability.logging import setup_logging
 from observability.tracing import setup_tracing
 from server.app import Server, install_signal_handlers
@@ -55,7 +55,7 @@ def _transcribe(args: argparse.Namespace, port: int, key: str) -> int:
                                      max_speakers=getattr(args, "max_speakers", 0))
     with tempfile.TemporaryDirectory() as tmp:
         if args.demo:
-            client_args.file = make_media(" ".join(SENTENCES[:4]), os.path.join(tmp, "demo.mp4"))
+            client_args.file = make_media(DEMO_TEXT, os.path.join(tmp, "demo.mp4"))
             print("demo: transcribing a generated English sample (espeak-ng speech in an MP4)", file=sys.stderr)
         return cmd_transcribe(client_args)
 

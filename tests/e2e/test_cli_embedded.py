@@ -6,6 +6,8 @@ import os
 import pathlib
 import subprocess
 
+import pytest
+
 from mp4totext import samples
 from tests.support import CLI, ROOT, SPEECH_TEXT, Stack
 
@@ -24,6 +26,15 @@ def test_embedded_mode_end_to_end(speech_mp4: pathlib.Path, tmp_path: pathlib.Pa
     assert (tmp_path / "mp4totext.db").exists() and (tmp_path / "api.key").exists()
     originals = list((tmp_path / "objects").rglob("original"))
     assert len(originals) == 1 and originals[0].stat().st_size == speech_mp4.stat().st_size
+
+
+@pytest.mark.fast
+def test_demo_transcript_is_what_was_spoken(tmp_path: pathlib.Path) -> None:
+    """`bash scripts/run.sh` is the first thing a newcomer runs: its transcript must be exact."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MP4T_")}
+    proc = run(["embedded", "--demo", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert samples.word_error_rate(samples.DEMO_TEXT, proc.stdout) == 0, proc.stdout
 
 
 def test_cli_end_to_end(stack: Stack, speech_mp4: pathlib.Path, tmp_path: pathlib.Path) -> None:
