@@ -1,0 +1,99 @@
+"""Whether a decoded stretch is to be trusted, and which of several decodings of it to keep (pure).
+
+Whisper marks its own failures: a segment whose text compresses too well (gzip ratio above 2.4:
+the same words over and over) or whose tokens average a log-probability below -1.0 is what
+openai-whisper and faster-whisper re-decode at a higher temperature. On robotic or accented
+speech the wrong language, or the English-only model on non-English speech, produces exactly
+these: "Bie-bie-bie-bie", "gredini gredini", text in a third language. The stage therefore
+decodes a doubtful stretch once per candidate language and keeps the decoding the model itself
+finds most likely (``score``), re-decodes a failed one on the multilingual model, and never
+keeps a repetition loop (``collapse_loops``).
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Sequence
+
+from mp4totext.contracts import Segment
+
+FAILED_COMPRESSION = 2.4  # Whisper's compression_ratio_threshold
+FAILED_LOGPROB = -1.0  # Whisper's logprob_threshold
+LOOP_REPEATS = 3  # the same word or phrase this many times in a row is a loop
+_LOOP = re.compile(r"(\b.{1,40}?)(?:[\s,.!?;:-]*\1){%d,}" % (LOOP_REPEATS - 1), re.IGNORECASE | re.DOTALL)
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / max(len(zlib.compress(data)), 1) if data else 0.0
+
+
+def has_loop(text: str) -> bool:
+    """A word or short phrase repeated LOOP_REPEATS times or more in a row ("bie-bie-bie")."""
+    return any(len(m.group(1).strip(" ,.-")) >= 2 for m in _LOOP.finditer(text))
+
+
+def failed(segment: Segment) -> bool:
+    """What Whisper itself calls a failed decoding, or a repetition loop."""
+    return (segment.avg_logprob < FAILED_LOGPROB or compression_ratio(segment.text) > FAILED_COMPRESSION
+            or has_loop(segment.text))
+
+
+def failed_share(segments: Sequence[Segment]) -> float:
+    """Share of the decoded time (segment durations) in failed segments."""
+    total = sum(max(s.end - s.start, 0.01) for s in segments)
+    return sum(max(s.end - s.start, 0.01) for s in segments if failed(s)) / total if total else 0.0
+
+
+def score(segments: Sequence[Segment]) -> float:
+    """Duration-weighted mean log-probability per token (higher: the model finds it likelier).
+
+    Comparable between decodings of the same audio in different languages; an empty decoding of
+    speech scores as a failure.
+    """
+    weights = [max(s.end - s.start, 0.01) for s in segments]
+    if not segments:
+        return FAILED_LOGPROB * 2
+    return sum(w * s.avg_logprob for w, s in zip(weights, segments)) / sum(weights)
+
+
+def best(decodings: Sequence[tuple[str, list[Segment]]]) -> tuple[str, list[Segment]]:
+    """The decoding to keep: the fewest failed seconds first, then the likeliest."""
+    return max(decodings, key=lambda d: (-round(failed_share(d[1]), 1), score(d[1])))
+
+
+def _norm(word: str) -> str:
+    return re.sub(r"[\W_]+", "", word.lower())
+
+
+def _dedupe(items: list, key) -> list:
+    """``items`` with every n-gram (n <= 6) repeated LOOP_REPEATS+ times in a row kept once."""
+    out, i = [], 0
+    while i < len(items):
+        for n in range(1, 7):
+            gram = [key(x) for x in items[i:i + n]]
+            reps = 1
+            while [key(x) for x in items[i + reps * n:i + (reps + 1) * n]] == gram and len(gram) == n:
+                reps += 1
+            if reps >= LOOP_REPEATS and any(len(g) >= 2 for g in gram):
+                out += items[i:i + n]
+                i += reps * n
+                break
+        else:
+            out.append(items[i])
+            i += 1
+    return out
+
+
+def collapse_loops(segments: list[Segment]) -> list[Segment]:
+    """A loop that survives every re-decoding is kept once, not N times (its words too)."""
+    out = []
+    for s in segments:
+        if not has_loop(s.text):
+            out.append(s)
+        elif s.words:
+            words = _dedupe(list(s.words), lambda w: _norm(w.word))
+            out.append(s.model_copy(update={"text": "".join(w.word for w in words).strip(), "words": words}))
+        else:
+            out.append(s.model_copy(update={"text": _LOOP.sub(lambda m: m.group(1), s.text).strip()}))
+    return out
