@@ -57,9 +57,9 @@ def score(segments: Sequence[Segment]) -> float:
     return sum(w * s.avg_logprob for w, s in zip(weights, segments)) / sum(weights)
 
 
-def best(decodings: Sequence[tuple[str, list[Segment]]]) -> tuple[str, list[Segment]]:
-    """The decoding to keep: the fewest failed seconds first, then the likeliest."""
-    return max(decodings, key=lambda d: (-round(failed_share(d[1]), 1), score(d[1])))
+def rank(segments: Sequence[Segment]) -> tuple[float, float]:
+    """Order of decodings of the same audio (max is kept): the fewest failed seconds, then the likeliest."""
+    return -round(failed_share(segments), 1), score(segments)
 
 
 def _norm(word: str) -> str:

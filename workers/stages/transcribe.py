@@ -433,8 +433,7 @@ def _decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Run, ev: Ev
     for lang in ev.candidates:
         if (lang, multi.name) not in tried:
             tried[(lang, multi.name)] = decode(load(multi), language=lang)
-    (lang, name), _ = max(tried.items(), key=lambda kv: (-round(decode_checks.failed_share(kv[1][0]), 1),
-                                                         decode_checks.score(kv[1][0])))
+    (lang, name), _ = max(tried.items(), key=lambda kv: decode_checks.rank(kv[1][0]))
     part, info = tried[(lang, name)]
     log.info("language_decided_by_decoding", detected=run.language, chosen=lang, model=name,
              tried={f"{k[0]}/{k[1]}": round(decode_checks.score(v[0]), 3) for k, v in tried.items()})
