@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from mp4totext import samples
-from mp4totext.samples import word_error_rate
+from mp4totext.samples import char_error_rate, word_error_rate
 from mp4totext.v1 import transcription_pb2 as tpb
 from tests.support import Stack
 
@@ -26,6 +26,11 @@ EN = "Today we will talk about the history of computing. The first computers fil
 DE = "Guten Morgen. Heute sprechen wir über die Geschichte der Stadt und ihre Brücken."
 TR = "Bugün Osmanlı İmparatorluğunun tarihini konuşacağız."
 TR_VOICE = "tr+f2"
+# The file of issue 22: a Turkish lecture opening, then English (and the reverse order).
+TR_LECTURE = ("Bugün coğrafya dersinde Türkiye'nin dağlarını ve nehirlerini konuşacağız. Önce Karadeniz "
+              "bölgesinin iklimini inceleyeceğiz. Sonra haritada büyük şehirleri bulacağız.")
+EN_LECTURE = ("Now let us continue in English. Please open your books to chapter three and look at the map "
+              "of the region.")
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +51,17 @@ def uploaded(client: Any, media_dir: pathlib.Path) -> dict[str, str]:
     return {k: client.upload(v).name for k, v in files.items()}
 
 
-def char_error_rate(reference: str, hypothesis: str) -> float:
-    """Edit distance over letters (case, spaces and punctuation ignored) / reference letters.
-
-    For Turkish, an agglutinative language, one wrong suffix or a split word ("Bu gün") fails a
-    whole word: a five-word sentence with two such slips has a word error rate near 1 while
-    nearly every letter is right.
-    """
-    a, b = ("".join(ch for ch in t.lower() if ch.isalpha()) for t in (reference, hypothesis))
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1] / max(len(a), 1)
+@pytest.fixture(scope="module")
+def switching(client: Any, media_dir: pathlib.Path) -> dict[str, tuple[str, list[tuple[float, float, str, str]]]]:
+    """The two files of issue 22: name -> (media, parts as (start, end, language, text))."""
+    out = {}
+    for name, turns in {"tr-en": [("tr", TR_LECTURE), ("en", EN_LECTURE)],
+                        "en-tr": [("en", EN_LECTURE), ("tr", TR_LECTURE)]}.items():
+        path, truth = samples.make_dialogue(str(media_dir / f"switch-{name}.m4a"), [
+            (TR_VOICE if lang == "tr" else "en-us", text) for lang, text in turns], pause_s=1.0)
+        out[name] = (client.upload(path).name,
+                     [(a, b, lang, text) for (a, b, _), (lang, text) in zip(truth, turns)])
+    return out
 
 
 def run(client: Any, media: str, **config: Any) -> Any:
@@ -128,6 +130,45 @@ def test_mixed_turkish_and_english_get_a_language_per_segment(client: Any, uploa
     assert word_error_rate(f"{EN} {EN}", english) < 0.25, english
     starts = [s.start_offset.ToTimedelta().total_seconds() for s in r.segments]
     assert starts == sorted(starts)
+
+
+def _parts(result: Any, parts: list[tuple[float, float, str, str]]) -> list[list[Any]]:
+    """The result's segments of each part (by the segment's middle; borders halfway between parts)."""
+    bounds = [0.0] + [(a[1] + b[0]) / 2 for a, b in zip(parts, parts[1:])] + [float("inf")]
+    mid = [(s, (s.start_offset.ToTimedelta() + s.end_offset.ToTimedelta()).total_seconds() / 2)
+           for s in result.segments]
+    return [[s for s, m in mid if lo <= m < hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("hint", [["tr", "en"], []], ids=["hint", "auto"])
+@pytest.mark.parametrize("order", ["tr-en", "en-tr"])
+def test_a_lecture_switching_language_is_each_part_in_its_language(
+        client: Any, switching: dict[str, Any], order: str, hint: list[str]) -> None:
+    """Issue 22: the Turkish part came back from tiny.en as "Bie-bie-bie-bie" with 0.83 confidence in English.
+
+    Each part in its language, Turkish CER <= 0.35 and English WER < 0.25, no repetition loop
+    anywhere; without a hint the Turkish part is either right or the result says its language
+    is uncertain (with the warning), never a confident wrong language.
+    """
+    from workers.stages.decode_checks import has_loop
+
+    media, parts = switching[order]
+    job = run(client, media, **({"expected_language_codes": hint} if hint else {}))
+    r = job.result
+    got = [(s.language_code, s.text) for s in r.segments]
+    assert not any(has_loop(s.text) for s in r.segments), got
+    for (_, _, lang, text), segs in zip(parts, _parts(r, parts)):
+        said = " ".join(s.text for s in segs)
+        print(f"\n{order} {hint or 'auto'} {lang}: {[s.language_code for s in segs]} {said}")
+        assert segs, got
+        if lang == "en":
+            assert all(s.language_code == "en" for s in segs) and word_error_rate(text, said) < 0.25, got
+        elif hint or not r.language_uncertain:
+            assert all(s.language_code == "tr" for s in segs), got
+            assert char_error_rate(text, said) <= 0.35, said
+        else:
+            assert any("confidence" in w for w in job.warnings), job.warnings
+            assert all(x.probability < 0.9 for x in r.languages if x.language_code != "en"), r.languages
 
 
 def test_translate_gives_english_text(client: Any, uploaded: dict[str, str]) -> None:

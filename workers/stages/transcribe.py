@@ -29,7 +29,7 @@ from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from core.models import ModelSet, ModelSpec
 from mp4totext.contracts import JobConfig, LanguageShare, Segment, TranscriptResult
-from workers.stages import batched, decode_checks
+from workers.stages import batched, language_choice
 from workers.stages.batched import SEQUENTIAL, Batching  # noqa: F401 - re-exported
 from workers.stages.media import SAMPLE_RATE
 
@@ -39,14 +39,6 @@ FRAME = SAMPLE_RATE // 10
 REFINE_BELOW = 0.9  # a window detected less surely than this is detected again utterance by utterance
 PAUSE = SAMPLE_RATE // 2  # a silence this long separates utterances
 SHORT_SPEECH = 3 * SAMPLE_RATE  # an uncertain stretch with less speech than this takes its neighbour's language
-# Routing (issue 22): the English-only model takes a run only when every stretch of it is English
-# with at least ENGLISH_ONLY_MIN among all languages and no other candidate scores RIVAL_NEAR of
-# English's probability; a run detected below DECIDED (or one whose decoding failed) is decoded in
-# each of its CANDIDATES languages on the multilingual model and the likeliest decoding is kept.
-ENGLISH_ONLY_MIN = 0.8
-RIVAL_NEAR = 0.1
-DECIDED = 0.9
-CANDIDATES = 3
 log = structlog.get_logger(__name__)
 
 
@@ -233,7 +225,7 @@ def _detect(model: Any, audio: np.ndarray, start: int, end: int, mask: np.ndarra
         return Detected(start, end, None, 0.0, raw=0.0, speech=len(speech))
     probs = _window_probs(model, speech[:WINDOW])
     language, p = constrain(probs, expected)
-    top = dict(sorted(probs.items(), key=lambda kv: -kv[1])[:CANDIDATES])
+    top = dict(sorted(probs.items(), key=lambda kv: -kv[1])[:language_choice.CANDIDATES])
     top.update({lang: probs.get(lang, 0.0) for lang in (*expected, "en")})
     return Detected(start, end, language, p, raw=probs.get(language, 0.0), speech=len(speech), probs=top)
 
@@ -360,8 +352,8 @@ def transcribe_routed(models: ModelSet, load: Callable[[ModelSpec], Any], audio:
         decode = functools.partial(_recognise, audio=audio[run.start:run.end], options=options,
                                    offset_s=run.start / SAMPLE_RATE, first_id=len(segments), on_progress=progress,
                                    total_s=duration, batching=batching)
-        part, info, name = _decide(models, load, run, evidence(run, windows, options.expected_languages), options,
-                                   decode)
+        ev = language_choice.evidence(run, windows, options.expected_languages)
+        part, info, name = language_choice.decide(models, load, run, ev, options, decode)
         used.append(name)
         segments += part
         speech += float(getattr(info, "duration_after_vad", 0.0) or 0.0)
@@ -379,64 +371,3 @@ def _monotonic(on_progress: ProgressCallback | None) -> ProgressCallback | None:
         done[0] = max(done[0], seconds)
         on_progress(done[0])  # may raise to stop (cancel, time limit) on every segment
     return report
-
-
-@dataclasses.dataclass(frozen=True)
-class Evidence:
-    """What detection says about one run: may the English-only model take it, which languages to try."""
-
-    english_ok: bool
-    candidates: tuple[str, ...]  # the run's language first, then the likeliest others
-    share: dict[str, float]  # each candidate's share of the detection probability over the run
-
-
-def evidence(run: Run, windows: list[Detected], expected: tuple[str, ...]) -> Evidence:
-    inside = [w for w in windows if w.language and run.start <= (w.start + w.end) // 2 < run.end]
-    totals: dict[str, float] = {}
-    for w in inside:
-        for lang, p in w.probs.items():
-            if not expected or lang in expected:
-                totals[lang] = totals.get(lang, 0.0) + p * max(w.speech, 1)
-
-    def english(w: Detected) -> bool:
-        en = w.probs.get("en", 0.0)
-        rival = max((p for lang, p in w.probs.items() if lang != "en" and (not expected or lang in expected)),
-                    default=0.0)
-        return en >= ENGLISH_ONLY_MIN and rival < RIVAL_NEAR * en
-
-    ranked = sorted(totals, key=lambda lang: -totals[lang])
-    candidates = tuple(dict.fromkeys([run.language, *ranked]))[:CANDIDATES] if run.language else ()
-    total = sum(totals.get(lang, 0.0) for lang in candidates) or 1.0
-    return Evidence(bool(inside) and all(english(w) for w in inside), candidates,
-                    {lang: totals.get(lang, 0.0) / total for lang in candidates})
-
-
-def _decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Run, ev: Evidence, options: TranscribeOptions,
-            decode: Callable[..., tuple[list[Segment], Any]]) -> tuple[list[Segment], Any, str]:
-    """Decode one run on the model and in the language that hold up; returns (segments, info, model name).
-
-    The English-only model only for a run that is surely English (``Evidence.english_ok``); a
-    run detected below DECIDED, or whose decoding Whisper calls a failure, is decoded in each
-    candidate language on the multilingual model and the likeliest decoding is kept; a loop that
-    survives all of them is kept once (workers.stages.decode_checks).
-    """
-    spec = models.for_language(run.language or "en", options.task, options.model)
-    routed = not options.language and not options.model and run.detected
-    if spec.english_only and routed and not ev.english_ok and models.multilingual:
-        spec = models.multilingual
-    part, info = decode(load(spec), language=run.language)
-    multi = models.by_name[options.model] if options.model else models.multilingual
-    doubtful = run.probability < DECIDED or decode_checks.failed_share(part) > 0
-    if options.language or not run.detected or not doubtful or multi is None or multi.english_only:
-        return decode_checks.collapse_loops(part), info, spec.name
-    tried = {(run.language, spec.name): (part, info)}
-    for lang in ev.candidates:
-        if (lang, multi.name) not in tried:
-            tried[(lang, multi.name)] = decode(load(multi), language=lang)
-    (lang, name), _ = max(tried.items(), key=lambda kv: decode_checks.rank(kv[1][0]))
-    part, info = tried[(lang, name)]
-    log.info("language_decided_by_decoding", detected=run.language, chosen=lang, model=name,
-             tried={f"{k[0]}/{k[1]}": round(decode_checks.score(v[0]), 3) for k, v in tried.items()})
-    if lang != run.language:
-        run.language, run.probability = lang, round(ev.share.get(lang, 0.0), 4)
-    return decode_checks.collapse_loops(part), info, name
