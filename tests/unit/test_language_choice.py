@@ -116,3 +116,15 @@ def test_a_fixed_language_is_never_second_guessed() -> None:
     part, _, name = language_choice.decide(MODELS, lambda s: s.name, run,
                                            language_choice.Evidence(False, ("tr",), {"tr": 1.0}), options, decoder)
     assert decoder.asked == [("base", "tr")] and name == "base" and part[0].text == "la"
+
+
+def test_when_every_decoding_fails_detection_breaks_the_tie() -> None:
+    """CI's failure: Turkish at -1.06 and a hallucinated English refrain at -1.00 both fail; tr was detected at 0.71."""
+    run = Run(0, 48000, "tr", 0.71)
+    decoder = Decoder({("base", "tr"): seg("Bu gün Osmanlı imparatorluğu nuntar dikini konusaklarız.", -1.06),
+                       ("base", "en"): seg("I don't know if you know what I'm talking about, but I don't know if "
+                                           "you know what I'm talking about.", -1.0)})
+    assert decode_checks.has_loop(decoder.table[("base", "en")].text)
+    text, name, language = decide(run, [Window(0, 48000, "tr", {"tr": 0.5, "en": 0.2})], decoder, ("tr", "en"))
+    assert language == "tr" and text.startswith("Bu gün Osmanlı") and sorted(decoder.asked) == [
+        ("base", "en"), ("base", "tr")]

@@ -11,6 +11,7 @@ keeps a repetition loop (``collapse_loops``).
 """
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from typing import Sequence
@@ -20,6 +21,8 @@ from mp4totext.contracts import Segment
 FAILED_COMPRESSION = 2.4  # Whisper's compression_ratio_threshold
 FAILED_LOGPROB = -1.0  # Whisper's logprob_threshold
 LOOP_REPEATS = 3  # the same word or phrase this many times in a row is a loop
+LONG_PHRASE = 5  # ... and a phrase of this many words twice in one segment ("I don't know if you know ...")
+MIN_PRIOR = 0.01
 _LOOP = re.compile(r"(\b.{1,40}?)(?:[\s,.!?;:-]*\1){%d,}" % (LOOP_REPEATS - 1), re.IGNORECASE | re.DOTALL)
 
 
@@ -29,8 +32,13 @@ def compression_ratio(text: str) -> float:
 
 
 def has_loop(text: str) -> bool:
-    """A word or short phrase repeated LOOP_REPEATS times or more in a row ("bie-bie-bie")."""
-    return any(len(m.group(1).strip(" ,.-")) >= 2 for m in _LOOP.finditer(text))
+    """A word or short phrase repeated LOOP_REPEATS times or more in a row ("bie-bie-bie"), or a
+    phrase of LONG_PHRASE words or more said twice in one segment (Whisper's hallucinated refrain)."""
+    if any(len(m.group(1).strip(" ,.-")) >= 2 for m in _LOOP.finditer(text)):
+        return True
+    words = [w for w in (_norm(x) for x in text.split()) if w]
+    grams = [tuple(words[i:i + LONG_PHRASE]) for i in range(len(words) - LONG_PHRASE + 1)]
+    return any(grams.index(g) + LONG_PHRASE <= i for i, g in enumerate(grams))
 
 
 def failed(segment: Segment) -> bool:
@@ -57,9 +65,15 @@ def score(segments: Sequence[Segment]) -> float:
     return sum(w * s.avg_logprob for w, s in zip(weights, segments)) / sum(weights)
 
 
-def rank(segments: Sequence[Segment]) -> tuple[float, float]:
-    """Order of decodings of the same audio (max is kept): the fewest failed seconds, then the likeliest."""
-    return -round(failed_share(segments), 1), score(segments)
+def rank(segments: Sequence[Segment], prior: float = 1.0) -> tuple[float, float]:
+    """Order of decodings of the same audio (max is kept): the fewest failed seconds, then the likeliest.
+
+    Likeliest combines what detection said of the language (``prior``, its share of the detection
+    probability) with what decoding says (``score``): log prior + mean token log-probability. A
+    fluent English hallucination scores a token log-probability as good as unusual but correct
+    Turkish, so without the prior decoding alone would overrule a clear detection.
+    """
+    return -round(failed_share(segments), 1), math.log(max(prior, MIN_PRIOR)) + score(segments)
 
 
 def _norm(word: str) -> str:

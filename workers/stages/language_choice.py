@@ -9,10 +9,11 @@ Detection is trusted unless the decoding shows it wrong. A run whose decoding Wh
 calls a failure (decode_checks.failed: low log-probability, a compression ratio of repeated
 text, a repetition loop), or an automatic run (no expected languages) detected below DECIDED, is
 decoded again on the multilingual model in each of its CANDIDATES languages and the decoding
-that holds up best is kept (decode_checks.rank). A run detected among the expected languages
-whose decoding holds up keeps its language: Whisper's log-probability alone prefers a fluent
-English hallucination ("I don't know if you know what I'm talking about") over correct but
-unusual Turkish, so it only decides between decodings when detection could not.
+that holds up best is kept: the fewest failed seconds, then detection's share of the language
+and the decoding's token log-probability together (decode_checks.rank). A run detected among
+the expected languages whose decoding holds up keeps its language: Whisper's log-probability
+alone rates a fluent English hallucination ("I don't know if you know what I'm talking about")
+as high as correct but unusual Turkish.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Any, ev: Evi
     for lang in ev.candidates:
         if (lang, multi.name) not in tried:
             tried[(lang, multi.name)] = decode(load(multi), language=lang)
-    (lang, name), _ = max(tried.items(), key=lambda kv: decode_checks.rank(kv[1][0]))
+    (lang, name), _ = max(tried.items(), key=lambda kv: decode_checks.rank(kv[1][0], ev.share.get(kv[0][0], 0.0)))
     part, info = tried[(lang, name)]
     log.info("language_decided_by_decoding", detected=run.language, chosen=lang, model=name,
              tried={f"{k[0]}/{k[1]}": [round(decode_checks.score(v[0]), 3), round(decode_checks.failed_share(v[0]), 2)]
