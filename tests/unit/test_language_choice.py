@@ -128,3 +128,11 @@ def test_when_every_decoding_fails_detection_breaks_the_tie() -> None:
     text, name, language = decide(run, [Window(0, 48000, "tr", {"tr": 0.5, "en": 0.2})], decoder, ("tr", "en"))
     assert language == "tr" and text.startswith("Bu gün Osmanlı") and sorted(decoder.asked) == [
         ("base", "en"), ("base", "tr")]
+
+
+def test_ordinary_speech_is_not_a_loop() -> None:
+    from mp4totext import samples
+    texts = [*samples.SENTENCES, samples.DEMO_TEXT, *(t for _, t in samples.DIALOGUE + samples.DIALOGUE_3),
+             "Bugün coğrafya dersinde Türkiye'nin dağlarını ve nehirlerini konuşacağız.",
+             "No, no, I said we meet on Monday, not on Tuesday."]
+    assert [t for t in texts if decode_checks.has_loop(t)] == []
