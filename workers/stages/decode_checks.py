@@ -5,9 +5,9 @@ the same words over and over) or whose tokens average a log-probability below -1
 openai-whisper and faster-whisper re-decode at a higher temperature. On robotic or accented
 speech the wrong language, or the English-only model on non-English speech, produces exactly
 these: "Bie-bie-bie-bie", "gredini gredini", text in a third language. The stage therefore
-decodes a doubtful stretch once per candidate language and keeps the decoding the model itself
-finds most likely (``score``), re-decodes a failed one on the multilingual model, and never
-keeps a repetition loop (``collapse_loops``).
+decodes a doubtful stretch once per candidate language on the multilingual model and keeps the
+one ``rank`` puts first (fewest failed seconds, then detection's share + token log-probability);
+a word or short phrase looping three times or more is kept once (``collapse_loops``).
 """
 from __future__ import annotations
 

@@ -88,11 +88,11 @@ def decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Any, ev: Evi
     for lang in ev.candidates:
         if (lang, multi.name) not in tried:
             tried[(lang, multi.name)] = decode(load(multi), language=lang)
-    (lang, name), _ = max(tried.items(), key=lambda kv: decode_checks.rank(kv[1][0], ev.share.get(kv[0][0], 0.0)))
+    ranks = {k: decode_checks.rank(v[0], ev.share.get(k[0], 0.0)) for k, v in tried.items()}
+    lang, name = max(ranks, key=ranks.__getitem__)
     part, info = tried[(lang, name)]
     log.info("language_decided_by_decoding", detected=run.language, chosen=lang, model=name,
-             tried={f"{k[0]}/{k[1]}": [round(decode_checks.score(v[0]), 3), round(decode_checks.failed_share(v[0]), 2)]
-                    for k, v in tried.items()})
+             tried={f"{k[0]}/{k[1]}": [round(r[1], 3), -r[0]] for k, r in ranks.items()})
     if lang != run.language:
         run.language, run.probability = lang, round(ev.share.get(lang, 0.0), 4)
     return decode_checks.collapse_loops(part), info, name
