@@ -26,4 +26,5 @@ args=()
 for a in "$@"; do
   if [ "$a" = --fast ]; then args+=(-m fast); else args+=("$a"); fi
 done
-exec .venv/bin/python -m pytest ${args[@]+"${args[@]}"}
+# The twenty slowest tests end every run's output: where the suite's time goes is in every CI log.
+exec .venv/bin/python -m pytest --durations=20 ${args[@]+"${args[@]}"}

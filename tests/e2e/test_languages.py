@@ -132,11 +132,13 @@ def test_mixed_turkish_and_english_get_a_language_per_segment(client: Any, uploa
     assert starts == sorted(starts)
 
 
-# Issue 22's target is a Turkish CER <= 0.35. Measured (bench/languages.py, 2026-12-07, Whisper base,
-# espeak-ng tr+f2): 0.28 when the lecture opens in Turkish, 0.36 when Turkish follows English (beam
-# 10 gave 0.31 there but 0.37 on the other file: espeak's Turkish on base is 0.26-0.37 whatever the
-# decoding options). The en-tr bound records what base reaches, not the target, which stays open.
-TR_CER_BOUND = {"tr-en": 0.35, "en-tr": 0.40}
+# Issue 22's target: Turkish CER <= 0.35 (Whisper base, espeak-ng tr+f2). Measured 2026-12-07:
+# 0.28 when the lecture opens in Turkish; 0.36 when Turkish followed English while the run boundary
+# sat at the pause's first frame (the Turkish run began on a second of silence), 0.33 since the cut
+# falls in the middle of the pause (batched.quietest). Base on espeak's Turkish moves 0.26-0.36 with
+# where a cut falls, so the bound has little slack: a failure here is a real regression of routing
+# or boundaries, not noise, when both files move.
+TR_CER_BOUND = {"tr-en": 0.35, "en-tr": 0.35}
 
 
 def _parts(result: Any, parts: list[tuple[float, float, str, str]]) -> list[list[Any]]:

@@ -137,3 +137,17 @@ def test_settings_reach_the_stage() -> None:
     # batches shrink so that a stretch reports progress at least MIN_BATCHES times
     assert [b.size_for(m * 60 * SAMPLE_RATE) for m in (1, 5, 8, 16, 60)] == [1, 2, 2, 4, 6]
     assert Batching(0, 4).size_for(3600 * SAMPLE_RATE) == 4
+
+
+def test_a_cut_falls_in_the_middle_of_a_pause() -> None:
+    """Issue 22: a cut at the first silent frame left the next run a second of leading silence."""
+    from workers.stages.batched import quietest
+
+    sr = 16000
+    t = np.arange(sr * 2) / sr
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    pause = np.random.default_rng(0).normal(0, 1e-4, sr).astype(np.float32)  # 1 s of near-silence
+    audio = np.concatenate([tone, pause, tone])
+    cut = quietest(audio, int(2.1 * sr))  # detection put the boundary near the pause's start
+    assert abs(cut / sr - 2.5) <= 0.1, cut / sr
+    assert quietest(audio[:sr], sr // 2) == sr // 2  # too short to search: unchanged
