@@ -62,8 +62,9 @@ class SeaweedS3:
         wait_for(lambda: not port_open("127.0.0.1", self.ports["s3"]), 30, "the S3 port to close")
 
     def stop(self) -> None:
+        """The end of a session: weed takes ~27 s to shut down on SIGTERM, and its data is thrown away."""
         if self.proc is not None:
-            self.proc.stop()
+            self.proc.stop(timeout=2)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.info)

@@ -34,11 +34,17 @@ class Decoder:
     """decode(model, language=...) answering from a table; records what was asked."""
 
     def __init__(self, table: dict) -> None:
-        self.table, self.asked = table, []
+        self.table, self.asked, self.cold = table, [], []
 
-    def __call__(self, model: str, language: str) -> tuple[list[Segment], None]:
-        self.asked.append((model, language))
+    def __call__(self, model: str, language: str, fallback: bool = True) -> tuple[list[Segment], None]:
+        (self.asked if fallback else self.cold).append((model, language))
+        if fallback and (model, language, "hot") in self.table:
+            return [self.table[(model, language, "hot")]], None
         return [self.table[(model, language)]], None
+
+    @property
+    def every(self) -> list[tuple[str, str]]:
+        return sorted(self.asked + self.cold)
 
 
 def decide(run: Run, windows: list[Window], decoder: Decoder, expected: tuple[str, ...] = ()) -> tuple:
@@ -106,7 +112,19 @@ def test_an_unsure_automatic_run_is_decided_by_decoding_among_its_likeliest_lang
                        ("base", "en"): seg("Bugun Osmanli tahini conus a cause", -1.1)})
     windows = [Window(0, 48000, "hu", {"hu": 0.3, "tr": 0.25, "en": 0.1})]
     assert decide(run, windows, decoder) == ("Bugün Osmanlı tarihini konuşacağız.", "base", "tr")
-    assert sorted(decoder.asked) == [("base", "en"), ("base", "hu"), ("base", "tr")]
+    assert decoder.asked == [("base", "hu")]  # the first decoding with Whisper's temperature fallback,
+    assert sorted(decoder.cold) == [("base", "en"), ("base", "tr")]  # the rivals at temperature 0
+
+
+def test_a_rival_that_wins_but_still_fails_is_decoded_again_with_the_fallback() -> None:
+    run = Run(0, 48000, "hu", 0.3)
+    decoder = Decoder({("base", "hu"): seg("la la la la la la la la", -1.3),
+                       ("base", "tr"): seg("Bugün Osmanlı tarihini konuşacağız.", -1.1),
+                       ("base", "tr", "hot"): seg("Bugün Osmanlı tarihini konuşacağız efendim.", -0.9),
+                       ("base", "en"): seg("na na na na na na na na", -1.2)})
+    windows = [Window(0, 48000, "hu", {"hu": 0.3, "tr": 0.25, "en": 0.1})]
+    assert decide(run, windows, decoder) == ("Bugün Osmanlı tarihini konuşacağız efendim.", "base", "tr")
+    assert decoder.asked == [("base", "hu"), ("base", "tr")]
 
 
 def test_a_fixed_language_is_never_second_guessed() -> None:
@@ -126,7 +144,7 @@ def test_when_every_decoding_fails_detection_breaks_the_tie() -> None:
                                            "you know what I'm talking about.", -1.0)})
     assert decode_checks.has_loop(decoder.table[("base", "en")].text)
     text, name, language = decide(run, [Window(0, 48000, "tr", {"tr": 0.5, "en": 0.2})], decoder, ("tr", "en"))
-    assert language == "tr" and text.startswith("Bu gün Osmanlı") and sorted(decoder.asked) == [
+    assert language == "tr" and text.startswith("Bu gün Osmanlı") and decoder.every == [
         ("base", "en"), ("base", "tr")]
 
 

@@ -8,8 +8,10 @@ the multilingual model.
 Detection is trusted unless the decoding shows it wrong. A run whose decoding Whisper itself
 calls a failure (decode_checks.failed: low log-probability, a compression ratio of repeated
 text, a repetition loop), or an automatic run (no expected languages) detected below DECIDED, is
-decoded again on the multilingual model in each of its CANDIDATES languages and the decoding
-that holds up best is kept: the fewest failed seconds, then detection's share of the language
+decoded again on the multilingual model in each of its CANDIDATES languages (at temperature 0:
+Whisper's fallback to higher temperatures, which a wrong language always triggers, doubled the
+cost of a doubtful run and changes no decision) and the decoding that holds up best is kept
+(decoded again with the fallback where it still fails somewhere): the fewest failed seconds, then detection's share of the language
 and the decoding's token log-probability together (decode_checks.rank). A run detected among
 the expected languages whose decoding holds up keeps its language: Whisper's log-probability
 alone rates a fluent English hallucination ("I don't know if you know what I'm talking about")
@@ -84,13 +86,16 @@ def decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Any, ev: Evi
     if (options.language or not run.detected or multi is None or multi.english_only
             or not doubtful(run, part, bool(options.expected_languages))):
         return decode_checks.collapse_loops(part), info, spec.name
-    tried = {(run.language, spec.name): (part, info)}
-    for lang in ev.candidates:
+    first = (run.language, spec.name)
+    tried = {first: (part, info)}
+    for lang in ev.candidates:  # at temperature 0 only: a wrong language's fallbacks cost 2x and decide nothing
         if (lang, multi.name) not in tried:
-            tried[(lang, multi.name)] = decode(load(multi), language=lang)
+            tried[(lang, multi.name)] = decode(load(multi), language=lang, fallback=False)
     ranks = {k: decode_checks.rank(v[0], ev.share.get(k[0], 0.0)) for k, v in tried.items()}
     lang, name = max(ranks, key=ranks.__getitem__)
     part, info = tried[(lang, name)]
+    if (lang, name) != first and decode_checks.failed_share(part) > 0:
+        part, info = decode(load(multi), language=lang)  # the kept one with Whisper's temperature fallback
     log.info("language_decided_by_decoding", detected=run.language, chosen=lang, model=name,
              tried={f"{k[0]}/{k[1]}": [round(r[1], 3), -r[0]] for k, r in ranks.items()})
     if lang != run.language:

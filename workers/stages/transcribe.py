@@ -39,6 +39,7 @@ FRAME = SAMPLE_RATE // 10
 REFINE_BELOW = 0.9  # a window detected less surely than this is detected again utterance by utterance
 PAUSE = SAMPLE_RATE // 2  # a silence this long separates utterances
 SHORT_SPEECH = 3 * SAMPLE_RATE  # an uncertain stretch with less speech than this takes its neighbour's language
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's own: a failed window is decoded again hotter
 log = structlog.get_logger(__name__)
 
 
@@ -116,8 +117,11 @@ class Run:
 
 def _recognise(model: Any, audio: np.ndarray, options: TranscribeOptions, language: str | None,
                offset_s: float, first_id: int, on_progress: ProgressCallback | None,
-               total_s: float, batching: Batching = SEQUENTIAL) -> tuple[list[Segment], Any]:
-    """Recognise ``audio`` (which starts ``offset_s`` into the file) with ``language`` fixed or detected."""
+               total_s: float, batching: Batching = SEQUENTIAL, fallback: bool = True) -> tuple[list[Segment], Any]:
+    """Recognise ``audio`` (which starts ``offset_s`` into the file) with ``language`` fixed or detected.
+
+    ``fallback=False``: temperature 0 only, no re-decoding of failed windows at higher temperatures.
+    """
     use_batched = batching.applies(len(audio), options)
     batch_size = batching.size_for(len(audio)) if use_batched else 1
     log.info("whisper_decoding", mode="batched" if use_batched else "sequential", batch_size=batch_size,
@@ -133,6 +137,7 @@ def _recognise(model: Any, audio: np.ndarray, options: TranscribeOptions, langua
         word_timestamps=options.word_timestamps,
         condition_on_previous_text=False,
         task=options.task,
+        temperature=FALLBACK_TEMPERATURES if fallback else (0.0,),
         initial_prompt=options.initial_prompt or None,
         hotwords=", ".join(options.hotwords) or None,
     )
