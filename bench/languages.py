@@ -20,8 +20,8 @@ part's language, whether any segment is a repetition loop, the models used, the 
 from __future__ import annotations
 
 import argparse
-import glob
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -77,13 +77,18 @@ def build(tmp: str) -> dict[str, tuple[np.ndarray, list[tuple[float, float, str,
         audio = load_wav(f"{tmp}/{i}.wav")
         out[name] = (_noisy(audio, snr) if snr else audio,
                      [(s, e, lang, text) for (s, e, _), (_, lang, text) in zip(truth, turns)])
-    for wav in sorted(glob.glob("/usr/share/pocketsphinx/test/data/*.wav"))[:1]:  # real English read speech
-        ref = pathlib.Path(wav).with_suffix(".transcription")
-        if ref.exists():
-            text = ref.read_text().split("(")[0].strip()
-            extract_audio(wav, f"{tmp}/real.wav")
-            audio = load_wav(f"{tmp}/real.wav")
-            out["en, real speech (pocketsphinx)"] = (audio, [(0.0, len(audio) / 16000, "en", text)])
+    real = pathlib.Path("/usr/share/pocketsphinx/test/data/librivox")  # real English read speech (LibriVox)
+    if (real / "transcription").exists():
+        refs = {stem: text for text, stem in re.findall(r"<s> (.*?) </s> \((\S+)\)",
+                                                       (real / "transcription").read_text())}
+        clips, texts = [], []
+        for stem in sorted(refs):
+            extract_audio(str(real / f"{stem}.wav"), f"{tmp}/{stem}.wav")
+            clips += [load_wav(f"{tmp}/{stem}.wav"), np.zeros(8000, np.float32)]
+            texts.append(refs[stem])
+        audio = np.concatenate(clips)
+        out["en, real speech (LibriVox, pocketsphinx-testdata)"] = (audio, [(0.0, len(audio) / 16000, "en",
+                                                                             " ".join(texts))])
     return out
 
 

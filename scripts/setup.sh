@@ -20,7 +20,9 @@ for tool in $tools; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool##*:}")
 done
 case ",${1:-}," in  # protobuf-java of protoc's release, for compiling the generated Java
-  *,test,*) [ -e /usr/share/java/protobuf.jar ] || need_apt+=(libprotobuf-java) ;;
+  *,test,*) [ -e /usr/share/java/protobuf.jar ] || need_apt+=(libprotobuf-java)
+    # Real recorded English read speech with transcripts (bench/languages.py's real-speech row).
+    [ -d /usr/share/pocketsphinx/test/data ] || need_apt+=(pocketsphinx-testdata) ;;
 esac
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
