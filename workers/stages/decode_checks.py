@@ -23,6 +23,8 @@ FAILED_LOGPROB = -1.0  # Whisper's logprob_threshold
 LOOP_REPEATS = 3  # the same word or phrase this many times in a row is a loop
 LONG_PHRASE = 5  # ... and a phrase of this many words twice in one segment ("I don't know if you know ...")
 MIN_PRIOR = 0.01
+UNCOVERED_SHARE = 0.5  # segments covering less than this share of the speech leave the rest failed
+MOSTLY_FAILED = 0.5  # decodings failed over this share of their time are ranked as equally failed
 _LOOP = re.compile(r"(\b.{1,40}?)(?:[\s,.!?;:-]*\1){%d,}" % (LOOP_REPEATS - 1), re.IGNORECASE | re.DOTALL)
 
 
@@ -47,33 +49,52 @@ def failed(segment: Segment) -> bool:
             or has_loop(segment.text))
 
 
-def failed_share(segments: Sequence[Segment]) -> float:
-    """Share of the decoded time (segment durations) in failed segments."""
+def uncovered(segments: Sequence[Segment], speech_s: float) -> float:
+    """Seconds of speech a decoding leaves out, when its segments cover under UNCOVERED_SHARE of it.
+
+    Whisper may jump its timestamps over most of a window in a wrong language (espeak's Turkish
+    decoded as English: one 1.4 s segment for 14.5 s of speech, at a log-probability of -0.22).
+    """
+    covered = sum(max(s.end - s.start, 0.01) for s in segments)
+    return speech_s - covered if covered < UNCOVERED_SHARE * speech_s else 0.0
+
+
+def failed_share(segments: Sequence[Segment], speech_s: float = 0.0) -> float:
+    """Share of the decoded time (segment durations) in failed segments; left-out speech is failed."""
     total = sum(max(s.end - s.start, 0.01) for s in segments)
-    return sum(max(s.end - s.start, 0.01) for s in segments if failed(s)) / total if total else 0.0
+    bad = sum(max(s.end - s.start, 0.01) for s in segments if failed(s))
+    gap = uncovered(segments, speech_s)
+    return (bad + gap) / (total + gap) if total + gap else 0.0
 
 
-def score(segments: Sequence[Segment]) -> float:
+def score(segments: Sequence[Segment], speech_s: float = 0.0) -> float:
     """Duration-weighted mean log-probability per token (higher: the model finds it likelier).
 
     Comparable between decodings of the same audio in different languages; an empty decoding of
-    speech scores as a failure.
+    speech, and speech a decoding left out, score as twice a failure.
     """
     weights = [max(s.end - s.start, 0.01) for s in segments]
+    gap = uncovered(segments, speech_s)
     if not segments:
         return FAILED_LOGPROB * 2
-    return sum(w * s.avg_logprob for w, s in zip(weights, segments)) / sum(weights)
+    logprob = sum(w * s.avg_logprob for w, s in zip(weights, segments)) + gap * FAILED_LOGPROB * 2
+    return logprob / (sum(weights) + gap)
 
 
-def rank(segments: Sequence[Segment], prior: float = 1.0) -> tuple[float, float]:
+def rank(segments: Sequence[Segment], prior: float = 1.0, speech_s: float = 0.0) -> tuple[float, float]:
     """Order of decodings of the same audio (max is kept): the fewest failed seconds, then the likeliest.
 
     Likeliest combines what detection said of the language (``prior``, its share of the detection
     probability) with what decoding says (``score``): log prior + mean token log-probability. A
     fluent English hallucination scores a token log-probability as good as unusual but correct
-    Turkish, so without the prior decoding alone would overrule a clear detection.
+    Turkish, so without the prior decoding alone would overrule a clear detection. Between two
+    decodings that both mostly fail (MOSTLY_FAILED), the failed share says nothing (espeak's default
+    Turkish voice: Turkish 100 % failed at -1.004 a token, English 93 % failed at -1.85): the
+    likeliest is kept.
     """
-    return -round(failed_share(segments), 1), math.log(max(prior, MIN_PRIOR)) + score(segments)
+    failed = failed_share(segments, speech_s)
+    likeliest = math.log(max(prior, MIN_PRIOR)) + score(segments, speech_s)
+    return -(1.0 if failed >= MOSTLY_FAILED else round(failed, 1)), likeliest
 
 
 def _norm(word: str) -> str:

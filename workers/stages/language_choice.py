@@ -8,12 +8,14 @@ the multilingual model.
 Detection is trusted unless the decoding shows it wrong. A run whose decoding Whisper itself
 calls a failure (decode_checks.failed: low log-probability, a compression ratio of repeated
 text, a repetition loop), or an automatic run (no expected languages) detected below DECIDED, is
-decoded again on the multilingual model in each of its CANDIDATES languages (at temperature 0:
-Whisper's fallback to higher temperatures, which a wrong language always triggers, doubled the
-cost of a doubtful run and changes no decision) and the decoding that holds up best is kept
-(decoded again with the fallback where it still fails somewhere): the fewest failed seconds, then detection's share of the language
-and the decoding's token log-probability together (decode_checks.rank). A run detected among
-the expected languages whose decoding holds up keeps its language: Whisper's log-probability
+decoded again on the multilingual model in each of its CANDIDATES languages and the decoding
+that holds up best is kept. The decodings compared are at temperature 0 (Whisper's fallback to
+higher temperatures, which a wrong language always triggers, doubled the cost of a doubtful run
+and, sampling, made the choice between two failing languages differ from run to run); the one
+kept is decoded again with the fallback where it still fails somewhere. Ranked by the fewest
+failed seconds (all mostly-failed decodings equal), then detection's share of the language
+(smoothed: SMOOTHING) and the decoding's token log-probability together (decode_checks.rank).
+A run detected among the expected languages whose decoding holds up keeps its language: Whisper's log-probability
 alone rates a fluent English hallucination ("I don't know if you know what I'm talking about")
 as high as correct but unusual Turkish.
 """
@@ -32,6 +34,10 @@ ENGLISH_ONLY_MIN = 0.8
 RIVAL_NEAR = 0.1
 DECIDED = 0.9
 CANDIDATES = 3
+# Added to each candidate's mean detection probability before the shares are taken: where the
+# model believes none of them (espeak's default Turkish voice: hu 0.71, en 0.035, tr 0.013) a
+# ratio of two crumbs is no evidence; where one is clearly detected (0.5 against 0.2) it still is.
+SMOOTHING = 0.05
 log = structlog.get_logger(__name__)
 
 
@@ -61,14 +67,20 @@ def evidence(run: Any, windows: Sequence[Any], expected: tuple[str, ...]) -> Evi
 
     ranked = sorted(totals, key=lambda lang: -totals[lang])
     candidates = tuple(dict.fromkeys([run.language, *ranked]))[:CANDIDATES] if run.language else ()
-    total = sum(totals.get(lang, 0.0) for lang in candidates) or 1.0
+    weight = sum(max(w.speech, 1) for w in inside) or 1
+    smoothed = {lang: totals.get(lang, 0.0) / weight + SMOOTHING for lang in candidates}
+    total = sum(smoothed.values()) or 1.0
     return Evidence(bool(inside) and all(english(w) for w in inside), candidates,
-                    {lang: totals.get(lang, 0.0) / total for lang in candidates})
+                    {lang: p / total for lang, p in smoothed.items()})
 
 
-def doubtful(run: Any, part: Sequence[Segment], hinted: bool) -> bool:
+def doubtful(run: Any, part: Sequence[Segment], hinted: bool, speech_s: float = 0.0) -> bool:
     """Whether a run's first decoding must be checked against the other candidate languages."""
-    return decode_checks.failed_share(part) > 0 or (not hinted and run.probability < DECIDED)
+    return decode_checks.failed_share(part, speech_s) > 0 or (not hinted and run.probability < DECIDED)
+
+
+def _speech_s(info: Any) -> float:
+    return float(getattr(info, "duration_after_vad", 0.0) or 0.0)
 
 
 def decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Any, ev: Evidence, options: Any,
@@ -81,21 +93,26 @@ def decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Any, ev: Evi
     routed = not options.language and not options.model and run.detected
     if spec.english_only and routed and not ev.english_ok and models.multilingual:
         spec = models.multilingual
-    part, info = decode(load(spec), language=run.language)
     multi = models.by_name[options.model] if options.model else models.multilingual
-    if (options.language or not run.detected or multi is None or multi.english_only
-            or not doubtful(run, part, bool(options.expected_languages))):
+    if options.language or not run.detected or multi is None or multi.english_only:
+        part, info = decode(load(spec), language=run.language)
         return decode_checks.collapse_loops(part), info, spec.name
+    # Every decoding that is compared is at temperature 0: the fallback's sampling made the choice
+    # between two failing languages a coin toss from one run to the next. A decoding that does not
+    # fail is what the fallback would have returned anyway (it re-decodes failed windows only).
     first = (run.language, spec.name)
+    part, info = decode(load(spec), language=run.language, fallback=False)
+    if not doubtful(run, part, bool(options.expected_languages), _speech_s(info)):
+        return decode_checks.collapse_loops(part), info, spec.name
     tried = {first: (part, info)}
-    for lang in ev.candidates:  # at temperature 0 only: a wrong language's fallbacks cost 2x and decide nothing
+    for lang in ev.candidates:
         if (lang, multi.name) not in tried:
             tried[(lang, multi.name)] = decode(load(multi), language=lang, fallback=False)
-    ranks = {k: decode_checks.rank(v[0], ev.share.get(k[0], 0.0)) for k, v in tried.items()}
+    ranks = {k: decode_checks.rank(v[0], ev.share.get(k[0], 0.0), _speech_s(v[1])) for k, v in tried.items()}
     lang, name = max(ranks, key=ranks.__getitem__)
     part, info = tried[(lang, name)]
-    if (lang, name) != first and decode_checks.failed_share(part) > 0:
-        part, info = decode(load(multi), language=lang)  # the kept one with Whisper's temperature fallback
+    if decode_checks.failed_share(part, _speech_s(info)) > 0:  # the kept one, with Whisper's temperature fallback
+        part, info = decode(load(spec if (lang, name) == first else multi), language=lang)
     log.info("language_decided_by_decoding", detected=run.language, chosen=lang, model=name,
              tried={f"{k[0]}/{k[1]}": [round(r[1], 3), -r[0]] for k, r in ranks.items()})
     if lang != run.language:
