@@ -59,7 +59,7 @@ def quietest(audio: np.ndarray, at: int) -> int:
     Frames within QUIET_DB of the quietest one count as quiet; the cut falls in the middle of the
     longest run of them, so a pause between two languages is shared: cut at its first frame, the
     next run started on a second of silence, which Whisper base decoded worse (issue 22: the
-    Turkish half of a lecture, CER 0.36 cut at the pause's start, 0.29 cut in its middle).
+    Turkish half of a lecture, CER 0.36 cut at the pause's start, 0.33 cut in its middle).
     """
     lo, hi = max(0, at - BOUNDARY_SEARCH), min(len(audio), at + BOUNDARY_SEARCH)
     frames = (hi - lo) // FRAME

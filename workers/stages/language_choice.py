@@ -15,9 +15,9 @@ and, sampling, made the choice between two failing languages differ from run to 
 kept is decoded again with the fallback where it still fails somewhere. Ranked by the fewest
 failed seconds (all mostly-failed decodings equal), then detection's share of the language
 (smoothed: SMOOTHING) and the decoding's token log-probability together (decode_checks.rank).
-A run detected among the expected languages whose decoding holds up keeps its language: Whisper's log-probability
-alone rates a fluent English hallucination ("I don't know if you know what I'm talking about")
-as high as correct but unusual Turkish.
+A run detected among the expected languages whose decoding holds up keeps its language:
+Whisper's log-probability alone rates a fluent English hallucination ("I don't know if you know
+what I'm talking about") as high as correct but unusual Turkish.
 """
 from __future__ import annotations
 
@@ -79,8 +79,9 @@ def doubtful(run: Any, part: Sequence[Segment], hinted: bool, speech_s: float = 
     return decode_checks.failed_share(part, speech_s) > 0 or (not hinted and run.probability < DECIDED)
 
 
-def _speech_s(info: Any) -> float:
-    return float(getattr(info, "duration_after_vad", 0.0) or 0.0)
+def _speech_s(info: Any, options: Any) -> float:
+    """Seconds of speech VAD found in a decoded run (0, nothing to compare with, without VAD)."""
+    return float(getattr(info, "duration_after_vad", 0.0) or 0.0) if options.vad_filter else 0.0
 
 
 def decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Any, ev: Evidence, options: Any,
@@ -102,16 +103,16 @@ def decide(models: ModelSet, load: Callable[[ModelSpec], Any], run: Any, ev: Evi
     # fail is what the fallback would have returned anyway (it re-decodes failed windows only).
     first = (run.language, spec.name)
     part, info = decode(load(spec), language=run.language, fallback=False)
-    if not doubtful(run, part, bool(options.expected_languages), _speech_s(info)):
+    if not doubtful(run, part, bool(options.expected_languages), _speech_s(info, options)):
         return decode_checks.collapse_loops(part), info, spec.name
     tried = {first: (part, info)}
     for lang in ev.candidates:
         if (lang, multi.name) not in tried:
             tried[(lang, multi.name)] = decode(load(multi), language=lang, fallback=False)
-    ranks = {k: decode_checks.rank(v[0], ev.share.get(k[0], 0.0), _speech_s(v[1])) for k, v in tried.items()}
+    ranks = {k: decode_checks.rank(v[0], ev.share.get(k[0], 0.0), _speech_s(v[1], options)) for k, v in tried.items()}
     lang, name = max(ranks, key=ranks.__getitem__)
     part, info = tried[(lang, name)]
-    if decode_checks.failed_share(part, _speech_s(info)) > 0:  # the kept one, with Whisper's temperature fallback
+    if decode_checks.failed_share(part, _speech_s(info, options)) > 0:  # kept: with Whisper's temperature fallback
         part, info = decode(load(spec if (lang, name) == first else multi), language=lang)
     log.info("language_decided_by_decoding", detected=run.language, chosen=lang, model=name,
              tried={f"{k[0]}/{k[1]}": [round(r[1], 3), -r[0]] for k, r in ranks.items()})

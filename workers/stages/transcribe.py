@@ -120,7 +120,8 @@ def _recognise(model: Any, audio: np.ndarray, options: TranscribeOptions, langua
                total_s: float, batching: Batching = SEQUENTIAL, fallback: bool = True) -> tuple[list[Segment], Any]:
     """Recognise ``audio`` (which starts ``offset_s`` into the file) with ``language`` fixed or detected.
 
-    ``fallback=False``: temperature 0 only, no re-decoding of failed windows at higher temperatures.
+    ``fallback=False``: temperature 0 only, no re-decoding of failed windows at higher temperatures
+    (sequential decoding; the batched pipeline decodes as it always does).
     """
     use_batched = batching.applies(len(audio), options)
     batch_size = batching.size_for(len(audio)) if use_batched else 1
