@@ -49,20 +49,25 @@ def failed(segment: Segment) -> bool:
             or has_loop(segment.text))
 
 
+def _seconds(segment: Segment) -> float:
+    """A segment's weight: its duration, never zero."""
+    return max(segment.end - segment.start, 0.01)
+
+
 def uncovered(segments: Sequence[Segment], speech_s: float) -> float:
     """Seconds of speech a decoding leaves out, when its segments cover under UNCOVERED_SHARE of it.
 
     Whisper may jump its timestamps over most of a window in a wrong language (espeak's Turkish
     decoded as English: one 1.4 s segment for 14.5 s of speech, at a log-probability of -0.22).
     """
-    covered = sum(max(s.end - s.start, 0.01) for s in segments)
+    covered = sum(map(_seconds, segments))
     return speech_s - covered if covered < UNCOVERED_SHARE * speech_s else 0.0
 
 
 def failed_share(segments: Sequence[Segment], speech_s: float = 0.0) -> float:
     """Share of the decoded time (segment durations) in failed segments; left-out speech is failed."""
-    total = sum(max(s.end - s.start, 0.01) for s in segments)
-    bad = sum(max(s.end - s.start, 0.01) for s in segments if failed(s))
+    total = sum(map(_seconds, segments))
+    bad = sum(_seconds(s) for s in segments if failed(s))
     gap = uncovered(segments, speech_s)
     return (bad + gap) / (total + gap) if total + gap else 0.0
 
@@ -73,7 +78,7 @@ def score(segments: Sequence[Segment], speech_s: float = 0.0) -> float:
     Comparable between decodings of the same audio in different languages; an empty decoding of
     speech, and speech a decoding left out, score as twice a failure.
     """
-    weights = [max(s.end - s.start, 0.01) for s in segments]
+    weights = [_seconds(s) for s in segments]
     gap = uncovered(segments, speech_s)
     if not segments:
         return FAILED_LOGPROB * 2
