@@ -21,8 +21,10 @@ for tool in $tools; do
 done
 case ",${1:-}," in  # protobuf-java of protoc's release, for compiling the generated Java
   *,test,*) [ -e /usr/share/java/protobuf.jar ] || need_apt+=(libprotobuf-java)
-    # Real recorded English read speech with transcripts (bench/languages.py's real-speech row).
-    [ -d /usr/share/pocketsphinx/test/data ] || need_apt+=(pocketsphinx-testdata) ;;
+    # Real recorded English read speech with transcripts (bench/languages.py's real-speech row), and
+    # real voices of several people for the speaker-recognition set (tests/support/realvoices.py).
+    [ -d /usr/share/pocketsphinx/test/data ] || need_apt+=(pocketsphinx-testdata)
+    [ -d /usr/share/codec2/wav ] || need_apt+=(codec2-examples) ;;
 esac
 if [ "${#need_apt[@]}" -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
