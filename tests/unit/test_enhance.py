@@ -351,3 +351,27 @@ def test_a_model_that_refuses_max_tokens_and_temperature_is_asked_without_them(l
     assert [s.status for s in proxy.seen][:2] == [400, 400] and proxy.seen[-1].status == 200, proxy.seen
     last = proxy.bodies[-1]
     assert last["max_completion_tokens"] == 40 and "max_tokens" not in last and "temperature" not in last
+
+
+def test_a_cut_off_answer_is_retried_with_a_penalty_the_server_may_refuse(llm_server: Any) -> None:
+    """An answer cut off at max_tokens (most often a loop) is asked again with frequency_penalty;
+    a server that refuses the parameter is asked again without it, from then on."""
+    from mp4totext.config import Settings
+    from tests.support.llm_proxy import LLMProxy
+    from workers.stages.llm import LLM, LOOP_PENALTY, LLMOutputError
+    proxy = LLMProxy(llm_server.base_url)
+    proxy.refused_params = {"frequency_penalty": "Unsupported parameter: 'frequency_penalty' is not supported "
+                                                 "with this model."}
+    try:
+        model = LLM(Settings(llm_base_url=proxy.base_url, llm_model=llm_server.model, llm_temperature=0.0))
+        with pytest.raises(LLMOutputError, match="cut off"):
+            model.ask_json("Reply with JSON.", "Write a long story about a fox.", "story", {
+                "type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"],
+                "additionalProperties": False}, lambda v: v, 3)
+    finally:
+        proxy.stop()
+    assert not model.send_penalty
+    sent = [b.get("frequency_penalty") for b in proxy.bodies]
+    # (after auto mode's probe of json_schema) the first try, the refused retry, the retry without it
+    assert sent[-3:] == [None, LOOP_PENALTY, None], sent
+    assert [s.status for s in proxy.seen][-3:] == [200, 400, 200], proxy.seen

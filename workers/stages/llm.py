@@ -39,6 +39,9 @@ log = structlog.get_logger(__name__)
 RETRY_WAIT_S = 120.0  # the longest wait between tries the openai client takes (a Retry-After up to 2 min)
 MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (generous for common templates)
 MODES = ("json_schema", "json_object", "none")
+# OpenAI's frequency_penalty (llama.cpp's server takes it too, over its last 64 tokens) on the retry
+# of an answer cut off at max_tokens; a server that refuses it is asked without it from then on.
+LOOP_PENALTY = 0.5
 
 
 class LLMError(Exception):
@@ -229,6 +232,7 @@ class LLM:
         # temperature but their own: learnt from the first refusal, once per process.
         self.token_param = "max_tokens"
         self.send_temperature = True
+        self.send_penalty = True
 
     def _adapt(self, exc: openai.APIStatusError) -> bool:
         """Whether a 400 names a parameter this model does not take that we can do without."""
@@ -241,6 +245,8 @@ class LLM:
             elif self.send_temperature and "temperature" in text and (
                     "nsupported" in text or "does not support" in text):
                 self.send_temperature = False
+            elif self.send_penalty and "frequency_penalty" in text:
+                self.send_penalty = False
             else:
                 return False
         log.warning("llm_parameter_refused", adapted_to=f"{self.token_param}, temperature "
@@ -312,7 +318,7 @@ class LLM:
             self.slots.release()
 
     def _send(self, system: str, user: list[dict[str, str]], name: str, schema: dict[str, Any],
-              max_tokens: int, temperature: float) -> Any:
+              max_tokens: int, temperature: float, penalty: float = 0.0) -> Any:
         while True:
             mode = self.mode
             messages = self._messages(system, user, schema)
@@ -331,6 +337,8 @@ class LLM:
                     params: dict[str, Any] = {self.token_param: max_tokens}
                     if self.send_temperature:
                         params["temperature"] = temperature
+                    if penalty and self.send_penalty:
+                        params["frequency_penalty"] = penalty
                     resp = client.chat.completions.create(model=self.model, messages=messages, **params, **extra)
                     if resp.usage:
                         span.set_attributes({"gen_ai.usage.input_tokens": resp.usage.prompt_tokens,
@@ -365,14 +373,14 @@ class LLM:
         """The model's answer to ``user``, parsed and checked by ``validate`` (which raises
         ValueError with a message the model can act on). One repair, then LLMOutputError.
 
-        An answer cut off at ``max_tokens`` is asked again afresh, for a shorter one and sampled
-        differently, when ``shorten``; else it fails at once (a batch of segments is split
-        instead: every segment must keep its whole text)."""
+        An answer cut off at ``max_tokens`` is asked again afresh, for a shorter one and with a
+        frequency penalty against loops, when ``shorten``; else it fails at once (a batch of
+        segments is split instead: every segment must keep its whole text)."""
         turns = [{"role": "user", "content": user}]
-        usage, error, temperature = TokenUsage(), "", self.s.llm_temperature
+        usage, error, temperature, penalty = TokenUsage(), "", self.s.llm_temperature, 0.0
         for attempt in (1, 2):
             on_request()
-            resp = self._send(system, turns, name, schema, max_tokens, temperature)
+            resp = self._send(system, turns, name, schema, max_tokens, temperature, penalty)
             p = resp.usage.prompt_tokens if resp.usage else 0
             c = resp.usage.completion_tokens if resp.usage else 0
             spent = TokenUsage(prompt_tokens=p, completion_tokens=c, cost=self.cost(p, c))
@@ -396,7 +404,10 @@ class LLM:
                         raise LLMOutputError(f"the model's answer was cut off: {error}") from None
                     turns = [{"role": "user", "content": f"{user}\n\nKeep the answer short: every text value one "
                                                          "or two sentences, every list a few items."}]
-                    temperature = max(temperature, 0.7)
+                    # A cut-off answer is most often a loop (small models repeat a list item until
+                    # the limit): the retry penalises tokens by how often they already came, at the
+                    # configured temperature (SmolLM2 at 0.7 wrote broken strings in 3 of 4 retries).
+                    penalty = LOOP_PENALTY
                 else:
                     turns = [turns[0], {"role": "assistant", "content": text[:4000]},
                              {"role": "user", "content": f"That answer is not valid: {error}. Answer again with "
