@@ -1,6 +1,5 @@
 """Speaker recognition on real voices: the generated conversation set of tests/support/realvoices.py.
 
-    .venv/bin/python bench/diarization.py --real          # this module: the table below, all in one run
     .venv/bin/python bench/speakers.py [--steps 0.1,0.25] [--thresholds 0.5,0.6,...] [--conditions 0,1]
 
 Per condition (2, 3, 4 speakers; a telephone-band + noise variant) and per setting (segmentation
@@ -69,7 +68,7 @@ def turns_of(ann: Any) -> list[Any]:
 def score(conv: realvoices.Conversation, output: Any, result: TranscriptResult) -> dict[str, Any]:
     from pyannote.metrics.diarization import DiarizationErrorRate, JaccardErrorRate
 
-    from workers.stages.diarize import assign_speakers
+    from workers.stages.diarize import assign_speakers, speaker_for
 
     ref, hyp = annotation(conv.turns), output.speaker_diarization
     row = {"der": float(DiarizationErrorRate(collar=0.0)(ref, hyp)),
@@ -81,8 +80,6 @@ def score(conv: realvoices.Conversation, output: Any, result: TranscriptResult) 
         turns = turns_of(output.exclusive_speaker_diarization if how == "exclusive" else hyp)
         if how == "midpoint":
             words = [w for s in result.segments for w in s.words]
-            from workers.stages.diarize import speaker_for
-
             hyp_words = [(w.start, w.end, speaker_for((w.start + w.end) / 2, (w.start + w.end) / 2, turns))
                          for w in words]
         else:
@@ -108,7 +105,7 @@ def run(conditions: list[realvoices.Condition], steps: list[float], thresholds: 
     audio_min = sum(c.seconds for c in convs) / 60
     print(f"{len(convs)} conversations, {audio_min:.1f} min of audio, "
           f"{sum(len(c.words) for c in convs)} reference words, torch threads {torch.get_num_threads()}", flush=True)
-    rows: list[tuple[float, float, int, dict[str, dict[str, Any]]]] = []
+    rows: list[tuple[float, float, int, float, dict[str, dict[str, Any]]]] = []
     for step in steps:
         pipeline = campplus.build_pipeline(step=step)
         pipeline.training = True  # segmentation + embeddings cached in each file dict
@@ -124,36 +121,32 @@ def run(conditions: list[realvoices.Condition], steps: list[float], thresholds: 
                 pipeline.instantiate({"segmentation": dict(campplus.SEGMENTATION), "clustering": {
                     "method": "centroid", "threshold": threshold, "min_cluster_size": size}})
                 scores = {c.name: score(c, pipeline(f), r) for c, f, r in zip(convs, files, results)}
-                rows.append((step, threshold, size, scores))
+                rows.append((step, threshold, size, per_min, scores))
                 print(summary_line(step, threshold, size, scores), flush=True)
-                rows[-1][3]["_time"] = {"per_min": per_min}  # type: ignore[assignment]
-    table(convs, rows)
+    table(rows)
 
 
 def _groups(scores: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for name, row in scores.items():
-        if name.startswith("_"):
-            continue
         key = name.split(" #")[0] + (", telephone" if "telephone" in name else "")
         out.setdefault(key, []).append(row)
     return out
 
 
 def summary_line(step: float, threshold: float, size: int, scores: dict[str, dict[str, Any]]) -> str:
-    rows = [r for n, r in scores.items() if not n.startswith("_")]
+    rows = list(scores.values())
     return (f"step {step} threshold {threshold:.2f} min_cluster_size {size}: "
             f"mean DER {statistics.mean(r['der'] for r in rows):.3f}"
             f" count right {sum(r['count_right'] for r in rows)}/{len(rows)} words right (overlap) "
             f"{statistics.mean(r['words_overlap'] for r in rows):.3f}")
 
 
-def table(convs: list[realvoices.Condition], rows: list[Any]) -> None:
+def table(rows: list[tuple[float, float, int, float, dict[str, dict[str, Any]]]]) -> None:
     print("\n| step | threshold | min cluster | condition | files | DER | DER 0.25 s | JER | count right | "
           "words right: overlap / midpoint / exclusive | s per audio min |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for step, threshold, size, scores in rows:
-        per_min = scores.get("_time", {}).get("per_min", 0.0)
+    for step, threshold, size, per_min, scores in rows:
         for group, rs in _groups(scores).items():
             mean = lambda k: statistics.mean(r[k] for r in rs)  # noqa: E731
             print(f"| {step} | {threshold:.2f} | {size} | {group} | {len(rs)} | {mean('der'):.3f} | "

@@ -82,6 +82,7 @@ class Conversation:
     name: str
     audio: np.ndarray  # float32, 16 kHz mono
     turns: list[tuple[float, float, str]]  # (start, end, speaker): the RTTM
+    placed: list[tuple[float, Utterance]]  # each utterance and where it starts (s, on a sample)
     words: list[RefWord] = dataclasses.field(default_factory=list)
 
     @property
@@ -96,17 +97,6 @@ class Conversation:
         return "".join(f"SPEAKER {self.name} 1 {a:.3f} {b - a:.3f} <NA> <NA> {s} <NA> <NA>\n"
                        for a, b, s in self.turns)
 
-    def write_wav(self, path: str | pathlib.Path) -> pathlib.Path:
-        import wave
-
-        path = pathlib.Path(path)
-        with wave.open(str(path), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(RATE)
-            w.writeframes((np.clip(self.audio, -1, 1) * 32767).astype("<i2").tobytes())
-        return path
-
 
 def require() -> None:
     missing = [s for s, files in SPEAKERS.items() if not files or not all(f.is_file() for f in files)]
@@ -116,12 +106,11 @@ def require() -> None:
 
 def _ffmpeg_pcm(path: pathlib.Path, filters: str) -> np.ndarray:
     # codec2's .raw files are 8 kHz 16-bit mono without a header; pocketsphinx's are 16 kHz
-    raw = ["-f", "s16le", "-ar", "16000" if path.is_relative_to(POCKETSPHINX) else "8000", "-ac", "1"]
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", *(raw if path.suffix == ".raw" else []), "-i", str(path),
-           "-af", filters, "-ac", "1", "-ar", str(RATE),
-           "-f", "s16le", "-"]
-    raw = subprocess.run(cmd, check=True, capture_output=True).stdout
-    return np.frombuffer(raw, "<i2").astype(np.float32) / 32768
+    headerless = ["-f", "s16le", "-ar", "16000" if path.is_relative_to(POCKETSPHINX) else "8000", "-ac", "1"]
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", *(headerless if path.suffix == ".raw" else []), "-i", str(path),
+           "-af", filters, "-ac", "1", "-ar", str(RATE), "-f", "s16le", "-"]
+    pcm = subprocess.run(cmd, check=True, capture_output=True).stdout
+    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
 
 
 NARROWBAND = "aresample=8000,aresample=16000"  # one 4 kHz band for every source
@@ -251,13 +240,13 @@ def conversation(cond: Condition) -> Conversation:
         prev = speaker
     end = max(s + u.seconds for s, u in placed) + 0.5
     audio = np.zeros(int(end * RATE) + 1, np.float32)
-    turns = []
+    turns, at = [], []
     for start, utt in placed:
         i = int(round(start * RATE))
         audio[i:i + len(utt.audio)] += utt.audio
         turns.append((round(i / RATE, 3), round((i + len(utt.audio)) / RATE, 3), utt.speaker))
-    conv = Conversation(cond.name, audio, sorted(turns))
-    conv.placed = [(round(int(round(st * RATE)) / RATE, 3), u) for st, u in placed]  # type: ignore[attr-defined]
+        at.append((round(i / RATE, 3), utt))
+    conv = Conversation(cond.name, audio, sorted(turns), at)
     if cond.telephone:
         conv.audio = telephone(audio, rng)
     peak = float(np.max(np.abs(conv.audio)))
@@ -301,13 +290,14 @@ def words_for(conv: Conversation, words_of: WordsOf, cache: pathlib.Path | None 
     known: dict[str, Any] = {}
     if cache is not None and cache.exists():
         known = json.loads(cache.read_text())
-    words = []
-    for start, utt in conv.placed:  # type: ignore[attr-defined]
+    words, new = [], False
+    for start, utt in conv.placed:
         key = hashlib.sha1(utt.key.encode()).hexdigest()[:16]
         if key not in known:
-            known[key] = words_of(utt.audio)
+            known[key], new = words_of(utt.audio), True
         words += [RefWord(round(start + a, 3), round(start + b, 3), w, utt.speaker) for a, b, w in known[key]]
-    if cache is not None:
+    if cache is not None and new:
+        cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(known))
     conv.words = sorted(words, key=lambda w: w.start)
     return conv.words

@@ -250,7 +250,8 @@ class LLM:
             else:
                 return False
         log.warning("llm_parameter_refused", adapted_to=f"{self.token_param}, temperature "
-                    f"{'sent' if self.send_temperature else 'left to the model'}", error=text[:300])
+                    f"{'sent' if self.send_temperature else 'left to the model'}, frequency_penalty "
+                    f"{'sent on retries' if self.send_penalty else 'not sent'}", error=text[:300])
         return True
 
     def cost(self, prompt: int, completion: int) -> float:
