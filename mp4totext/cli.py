@@ -55,7 +55,20 @@ EXPORT_CHOICES = ["text", "txt", "srt", "vtt", "json", "tsv", "md"]
 ITEM_CHOICES = ["cleanup", "translation", "summary", "lecture_notes"]
 
 
-def _config(args: argparse.Namespace) -> dict:
+def known_speaker_args(values: list[str] | None) -> list[tuple[str, str]]:
+    """``--known-speaker NAME=FILE`` values as (name, file) pairs."""
+    pairs = []
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path:
+            raise SystemExit(f"--known-speaker {value!r}: expected NAME=FILE, e.g. 'Ayşe=ayse.m4a'")
+        if not os.path.isfile(path):
+            raise SystemExit(f"--known-speaker {value!r}: no such file {path!r}")
+        pairs.append((name.strip(), path))
+    return pairs
+
+
+def _config(args: argparse.Namespace, known: list[tpb.KnownSpeaker] | None = None) -> dict:
     cfg: dict = {"language_code": getattr(args, "language", ""),
                  "priority": tpb.Priority.Value(f"PRIORITY_{getattr(args, 'priority', 'normal').upper()}")}
     if getattr(args, "task", "transcribe") == "translate":
@@ -75,10 +88,10 @@ def _config(args: argparse.Namespace) -> dict:
     items = _items(args)
     if items:
         cfg["enhancements"] = items
-    if getattr(args, "speakers", False) or getattr(args, "min_speakers", 0) or getattr(args, "max_speakers", 0):
+    if known or any(getattr(args, a, None) for a in ("speakers", "min_speakers", "max_speakers")):
         cfg["diarization_config"] = tpb.DiarizationConfig(
-            enable_speaker_diarization=True, min_speaker_count=args.min_speakers or 0,
-            max_speaker_count=args.max_speakers or 0)
+            enable_speaker_diarization=True, min_speaker_count=getattr(args, "min_speakers", 0) or 0,
+            max_speaker_count=getattr(args, "max_speakers", 0) or 0, known_speakers=known or [])
     return cfg
 
 
@@ -144,13 +157,17 @@ def _watch(client: Client, name: str) -> None:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
+    references = known_speaker_args(getattr(args, "known_speaker", None))
     with _client(args) as client:
+        known = [client.known_speaker(name, path) for name, path in references]
+        if known:
+            stderr.print("known speakers: " + ", ".join(f"{k.display_name} ({k.media})" for k in known))
         size = os.path.getsize(args.file)
         with _progress(DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()) as bars:
             task = bars.add_task("upload", total=size, detail="")
             media = client.upload(args.file, on_progress=lambda sent, _total: bars.update(task, completed=sent))
         stderr.print(f"uploaded {media.name} ({media.size_bytes} bytes)")
-        job = client.create(media.name, **_config(args))
+        job = client.create(media.name, **_config(args, known))
         stderr.print(f"created {job.name}")
         _watch(client, job.name)
         job = client.get(job.name)
@@ -257,6 +274,16 @@ def _add_usage(sub: Any, client_args: Callable[[argparse.ArgumentParser], None])
     sp.set_defaults(fn=cmd_usage)
 
 
+def speaker_args(sp: argparse.ArgumentParser, what: str) -> None:
+    """--speakers, --min/max-speakers and --known-speaker NAME=FILE."""
+    sp.add_argument("--speakers", action="store_true", help=what)
+    sp.add_argument("--min-speakers", type=int, default=0)
+    sp.add_argument("--max-speakers", type=int, default=0)
+    sp.add_argument("--known-speaker", action="append", metavar="NAME=FILE",
+                    help="a person who may speak and a recording of only their voice (repeat): their speaker "
+                         "is labelled NAME; implies --speakers")
+
+
 def add_commands(sub: Any) -> None:
     """Add the user's commands to an argparse subparsers object."""
 
@@ -288,9 +315,7 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("--priority", default="normal", choices=["low", "normal", "high", "urgent"])
     sp.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
                     help="translate = English text from any language (multilingual models)")
-    sp.add_argument("--speakers", action="store_true", help="speaker recognition: who said what")
-    sp.add_argument("--min-speakers", type=int, default=0)
-    sp.add_argument("--max-speakers", type=int, default=0)
+    speaker_args(sp, "speaker recognition: who said what")
     sp.add_argument("--prompt", help="initial prompt: names, jargon, style to follow")
     sp.add_argument("--hotword", action="append", help="custom vocabulary (repeat for several)")
     sp.add_argument("--beam-size", type=int, default=0)

@@ -187,6 +187,27 @@ class Client:
     def get_media(self, name: str) -> media_pb2.Media:
         return self.call(self.media.GetMedia, media_pb2.GetMediaRequest(name=name))
 
+    def wait_media(self, name: str, timeout: float = 300.0) -> media_pb2.Media:
+        """The media once its preparation has ended (READY or FAILED), polling GetMedia (0.2 s,
+        growing to 2 s between polls)."""
+        deadline, pause = time.monotonic() + timeout, 0.2
+        while True:
+            media = self.get_media(name)
+            if media.state != media_pb2.MEDIA_STATE_PROCESSING:
+                return media
+            if time.monotonic() + pause > deadline:
+                raise TimeoutError(f"{name} was still being prepared after {timeout:g} s")
+            time.sleep(pause)
+            pause = min(2.0, pause * 1.5)
+
+    def known_speaker(self, display_name: str, path: str) -> tpb.KnownSpeaker:
+        """Upload a reference recording of one person's voice and wait until it can be used in
+        ``DiarizationConfig.known_speakers``."""
+        media = self.wait_media(self.upload(path).name)
+        if media.state != media_pb2.MEDIA_STATE_READY:
+            raise ValueError(f"the reference voice {path!r} for {display_name!r} cannot be used: {media.error_message}")
+        return tpb.KnownSpeaker(display_name=display_name, media=media.name)
+
     # -- transcriptions
     def create(self, media: str, request_id: str | None = None, **config: Any) -> tpb.Transcription:
         req = tpb.CreateTranscriptionRequest(media=media, config=tpb.TranscriptionConfig(**config),

@@ -136,6 +136,9 @@ class Settings:
     # Segmentation/embedding batch size (0 = the pipeline's own). 8 on CPU: as fast as 32 and
     # about 1 GiB less peak memory on a 33 s file (bench/bench.py).
     diarization_batch_size: int = 8
+    # A recognised speaker takes a known speaker's name (DiarizationConfig.known_speakers) when the
+    # cosine similarity of its voice to the reference is at least this (bench/speakers.py --known).
+    known_speaker_threshold: float = 0.5
     hf_token: str = dataclasses.field(default_factory=lambda: os.environ.get("HF_TOKEN", ""))
     worker_heartbeat_s: float = 30.0  # workers refresh their capabilities row this often
     # -- AI layer (workers of the "default" queue): any OpenAI-compatible Chat Completions server

@@ -98,10 +98,20 @@ class _Model(BaseModel):
 # ---------------------------------------------------------------- a job's options
 
 
+class KnownSpeakerRef(_Model):
+    """A named reference voice: a stretch of one of the tenant's (READY) media."""
+
+    name: str
+    media_id: str
+    start_s: float = 0.0
+    end_s: float | None = None  # None = the media's end (at most MAX_REFERENCE_S after start_s)
+
+
 class DiarizationOptions(_Model):
     enabled: bool = False
     min_speakers: int | None = None
     max_speakers: int | None = None
+    known_speakers: list[KnownSpeakerRef] = Field(default_factory=list)
 
 
 class JobConfig(_Model):
@@ -156,6 +166,8 @@ class SpeakerSummary(_Model):
     label: str
     speaking_s: float = 0.0
     words: int = 0
+    identified: bool = False  # label is a known speaker's name (DiarizationOptions.known_speakers)
+    similarity: float | None = None  # cosine similarity to that known speaker's reference
 
 
 class DiarizationState(enum.StrEnum):

@@ -78,7 +78,9 @@ def config_to_proto(cfg: JobConfig, priority: int) -> tpb.TranscriptionConfig:
     if dia.enabled:
         msg.diarization_config.CopyFrom(tpb.DiarizationConfig(
             enable_speaker_diarization=True, min_speaker_count=dia.min_speakers or 0,
-            max_speaker_count=dia.max_speakers or 0))
+            max_speaker_count=dia.max_speakers or 0,
+            known_speakers=[_set(tpb.KnownSpeaker(display_name=k.name, media=f"media/{k.media_id}"),
+                                 start_offset=dur(k.start_s), end_offset=dur(k.end_s)) for k in dia.known_speakers]))
     return msg
 
 
@@ -100,7 +102,8 @@ def segments_to_proto(r: TranscriptResult) -> list[tpb.Segment]:
 
 def result_to_proto(r: TranscriptResult, processing_s: float | None) -> tpb.TranscriptionResult:
     segments = segments_to_proto(r)
-    speakers = [_set(tpb.Speaker(speaker_label=sp.label, word_count=sp.words), speaking_duration=dur(sp.speaking_s))
+    speakers = [_set(tpb.Speaker(speaker_label=sp.label, word_count=sp.words, identified=sp.identified,
+                                 identification_similarity=sp.similarity or 0.0), speaking_duration=dur(sp.speaking_s))
                 for sp in r.speakers]
     dia = r.diarization
     msg = tpb.TranscriptionResult(

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 
 from core import ai_export, enhancements, export, jobs, outbox, quotas, registry, runtime
 from core.models import ModelSet
-from mp4totext.contracts import TERMINAL_STATES, JobState, MediaState, TranscriptResult
+from mp4totext.contracts import TERMINAL_STATES, JobConfig, JobState, MediaState, TranscriptResult
 from mp4totext.enhancements import EnhancementKind, EnhancementState
 from mp4totext.v1 import transcription_pb2 as tpb
 from mp4totext.v1 import transcription_pb2_grpc
@@ -25,6 +25,7 @@ from server.validation import (
     EXPORT_FORMATS,
     KIND_NAMES,
     check_ai,
+    check_reference,
     enhancement_requests,
     enum_filter,
     export_options,
@@ -36,6 +37,20 @@ from server.watch import BatchReader, in_thread, watch_events
 from storage.db import Enhancement, Media, Transcription, locked
 
 log = structlog.get_logger(__name__)
+
+
+def _with_references(config: JobConfig) -> JobConfig:
+    """The config with each known speaker's media checked (the caller's, READY, long enough) and
+    its stretch resolved."""
+    refs = config.diarization.known_speakers
+    if not refs:
+        return config
+    checked = []
+    for i, ref in enumerate(refs):
+        m = get_media(f"media/{ref.media_id}", field=f"config.diarization_config.known_speakers[{i}].media")
+        checked.append(check_reference(ref, i, str(m.state), m.duration_s))
+    return config.model_copy(update={"diarization": config.diarization.model_copy(update={"known_speakers": checked})})
+
 
 def _idempotent_hit(job: Transcription, media: Media) -> tpb.Transcription:
     """The answer to a retried CreateTranscription (same request_id)."""
@@ -60,6 +75,7 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
                                       registry.diarization_status, registry.ai_status)
         if media.state == MediaState.FAILED:
             raise failed_precondition(f"media/{media.id} cannot be transcribed: {media.error_message}")
+        config = _with_references(config)
         try:
             with locked():  # the job, its quota reservation and its AI items, together
                 reservation = quotas.admit(tenant, media.duration_s, config.to_json())  # locks the quota row

@@ -13,7 +13,7 @@ from core.enhancements import MAX_ITEMS
 from core.export import FORMATS, SubtitleOptions
 from core.languages import whisper_language
 from core.models import ModelSet
-from mp4totext.contracts import DiarizationOptions, JobConfig, broker_priority
+from mp4totext.contracts import DiarizationOptions, JobConfig, KnownSpeakerRef, broker_priority
 from mp4totext.enhancements import BCP47, EnhancementKind, EnhancementRequest
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
@@ -25,6 +25,10 @@ MAX_PROMPT = 1000
 MAX_HOTWORDS = 50
 MAX_EXPECTED_LANGUAGES = 10
 MAX_SPEAKERS = 20
+MAX_NAME = 64
+MIN_REFERENCE_S = 2.0  # a known speaker's reference stretch: at least this long
+MAX_REFERENCE_S = 60.0  # ... and at most this long (the default end: start + this, or the media's end)
+_GENERIC_LABEL = re.compile(r"^SPEAKER_\d+$")
 MAX_REQUEST_ID = 128
 # The API's ExportFormat -> the renderer's format name (EXPORT_FORMAT_SRT -> "srt", ...).
 EXPORT_FORMATS = {tpb.ExportFormat.Value(f"EXPORT_FORMAT_{fmt.upper()}"): fmt for fmt in FORMATS}
@@ -150,12 +154,62 @@ def _diarization(dia: tpb.DiarizationConfig, status: Callable[[], tuple[bool, st
         raise invalid(f"config.diarization_config.min_speaker_count={lo} is above max_speaker_count={hi}")
     if (lo or hi) and not dia.enable_speaker_diarization:
         raise invalid("config.diarization_config: speaker counts are set but enable_speaker_diarization is false")
+    if dia.known_speakers and not dia.enable_speaker_diarization:
+        raise invalid("config.diarization_config: known_speakers are set but enable_speaker_diarization is false")
+    known = known_speakers(list(dia.known_speakers))
     if dia.enable_speaker_diarization:
         available, reason = status()
         if not available:
             raise failed_precondition(reason)
     return DiarizationOptions(enabled=bool(dia.enable_speaker_diarization), min_speakers=lo or None,
-                              max_speakers=hi or None)
+                              max_speakers=hi or None, known_speakers=known)
+
+
+def _seconds(d: Any) -> float:
+    return d.seconds + d.nanos / 1e9  # not ToTimedelta: that overflows on huge values
+
+
+def known_speakers(items: list[Any]) -> list[KnownSpeakerRef]:
+    """Named reference voices: names unique and not generic labels, a media name each, a sane
+    stretch. Whether each media exists, is the caller's and is long enough is checked by the
+    service (:func:`check_reference`), which has the database."""
+    if len(items) > MAX_SPEAKERS:
+        raise invalid(f"config.diarization_config.known_speakers has {len(items)} entries; at most {MAX_SPEAKERS}")
+    refs: list[KnownSpeakerRef] = []
+    for i, item in enumerate(items):
+        field = f"config.diarization_config.known_speakers[{i}]"
+        name = item.display_name.strip()
+        if not 1 <= len(name) <= MAX_NAME:
+            raise invalid(f"{field}.display_name must have 1..{MAX_NAME} characters (it has {len(name)})")
+        if _GENERIC_LABEL.match(name):
+            raise invalid(f"{field}.display_name={name!r} looks like a generic label; use the person's name")
+        if any(r.name.casefold() == name.casefold() for r in refs):
+            raise invalid(f"{field}.display_name={clip(name)!r} is used twice; names must be unique")
+        start = _seconds(item.start_offset) if item.HasField("start_offset") else 0.0
+        end = _seconds(item.end_offset) if item.HasField("end_offset") else None
+        if start < 0 or (end is not None and end < 0):
+            raise invalid(f"{field}: start_offset and end_offset must not be negative")
+        if end is not None and not MIN_REFERENCE_S <= end - start <= MAX_REFERENCE_S:
+            raise invalid(f"{field}: the stretch {start:g}-{end:g} s is {end - start:g} s long; use "
+                          f"{MIN_REFERENCE_S:g}..{MAX_REFERENCE_S:g} s of the reference media")
+        refs.append(KnownSpeakerRef(name=name, media_id=parse_name(item.media, "media", f"{field}.media"),
+                                    start_s=start, end_s=end))
+    return refs
+
+
+def check_reference(ref: KnownSpeakerRef, index: int, state: str, duration_s: float | None) -> KnownSpeakerRef:
+    """A known speaker's media, found and visible to the caller, is usable: READY and long enough
+    for its stretch. Returns the reference with its end resolved."""
+    field = f"config.diarization_config.known_speakers[{index}].media"
+    if state != "READY":
+        raise failed_precondition(f"{field}: media/{ref.media_id} is {state}; a reference voice must be READY "
+                                  "(wait for its preparation with GetMedia, then create the transcription)")
+    duration = duration_s or 0.0
+    end = min(duration, ref.start_s + MAX_REFERENCE_S) if ref.end_s is None else ref.end_s
+    if end > duration + 0.05 or end - ref.start_s < MIN_REFERENCE_S:
+        raise invalid(f"{field}: media/{ref.media_id} lasts {duration:.1f} s, so the stretch "
+                      f"{ref.start_s:g}-{end:g} s does not hold the {MIN_REFERENCE_S:g} s of voice needed")
+    return ref.model_copy(update={"end_s": round(min(end, duration), 3)})
 
 
 KIND_NAMES = {tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{k}"): k for k in EnhancementKind}

@@ -37,7 +37,8 @@ from workers.pipeline import (
     run_media_stage,
 )
 from workers.stages.diarize import DiarizationUnavailable, load_pipeline, pipeline_label, run_stage
-from workers.stages.media import MediaError, extract_audio, probe
+from workers.stages.known_speakers import voice_of
+from workers.stages.media import SAMPLE_RATE, MediaError, extract_audio, probe
 from workers.stages.model_files import ModelFilesMissing, locate
 from workers.stages.transcribe import Batching, ModelUnavailable, TranscribeOptions, load_model, transcribe_routed
 
@@ -129,6 +130,24 @@ def diarization_pipeline(s: Settings) -> Any:
     return load_pipeline(s.diarization_pipeline, s.diarization_device, s.hf_token, s.diarization_batch_size)
 
 
+def _reference_voices(run: StageRun, pipeline: Any) -> tuple[dict[str, Any], list[str]]:
+    """The known speakers' voice embeddings, and a warning for each reference that cannot be
+    used (its media deleted since the job was created, or too little voice in its stretch)."""
+    voices: dict[str, Any] = {}
+    problems: list[str] = []
+    for ref in run.config.diarization.known_speakers:
+        audio = run.media_audio(ref.media_id)
+        clip = None if audio is None else audio[int(ref.start_s * SAMPLE_RATE):
+                                                int((ref.end_s or len(audio) / SAMPLE_RATE) * SAMPLE_RATE)]
+        voice = None if clip is None else voice_of(pipeline, clip)
+        if voice is None:
+            why = "was deleted" if audio is None else "holds too little voice in its stretch"
+            problems.append(f"known speaker {ref.name!r} was not used: media/{ref.media_id} {why}")
+        else:
+            voices[ref.name] = voice
+    return voices, problems
+
+
 def run_diarization(run: StageRun) -> Output:
     s = run.settings
     audio = run.audio()
@@ -138,11 +157,15 @@ def run_diarization(run: StageRun) -> Output:
     with tracing.stage_span("pyannote diarization", **{"mp4t.media.duration_s": round(run.audio_s or 0.0, 3),
                                                        "mp4t.diarization.pipeline": s.diarization_pipeline}) as span:
         started = time.monotonic()
+        references, problems = _reference_voices(run, pipeline)
         result = run_stage(pipeline, audio, run.result, dia.min_speakers or 0, dia.max_speakers or 0,
-                           run.on_fraction, label)
-        span.set_attributes({"mp4t.speaker_count": result.speaker_count,
+                           run.on_fraction, label, references, s.known_speaker_threshold)
+        identified = sum(sp.identified for sp in result.speakers)
+        span.set_attributes({"mp4t.speaker_count": result.speaker_count, "mp4t.speakers_identified": identified,
                              "mp4t.rtf": round((time.monotonic() - started) / max(run.audio_s or 0.0, 1e-6), 4)})
-    return Output(result, run.audio_s or 0.0, log={"speakers": result.speaker_count})
+    fields = {"warnings": list(dict.fromkeys([*(run.job.warnings or []), *problems]))} if problems else {}
+    return Output(result, run.audio_s or 0.0, fields=fields,
+                  log={"speakers": result.speaker_count, "identified": identified})
 
 
 # ---------------------------------------------------------------- the job stages

@@ -130,12 +130,27 @@ class StageRun:
         """The job's media as 16 kHz mono float32 (prepared by the prepare_media stage)."""
         with connection():
             media = Media.get_by_id(self.job.media_id)
-        with tracing.stage_span("load audio"), tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
-            wav = os.path.join(tmp, "audio.wav")
-            self.store.get_file(media.audio_key, wav)
-            audio = load_wav(wav)
+        audio = self._load(media.audio_key)
         self.audio_s = len(audio) / SAMPLE_RATE
         return audio
+
+    def media_audio(self, media_id: str) -> np.ndarray | None:
+        """Another READY media of the job's tenant as 16 kHz mono float32 (e.g. a known speaker's
+        reference voice); None when it was deleted since the job was created."""
+        with connection():
+            media = Media.get_or_none(Media.id == media_id, Media.tenant == self.job.tenant_id)
+        if media is None or not media.audio_key:
+            return None
+        try:
+            return self._load(media.audio_key)
+        except FileNotFoundError:
+            return None
+
+    def _load(self, key: str) -> np.ndarray:
+        with tracing.stage_span("load audio"), tempfile.TemporaryDirectory(prefix="mp4t-") as tmp:
+            wav = os.path.join(tmp, "audio.wav")
+            self.store.get_file(key, wav)
+            return load_wav(wav)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -272,14 +272,28 @@ class EnhancementStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[EnhancementKind, str]] = ..., target_language_code: _Optional[str] = ..., state: _Optional[_Union[EnhancementState, str]] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class DiarizationConfig(_message.Message):
-    __slots__ = ("enable_speaker_diarization", "min_speaker_count", "max_speaker_count")
+    __slots__ = ("enable_speaker_diarization", "min_speaker_count", "max_speaker_count", "known_speakers")
     ENABLE_SPEAKER_DIARIZATION_FIELD_NUMBER: _ClassVar[int]
     MIN_SPEAKER_COUNT_FIELD_NUMBER: _ClassVar[int]
     MAX_SPEAKER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_SPEAKERS_FIELD_NUMBER: _ClassVar[int]
     enable_speaker_diarization: bool
     min_speaker_count: int
     max_speaker_count: int
-    def __init__(self, enable_speaker_diarization: _Optional[bool] = ..., min_speaker_count: _Optional[int] = ..., max_speaker_count: _Optional[int] = ...) -> None: ...
+    known_speakers: _containers.RepeatedCompositeFieldContainer[KnownSpeaker]
+    def __init__(self, enable_speaker_diarization: _Optional[bool] = ..., min_speaker_count: _Optional[int] = ..., max_speaker_count: _Optional[int] = ..., known_speakers: _Optional[_Iterable[_Union[KnownSpeaker, _Mapping]]] = ...) -> None: ...
+
+class KnownSpeaker(_message.Message):
+    __slots__ = ("display_name", "media", "start_offset", "end_offset")
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    display_name: str
+    media: str
+    start_offset: _duration_pb2.Duration
+    end_offset: _duration_pb2.Duration
+    def __init__(self, display_name: _Optional[str] = ..., media: _Optional[str] = ..., start_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., end_offset: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class TranscriptionConfig(_message.Message):
     __slots__ = ("language_code", "beam_size", "enable_vad", "enable_word_time_offsets", "priority", "diarization_config", "task", "initial_prompt", "hotwords", "model", "expected_language_codes", "enhancements")
@@ -356,14 +370,18 @@ class LanguageShare(_message.Message):
     def __init__(self, language_code: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Speaker(_message.Message):
-    __slots__ = ("speaker_label", "speaking_duration", "word_count")
+    __slots__ = ("speaker_label", "speaking_duration", "word_count", "identified", "identification_similarity")
     SPEAKER_LABEL_FIELD_NUMBER: _ClassVar[int]
     SPEAKING_DURATION_FIELD_NUMBER: _ClassVar[int]
     WORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIED_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFICATION_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     speaker_label: str
     speaking_duration: _duration_pb2.Duration
     word_count: int
-    def __init__(self, speaker_label: _Optional[str] = ..., speaking_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., word_count: _Optional[int] = ...) -> None: ...
+    identified: bool
+    identification_similarity: float
+    def __init__(self, speaker_label: _Optional[str] = ..., speaking_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., word_count: _Optional[int] = ..., identified: _Optional[bool] = ..., identification_similarity: _Optional[float] = ...) -> None: ...
 
 class DiarizationInfo(_message.Message):
     __slots__ = ("state", "error_message", "processing_duration", "pipeline")

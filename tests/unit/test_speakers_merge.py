@@ -66,7 +66,9 @@ def test_segments_are_split_where_the_speaker_changes() -> None:
     assert [s["id"] for s in out["segments"]] == [0, 1, 2, 3]
     assert [x["speaker"] for s in out["segments"] for x in s["words"]] == [A, A, B, B, A, B]
     assert out["speaker_count"] == 2
-    assert out["speakers"] == [{"label": A, "speaking_s": 1.2, "words": 3}, {"label": B, "speaking_s": 1.7, "words": 3}]
+    unnamed = {"identified": False, "similarity": None}
+    assert out["speakers"] == [{"label": A, "speaking_s": 1.2, "words": 3, **unnamed},
+                               {"label": B, "speaking_s": 1.7, "words": 3, **unnamed}]
     assert result["segments"][0].get("speaker") is None  # the input is not modified
 
 
@@ -99,3 +101,29 @@ def test_no_turns_leaves_words_unattributed() -> None:
     out = assign_speakers({"segments": [seg([w("a", 0, 1)])]}, [])
     assert out["speaker_count"] == 0 and out["speakers"] == []
     assert out["segments"][0]["words"][0]["speaker"] is None
+
+
+def test_known_speakers_match_one_to_one_above_the_threshold() -> None:
+    import numpy as np
+
+    from workers.stages.known_speakers import match
+
+    voices = {"SPEAKER_00": np.array([1.0, 0.0, 0.0]), "SPEAKER_01": np.array([0.8, 0.6, 0.0]),
+              "SPEAKER_02": np.array([0.0, 0.0, 1.0])}
+    refs = {"Ayşe": np.array([0.9, 0.44, 0.0]), "Bob": np.array([1.0, 0.05, 0.0]), "Cem": np.array([0.0, 1.0, 0.0])}
+    got = {label: (m.name, round(m.similarity, 2)) for label, m in match(voices, refs, 0.5).items()}
+    # Bob is closest to both SPEAKER_00 and SPEAKER_01; the best one-to-one assignment gives
+    # SPEAKER_01 to Ayşe; Cem is below the threshold for everyone; SPEAKER_02 matches nobody.
+    assert got == {"SPEAKER_00": ("Bob", 1.0), "SPEAKER_01": ("Ayşe", 0.98)}
+    assert match(voices, refs, 0.999) == {}
+    assert match({}, refs, 0.5) == {} and match(voices, {}, 0.5) == {}
+    assert match({"SPEAKER_00": np.zeros(3)}, refs, 0.5) == {}  # an unusable vector matches nothing
+
+
+def test_known_names_replace_labels_and_the_rest_are_renumbered() -> None:
+    from workers.stages.known_speakers import Match
+
+    turns = [Turn(0, 2, "SPEAKER_00"), Turn(2, 4, "SPEAKER_01"), Turn(4, 6, "SPEAKER_02"), Turn(6, 7, "SPEAKER_00")]
+    named = diarize.name_known(turns, {"SPEAKER_00": Match("Ayşe", 0.8)})
+    assert [t.speaker for t in named] == ["Ayşe", "SPEAKER_00", "SPEAKER_01", "Ayşe"]
+    assert diarize.name_known(turns, {}) == turns

@@ -111,3 +111,58 @@ def test_export_options() -> None:
                                            tpb.ExportTranscriptionRequest())
     assert "max_line_length" in refused(grpc.StatusCode.INVALID_ARGUMENT, export_options,
                                         tpb.ExportTranscriptionRequest(format=1, max_line_length=5))
+
+
+MEDIA_A, MEDIA_B = "media/" + "a" * 32, "media/" + "b" * 32
+
+
+def known(*speakers: tpb.KnownSpeaker, enabled: bool = True) -> dict[str, Any]:
+    return {"diarization_config": tpb.DiarizationConfig(enable_speaker_diarization=enabled,
+                                                        known_speakers=list(speakers))}
+
+
+def span(start: float, end: float) -> dict[str, duration_pb2.Duration]:
+    d0, d1 = duration_pb2.Duration(), duration_pb2.Duration()
+    d0.FromNanoseconds(int(start * 1e9))
+    d1.FromNanoseconds(int(end * 1e9))
+    return {"start_offset": d0, "end_offset": d1}
+
+
+def test_known_speakers_are_kept_with_their_stretch() -> None:
+    config, _ = check(**known(tpb.KnownSpeaker(display_name=" Ayşe Yılmaz ", media=MEDIA_A),
+                              tpb.KnownSpeaker(display_name="Bob", media=MEDIA_B, **span(3.5, 12))))
+    refs = config.diarization.known_speakers
+    assert [(r.name, r.media_id, r.start_s, r.end_s) for r in refs] == [
+        ("Ayşe Yılmaz", "a" * 32, 0.0, None), ("Bob", "b" * 32, 3.5, 12.0)]
+    assert JobConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("speakers, enabled, named", [
+    ([tpb.KnownSpeaker(display_name="Ayşe", media=MEDIA_A)], False, "enable_speaker_diarization"),
+    ([tpb.KnownSpeaker(display_name="", media=MEDIA_A)], True, "known_speakers[0].display_name"),
+    ([tpb.KnownSpeaker(display_name="x" * 65, media=MEDIA_A)], True, "known_speakers[0].display_name"),
+    ([tpb.KnownSpeaker(display_name="SPEAKER_01", media=MEDIA_A)], True, "generic label"),
+    ([tpb.KnownSpeaker(display_name="Ayşe", media=MEDIA_A), tpb.KnownSpeaker(display_name="ayşe", media=MEDIA_B)],
+     True, "known_speakers[1].display_name"),
+    ([tpb.KnownSpeaker(display_name="Ayşe", media="transcriptions/" + "a" * 32)], True, "known_speakers[0].media"),
+    ([tpb.KnownSpeaker(display_name="Ayşe", media=MEDIA_A, **span(5, 6))], True, "1 s long"),
+    ([tpb.KnownSpeaker(display_name="Ayşe", media=MEDIA_A, **span(0, 90))], True, "90 s long"),
+    ([tpb.KnownSpeaker(display_name=f"p{i}", media=MEDIA_A) for i in range(21)], True, "at most 20"),
+])
+def test_bad_known_speakers_name_the_field(speakers: list[tpb.KnownSpeaker], enabled: bool, named: str) -> None:
+    assert named in refused(grpc.StatusCode.INVALID_ARGUMENT, check, MULTI, **known(*speakers, enabled=enabled))
+
+
+def test_a_known_speakers_media_must_be_ready_and_long_enough() -> None:
+    from mp4totext.contracts import KnownSpeakerRef
+    from server.validation import check_reference
+
+    ref = KnownSpeakerRef(name="Ayşe", media_id="a" * 32)
+    assert check_reference(ref, 0, "READY", 80.0).end_s == 60.0  # at most a minute of it
+    assert check_reference(ref, 0, "READY", 7.5).end_s == 7.5
+    assert "wait for its preparation" in refused(grpc.StatusCode.FAILED_PRECONDITION, check_reference, ref, 0,
+                                                 "PROCESSING", 10.0)
+    assert "lasts 1.5 s" in refused(grpc.StatusCode.INVALID_ARGUMENT, check_reference, ref, 0, "READY", 1.5)
+    late = ref.model_copy(update={"start_s": 20.0, "end_s": 30.0})
+    assert "known_speakers[2].media" in refused(grpc.StatusCode.INVALID_ARGUMENT, check_reference, late, 2,
+                                                "READY", 25.0)

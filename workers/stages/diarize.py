@@ -18,6 +18,7 @@ import numpy as np
 
 from core.registry import DIARIZATION_HOW_TO as HOW_TO
 from mp4totext.contracts import DiarizationInfo, DiarizationState, Segment, SpeakerSummary, TranscriptResult, Word
+from workers.stages import known_speakers
 from workers.stages.media import SAMPLE_RATE
 
 
@@ -137,6 +138,13 @@ def diarize(pipeline: Any, audio: np.ndarray, min_speakers: int = 0, max_speaker
     ``on_progress(fraction)`` is called as the pipeline advances; it may raise to stop.
     Turns are clipped to the audio and sorted by start time.
     """
+    return diarize_voices(pipeline, audio, min_speakers, max_speakers, on_progress)[0]
+
+
+def diarize_voices(pipeline: Any, audio: np.ndarray, min_speakers: int = 0, max_speakers: int = 0,
+                   on_progress: ProgressHook | None = None) -> tuple[list[Turn], dict[str, np.ndarray]]:
+    """:func:`diarize`, plus each speaker's voice: the centroid of its embeddings (pyannote 4's
+    ``speaker_embeddings``; empty for pipelines that do not give them)."""
     import torch  # the optional "diarize" extra (see load_pipeline)
 
     duration = len(audio) / SAMPLE_RATE
@@ -167,16 +175,40 @@ def diarize(pipeline: Any, audio: np.ndarray, min_speakers: int = 0, max_speaker
         if end > start:
             turns.append(Turn(round(start, 3), round(end, 3), str(label)))
     turns.sort(key=lambda t: (t.start, t.end, t.speaker))
-    return relabel(turns)
+    names = first_speech_names(turns)
+    centroids = getattr(output, "speaker_embeddings", None)
+    voices: dict[str, np.ndarray] = {}
+    if centroids is not None:  # rows in the order of the annotation's labels()
+        for label, row in zip(annotation.labels(), np.asarray(centroids)):
+            if str(label) in names:
+                voices[names[str(label)]] = row
+    return [Turn(t.start, t.end, names[t.speaker]) for t in turns], voices
+
+
+def first_speech_names(turns: Iterable[Turn], skip: Iterable[str] = ()) -> dict[str, str]:
+    """Speaker -> SPEAKER_00, SPEAKER_01... in order of first speech (speakers in ``skip`` are
+    left out of the numbering)."""
+    skipped = set(skip)
+    names: dict[str, str] = {}
+    for t in sorted(turns, key=lambda t: (t.start, t.end)):
+        if t.speaker not in skipped:
+            names.setdefault(t.speaker, f"SPEAKER_{len(names):02d}")
+    return names
 
 
 def relabel(turns: Iterable[Turn]) -> list[Turn]:
     """Name speakers SPEAKER_00, SPEAKER_01... in order of first speech."""
     turns = sorted(turns, key=lambda t: (t.start, t.end))
-    names: dict[str, str] = {}
-    for t in turns:
-        names.setdefault(t.speaker, f"SPEAKER_{len(names):02d}")
+    names = first_speech_names(turns)
     return [Turn(t.start, t.end, names[t.speaker]) for t in turns]
+
+
+def name_known(turns: list[Turn], matches: dict[str, known_speakers.Match]) -> list[Turn]:
+    """Turns with matched speakers renamed to their known names and the others numbered
+    SPEAKER_00... among themselves, in order of first speech."""
+    generic = first_speech_names(turns, skip=matches)
+    return [Turn(t.start, t.end, matches[t.speaker].name if t.speaker in matches else generic[t.speaker])
+            for t in turns]
 
 
 # ---------------------------------------------------------------- attribution (pure)
@@ -284,11 +316,22 @@ def assign_speakers(result: TranscriptResult, turns: list[Turn]) -> TranscriptRe
 
 def run_stage(pipeline: Any, audio: np.ndarray, result: TranscriptResult, min_speakers: int = 0,
               max_speakers: int = 0, on_progress: ProgressHook | None = None,
-              pipeline_name: str = "") -> TranscriptResult:
-    """Diarize and merge: the whole stage as one pure-ish function (pipeline in, result out)."""
+              pipeline_name: str = "", references: dict[str, np.ndarray] | None = None,
+              threshold: float = 0.5) -> TranscriptResult:
+    """Diarize and merge: the whole stage as one pure-ish function (pipeline in, result out).
+
+    ``references`` (known speaker's name -> voice embedding, :func:`known_speakers.voice_of`)
+    name the speakers whose voices match at ``threshold`` or above.
+    """
     started = time.monotonic()
-    turns = diarize(pipeline, audio, min_speakers, max_speakers, on_progress)
+    turns, voices = diarize_voices(pipeline, audio, min_speakers, max_speakers, on_progress)
+    matches = known_speakers.match(voices, references or {}, threshold)
+    turns = name_known(turns, matches)
     merged = assign_speakers(result, turns)
+    by_name = {m.name: m for m in matches.values()}
+    merged = merged.model_copy(update={"speakers": [
+        sp.model_copy(update={"identified": True, "similarity": by_name[sp.label].similarity})
+        if sp.label in by_name else sp for sp in merged.speakers]})
     info = DiarizationInfo(state=DiarizationState.SUCCEEDED, pipeline=pipeline_name,
                            processing_s=round(time.monotonic() - started, 3), turns=len(turns))
     return merged.model_copy(update={"diarization": info})
