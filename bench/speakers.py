@@ -1,6 +1,7 @@
 """Speaker recognition on real voices: the generated conversation set of tests/support/realvoices.py.
 
     .venv/bin/python bench/speakers.py [--steps 0.1,0.25] [--thresholds 0.5,0.6,...] [--conditions 0,1]
+    .venv/bin/python bench/speakers.py --known [--known-thresholds 0.3,0.4,...]
 
 Per condition (2, 3, 4 speakers; a telephone-band + noise variant) and per setting (segmentation
 step x clustering threshold x min_cluster_size), one run: DER without a collar and with a 0.25 s
@@ -10,6 +11,12 @@ run once per (file, step) (pyannote's training-mode cache) and only the clusteri
 the settings are compared on the same embeddings. The recognised words come from tiny.en on the
 whole mix (what a job gives the speaker stage); the reference words from tiny.en on each utterance
 alone (tests/support/realvoices.py).
+
+``--known`` measures known speakers instead, at the product's settings: on realvoices.KNOWN_SET
+(each speaker's reference utterance held out of the conversation, plus one outsider's reference
+that must match nobody), the cosine similarity of each found speaker to its own reference and to
+the others, and per threshold how many speakers are named right, named wrong, and whether the
+outsider's name was given to anyone.
 """
 from __future__ import annotations
 
@@ -155,14 +162,61 @@ def table(rows: list[tuple[float, float, int, float, dict[str, dict[str, Any]]]]
                   f"{per_min:.1f} |")
 
 
+def known(conditions: list[realvoices.Condition], thresholds: list[float]) -> None:
+    import torch
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    from workers.stages import campplus, known_speakers
+
+    pipeline = campplus.build_pipeline()
+    own, others = [], []
+    counts = {t: {"right": 0, "wrong": 0, "unnamed": 0, "outsider": 0} for t in thresholds}
+    speakers = 0
+    for cond in conditions:
+        conv = realvoices.conversation(cond)
+        extra = realvoices.outsider(cond)
+        refs = {s: known_speakers.voice_of(pipeline, realvoices.held_out(s).audio) for s in [*conv.speakers, extra]}
+        output = pipeline({"waveform": torch.from_numpy(conv.audio)[None], "sample_rate": 16000})
+        hyp = output.speaker_diarization
+        truth = DiarizationErrorRate(collar=0.0).optimal_mapping(annotation(conv.turns), hyp)
+        voices = {str(label): row for label, row in zip(hyp.labels(), output.speaker_embeddings)}
+        sim = known_speakers.similarities(voices, refs)
+        for i, label in enumerate(voices):
+            for j, name in enumerate(refs):
+                (own if truth.get(label) == name else others).append(float(sim[i, j]))
+        speakers += len(conv.speakers)
+        for t in thresholds:
+            got = known_speakers.match(voices, refs, t)
+            for label, m in got.items():
+                counts[t]["right" if truth.get(label) == m.name else "wrong"] += 1
+                counts[t]["outsider"] += m.name == extra
+            counts[t]["unnamed"] += len(conv.speakers) - sum(truth.get(lb) == m.name for lb, m in got.items())
+        print(f"{cond.name}: {len(voices)} found for {len(conv.speakers)}; similarity to own reference "
+              + ", ".join(f"{float(sim[i, list(refs).index(truth[lb])]):.2f}" for i, lb in enumerate(voices)
+                          if lb in truth), flush=True)
+    q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))] if xs else float("nan")  # noqa: E731
+    print(f"\nsimilarity to own reference: min {min(own):.2f}, 10 % {q(own, 0.1):.2f}, median {q(own, 0.5):.2f}; "
+          f"to another speaker's: median {q(others, 0.5):.2f}, 90 % {q(others, 0.9):.2f}, max {max(others):.2f}")
+    print(f"\n| threshold | named right (of {speakers}) | named wrong | not named | outsider's name given |")
+    print("|---|---|---|---|---|")
+    for t in thresholds:
+        c = counts[t]
+        print(f"| {t:.2f} | {c['right']} | {c['wrong']} | {c['unnamed']} | {c['outsider']} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", default="0.1,0.25", help="segmentation hops (fraction of the 10 s window)")
     p.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
     p.add_argument("--sizes", default=",".join(map(str, MIN_CLUSTER_SIZES)), help="min_cluster_size values")
     p.add_argument("--conditions", default="", help="indices into realvoices.SET (default: all)")
+    p.add_argument("--known", action="store_true", help="measure known-speaker naming (realvoices.KNOWN_SET)")
+    p.add_argument("--known-thresholds", default="0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7")
     args = p.parse_args(argv)
     os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "false")
+    if args.known:
+        known(realvoices.KNOWN_SET, [float(x) for x in args.known_thresholds.split(",")])
+        return 0
     picked = [realvoices.SET[int(i)] for i in args.conditions.split(",") if i] or realvoices.SET
     run(picked, [float(x) for x in args.steps.split(",")], [float(x) for x in args.thresholds.split(",")],
         [int(x) for x in args.sizes.split(",")])

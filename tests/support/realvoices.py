@@ -116,6 +116,14 @@ def _ffmpeg_pcm(path: pathlib.Path, filters: str) -> np.ndarray:
 NARROWBAND = "aresample=8000,aresample=16000"  # one 4 kHz band for every source
 
 
+def _retimed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """``audio`` spoken ``factor`` times as fast, at the same pitch (ffmpeg's atempo, WSOLA)."""
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-f", "f32le", "-ar", str(RATE), "-ac", "1", "-i", "-",
+           "-af", f"atempo={factor:.4f}", "-f", "f32le", "-"]
+    out = subprocess.run(cmd, input=np.ascontiguousarray(audio, "<f4").tobytes(), check=True, capture_output=True)
+    return np.frombuffer(out.stdout, "<f4").astype(np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _recording(path: pathlib.Path) -> np.ndarray:
     return _ffmpeg_pcm(path, NARROWBAND)
@@ -187,21 +195,36 @@ class Condition:
     seed: int
     seconds: float = 45.0
     telephone: bool = False
+    holdout: bool = False  # keep each speaker's reference utterance (held_out) out of the conversation
+
+
+def held_out(speaker: str) -> Utterance:
+    """A speaker's reference voice for known-speaker tests: their longest utterance of 2-15 s
+    (a conversation with ``Condition.holdout`` never uses it)."""
+    utts = [u for u in utterances()[speaker] if 2.0 <= u.seconds <= 15.0] or utterances()[speaker]
+    return max(utts, key=lambda u: (u.seconds, u.key))
+
+
+def outsider(cond: Condition) -> str:
+    """A speaker who is not in ``cond``'s conversation (seeded), for a reference that must match nobody."""
+    rng = random.Random(cond.seed)
+    who = rng.sample(sorted(utterances()), cond.speakers)  # the same draw as conversation()
+    return random.Random(cond.seed + 1).choice([s for s in sorted(utterances()) if s not in who])
 
 
 def _pick(rng: random.Random, utts: list[Utterance], uses: dict[str, int]) -> Utterance:
-    """One of ``utts``, an unused one while there are any; a reused one comes back 3-6 % faster or
-    slower (pitch and tempo together, as one person varies), never as an identical copy."""
+    """One of ``utts``, an unused one while there are any; a reused one comes back 4-10 % faster or
+    slower at the same pitch (as one person's pace varies), never as an identical copy. (Resampling,
+    which shifts the pitch and the formants with the tempo, made a reused utterance sound like
+    another person to the embedding model: the speaker count went up, not because of the voices.)"""
     fewest = min(uses.get(u.key, 0) for u in utts)
     utt = rng.choice([u for u in utts if uses.get(u.key, 0) == fewest])
     n = uses.get(utt.key, 0)
     uses[utt.key] = n + 1
     if n == 0:
         return utt
-    factor = 1 + rng.choice((-1, 1)) * rng.uniform(0.03, 0.06)
-    x = np.arange(0, len(utt.audio) - 1, factor)
-    audio = np.interp(x, np.arange(len(utt.audio)), utt.audio).astype(np.float32)
-    return Utterance(utt.speaker, audio, f"{utt.key}@{factor:.4f}")
+    factor = 1 + rng.choice((-1, 1)) * rng.uniform(0.04, 0.10)
+    return Utterance(utt.speaker, _retimed(utt.audio, factor), f"{utt.key}@tempo{factor:.4f}")
 
 
 def conversation(cond: Condition) -> Conversation:
@@ -212,6 +235,8 @@ def conversation(cond: Condition) -> Conversation:
     pool = utterances()
     rng = random.Random(cond.seed)
     who = rng.sample(sorted(pool), cond.speakers)
+    if cond.holdout:
+        pool = {s: [u for u in pool[s] if u.key != held_out(s).key] for s in who}
     short = {s: [u for u in pool[s] if u.seconds < 1.0] for s in who}
     longer = {s: [u for u in pool[s] if 1.0 <= u.seconds <= 15.0] or pool[s] for s in who}
     placed: list[tuple[float, Utterance]] = []
@@ -259,6 +284,12 @@ SET = [Condition(f"{n} speakers #{seed}", n, seed=100 * n + seed, seconds=20.0 +
        for n in (2, 3, 4) for seed in (1, 2, 3)]
 SET += [Condition(f"{n} speakers #1, telephone+noise", n, seed=100 * n + 1, seconds=20.0 + 10 * n, telephone=True)
         for n in (2, 3, 4)]
+# Known speakers: each speaker's reference utterance held out of the conversation (clean references
+# for the telephone variants too: a participant's clip is recorded apart from the meeting).
+KNOWN_SET = [Condition(f"{n} speakers #{seed}, references held out", n, seed=100 * n + seed, seconds=20.0 + 10 * n,
+                       holdout=True) for n in (2, 3, 4) for seed in (1, 2)]
+KNOWN_SET += [Condition(f"{n} speakers #1, references held out, telephone+noise", n, seed=100 * n + 1,
+                        seconds=20.0 + 10 * n, holdout=True, telephone=True) for n in (2, 3)]
 
 
 def telephone(audio: np.ndarray, rng: random.Random, snr_db: float = 15.0) -> np.ndarray:
