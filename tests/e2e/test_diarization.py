@@ -318,3 +318,106 @@ def test_embedded_mode_recognises_speakers(dialogue: tuple[pathlib.Path, Truth],
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# ---------------------------------------------------------------- known speakers (real voices)
+
+NAMES = ["Ayşe Yılmaz", "Bob Stone", "Cem Demir", "Dilek Kaya", "Emre Şahin"]
+
+
+@pytest.fixture(scope="module")
+def known_meeting(client: Any, diarize_worker: Any, media_dir: pathlib.Path) -> dict[str, Any]:
+    """A real-voice 2-speaker conversation, and reference clips (each person's utterance that the
+    conversation does not use) for both speakers and for an outsider who never speaks in it."""
+    from tests.support import realvoices
+
+    try:
+        realvoices.require()
+    except realvoices.VoicesMissing as exc:
+        need(False, str(exc))
+    cond = realvoices.KNOWN_SET[0]
+    conv = realvoices.conversation(cond)
+    people = [*conv.speakers, realvoices.outsider(cond)]
+    name_of = dict(zip(people, NAMES))
+    refs = {p: client.known_speaker(name_of[p], str(realvoices.write_wav(media_dir / f"voice-{p}.wav",
+                                                                          realvoices.held_out(p).audio)))
+            for p in people}
+    return {"conv": conv, "name_of": name_of, "refs": refs, "outsider": people[-1],
+            "path": realvoices.write_wav(media_dir / "meeting.wav", conv.audio)}
+
+
+def known_job(client: Any, path: pathlib.Path, refs: list[Any], delete_first: Any = None) -> Any:
+    from mp4totext.v1 import media_pb2
+
+    media = client.upload(str(path))
+    job = client.create(media.name, diarization_config=tpb.DiarizationConfig(enable_speaker_diarization=True,
+                                                                             known_speakers=refs))
+    if delete_first is not None:  # before the speaker stage (after transcription) can run
+        client.call(client.media.DeleteMedia, media_pb2.DeleteMediaRequest(name=delete_first.media))
+    done = client.wait(job.name, timeout=600)
+    assert done.state == tpb.TRANSCRIPTION_STATE_SUCCEEDED, done.error_message
+    assert done.result.diarization.state == tpb.DIARIZATION_STATE_SUCCEEDED, done.result.diarization.error_message
+    return done
+
+
+def words_in_their_turns(result: Any, conv: Any, person_of: dict[str, str]) -> float:
+    """Share of words whose speaker's person speaks at the word's midpoint (either one in an overlap)."""
+    right = total = 0
+    for s in result.segments:
+        for w in s.words:
+            mid = (secs(w.start_offset) + secs(w.end_offset)) / 2
+            speaking = {spk for a, b, spk in conv.turns if a <= mid <= b}
+            if speaking:
+                total += 1
+                right += person_of.get(w.speaker_label) in speaking
+    return right / max(total, 1)
+
+
+def test_known_speakers_get_their_names(client: Any, known_meeting: dict[str, Any]) -> None:
+    conv, name_of, refs = known_meeting["conv"], known_meeting["name_of"], known_meeting["refs"]
+    done = known_job(client, known_meeting["path"], list(refs.values()))
+    r = done.result
+    labels = {sp.speaker_label: sp for sp in r.speakers}
+    assert set(labels) == {name_of[p] for p in conv.speakers}, [str(sp) for sp in r.speakers]
+    assert all(sp.identified and sp.identification_similarity >= 0.5 for sp in r.speakers)
+    assert name_of[known_meeting["outsider"]] not in {w.speaker_label for s in r.segments for w in s.words}
+    person_of = {name: p for p, name in name_of.items()}
+    assert words_in_their_turns(r, conv, person_of) >= 0.9
+    # the request keeps the references as given, for the record
+    got = client.get(done.name).config.diarization_config.known_speakers
+    assert [k.display_name for k in got] == [name_of[p] for p in refs] and got[0].media == refs[conv.speakers[0]].media
+    assert got[0].end_offset.ToTimedelta().total_seconds() > 2
+
+
+def test_a_deleted_reference_is_left_out_with_a_warning(client: Any, known_meeting: dict[str, Any],
+                                                        media_dir: pathlib.Path) -> None:
+    from tests.support import realvoices
+
+    conv, name_of = known_meeting["conv"], known_meeting["name_of"]
+    first, second = conv.speakers
+    doomed = client.known_speaker(name_of[second], str(realvoices.write_wav(media_dir / "doomed.wav",
+                                                                            realvoices.held_out(second).audio)))
+    done = known_job(client, known_meeting["path"], [known_meeting["refs"][first], doomed], delete_first=doomed)
+    assert sorted(sp.speaker_label for sp in done.result.speakers) == sorted([name_of[first], "SPEAKER_00"])
+    assert any(name_of[second] in w and "deleted" in w for w in done.warnings), list(done.warnings)
+
+
+def test_references_are_checked_at_creation(client: Any, stack: Stack, key_b: str, known_meeting: dict[str, Any],
+                                            speech_mp4: pathlib.Path) -> None:
+    from mp4totext.client import Client
+
+    media = client.upload(str(speech_mp4))
+    ref = known_meeting["refs"][known_meeting["conv"].speakers[0]]
+    with Client(stack.target, key_b) as other:  # another tenant cannot name a voice with our media
+        theirs = other.upload(str(speech_mp4))
+        with pytest.raises(grpc.RpcError) as err:
+            other.create(theirs.name, diarization_config=tpb.DiarizationConfig(
+                enable_speaker_diarization=True, known_speakers=[ref]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and ref.media in err.value.details()
+    short = tpb.KnownSpeaker(display_name="Zeynep", media=media.name)
+    short.start_offset.FromSeconds(int(media.duration.ToTimedelta().total_seconds()))
+    with pytest.raises(grpc.RpcError) as err:
+        client.create(media.name, diarization_config=tpb.DiarizationConfig(enable_speaker_diarization=True,
+                                                                           known_speakers=[short]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "known_speakers[0].media" in err.value.details() and "2 s of voice" in err.value.details()

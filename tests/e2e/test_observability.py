@@ -21,8 +21,13 @@ def _one(spans: list[dict[str, Any]], name: str, kind: int | None = None) -> dic
 
 
 def _complete(spans: list[dict[str, Any]]) -> bool:
+    """The job's last spans are in, and so is every span's parent: three processes export their
+    spans in batches, so a child (e.g. "probe") can arrive before its stage's span does (seen on a
+    loaded 2-core machine, where the test then read a trace with a parent missing)."""
     names = {s["name"] for s in spans}
-    return {"finalize process", "whisper transcribe"} <= names
+    ids = {s["span_id"] for s in spans}
+    return {"finalize process", "whisper transcribe"} <= names and all(
+        s["parent_id"] in ids for s in spans if s["parent_id"])
 
 
 # What one job adds to the counters of the processes it went through: (process, sample name,

@@ -28,6 +28,7 @@ import json
 import pathlib
 import random
 import subprocess
+import wave
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -307,6 +308,17 @@ def telephone(audio: np.ndarray, rng: random.Random, snr_db: float = 15.0) -> np
     noise = np.convolve(noise, np.ones(4, np.float32) / 4, mode="same")  # tilt toward low frequencies
     noise *= level / float(np.sqrt(np.mean(noise ** 2))) * 10 ** (-snr_db / 20)
     return (np.pad(out, (0, len(audio) - len(out))) + noise).astype(np.float32)
+
+
+def write_wav(path: pathlib.Path | str, audio: np.ndarray) -> pathlib.Path:
+    """16 kHz mono 16-bit WAV of ``audio`` (float32 in -1..1), for uploading."""
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(RATE)
+        out.writeframes(pcm)
+    return pathlib.Path(path)
 
 
 # ---------------------------------------------------------------- reference words
