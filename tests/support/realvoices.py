@@ -206,6 +206,17 @@ def held_out(speaker: str) -> Utterance:
     return max(utts, key=lambda u: (u.seconds, u.key))
 
 
+def voice_sample(speaker: str, seconds: float = 8.0) -> np.ndarray:
+    """About ``seconds`` of a speaker's utterances (longest first) with 0.3 s pauses: a reference
+    clip for someone who is not in the conversation (so nothing needs holding out)."""
+    parts: list[np.ndarray] = []
+    for u in sorted(utterances()[speaker], key=lambda u: (-u.seconds, u.key)):
+        if sum(len(x) for x in parts) >= seconds * RATE:
+            break
+        parts += [u.audio, np.zeros(int(0.3 * RATE), np.float32)]
+    return np.concatenate(parts)
+
+
 def outsider(cond: Condition) -> str:
     """A speaker who is not in ``cond``'s conversation (seeded), for a reference that must match nobody."""
     rng = random.Random(cond.seed)

@@ -180,9 +180,24 @@ def diarize_voices(pipeline: Any, audio: np.ndarray, min_speakers: int = 0, max_
     voices: dict[str, np.ndarray] = {}
     if centroids is not None:  # rows in the order of the annotation's labels()
         for label, row in zip(annotation.labels(), np.asarray(centroids)):
-            if str(label) in names:
+            if str(label) in names and np.all(np.isfinite(row)) and np.any(row):
                 voices[names[str(label)]] = row
-    return [Turn(t.start, t.end, names[t.speaker]) for t in turns], voices
+    turns = [Turn(t.start, t.end, names[t.speaker]) for t in turns]
+    if centroids is not None:
+        # pyannote pads a zero centroid for a speaker that speaker counting found but clustering
+        # did not (seen on real voices): that speaker's voice is embedded from its own turns.
+        for label in set(names.values()) - set(voices):
+            voice = known_speakers.voice_of(pipeline, turn_audio(audio, [t for t in turns if t.speaker == label]))
+            if voice is not None:
+                voices[label] = voice
+    return turns, voices
+
+
+def turn_audio(audio: np.ndarray, turns: list[Turn], limit_s: float = 30.0) -> np.ndarray:
+    """The samples of ``turns``, joined (at most ``limit_s`` seconds)."""
+    parts = [audio[int(t.start * SAMPLE_RATE):int(t.end * SAMPLE_RATE)] for t in turns]
+    joined = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return joined[:int(limit_s * SAMPLE_RATE)]
 
 
 def first_speech_names(turns: Iterable[Turn], skip: Iterable[str] = ()) -> dict[str, str]:
