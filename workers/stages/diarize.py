@@ -332,7 +332,7 @@ def assign_speakers(result: TranscriptResult, turns: list[Turn]) -> TranscriptRe
 def run_stage(pipeline: Any, audio: np.ndarray, result: TranscriptResult, min_speakers: int = 0,
               max_speakers: int = 0, on_progress: ProgressHook | None = None,
               pipeline_name: str = "", references: dict[str, np.ndarray] | None = None,
-              threshold: float = 0.5) -> TranscriptResult:
+              threshold: float = 0.6) -> TranscriptResult:
     """Diarize and merge: the whole stage as one pure-ish function (pipeline in, result out).
 
     ``references`` (known speaker's name -> voice embedding, :func:`known_speakers.voice_of`)
