@@ -31,7 +31,7 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mp4totext.contracts import Segment, TranscriptResult, Word  # noqa: E402
+from mp4totext.contracts import TranscriptResult  # noqa: E402
 from tests.support import realvoices  # noqa: E402
 
 THRESHOLDS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8]
@@ -47,23 +47,8 @@ def whisper() -> Any:
     return load_model(locate("tiny.en", ROOT / "data" / "models"), "cpu")
 
 
-def recognised(model: Any, audio: Any) -> TranscriptResult:
-    segments, _info = model.transcribe(audio, language="en", word_timestamps=True, vad_filter=True, beam_size=5)
-    segs = []
-    for i, s in enumerate(segments):
-        words = [Word(word=w.word, start=w.start, end=w.end) for w in s.words or []]
-        segs.append(Segment(id=i, start=s.start, end=s.end, text=s.text.strip(), words=words))
-    return TranscriptResult(language="en", duration=len(audio) / 16000, segments=segs,
-                            text=" ".join(s.text for s in segs))
-
-
-def annotation(turns: list[tuple[float, float, str]]) -> Any:
-    from pyannote.core import Annotation, Segment as Seg
-
-    ann = Annotation()
-    for i, (a, b, s) in enumerate(turns):
-        ann[Seg(a, b), i] = s
-    return ann
+recognised = realvoices.transcript
+annotation = realvoices.annotation
 
 
 def turns_of(ann: Any) -> list[Any]:
@@ -166,7 +151,7 @@ def known(conditions: list[realvoices.Condition], thresholds: list[float]) -> No
     from pyannote.metrics.diarization import DiarizationErrorRate
 
     from workers.stages import campplus, known_speakers
-    from workers.stages.diarize import diarize_voices
+    from workers.stages.diarize import diarize_voices, fill_voices
 
     pipeline = campplus.build_pipeline()
     own, others = [], []
@@ -177,6 +162,7 @@ def known(conditions: list[realvoices.Condition], thresholds: list[float]) -> No
         extra = realvoices.outsider(cond)
         refs = {s: known_speakers.voice_of(pipeline, realvoices.held_out(s).audio) for s in [*conv.speakers, extra]}
         turns, voices = diarize_voices(pipeline, conv.audio)  # the product's path (centroids, fallbacks)
+        voices = fill_voices(pipeline, conv.audio, turns, voices)
         hyp = annotation([(t.start, t.end, t.speaker) for t in turns])
         truth = DiarizationErrorRate(collar=0.0).optimal_mapping(annotation(conv.turns), hyp)
         sim = known_speakers.similarities(voices, refs)

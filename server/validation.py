@@ -166,7 +166,7 @@ def _diarization(dia: tpb.DiarizationConfig, status: Callable[[], tuple[bool, st
 
 
 def _seconds(d: Any) -> float:
-    return d.seconds + d.nanos / 1e9  # not ToTimedelta: that overflows on huge values
+    return d.seconds + d.nanos / 1e9  # not ToTimedelta: that overflows on 2^62 s
 
 
 def known_speakers(items: list[Any]) -> list[KnownSpeakerRef]:
@@ -301,8 +301,7 @@ def export_options(request: tpb.ExportTranscriptionRequest) -> tuple[str, Subtit
         raise invalid("format is required: one of TXT, SRT, VTT, JSON, TSV (MARKDOWN for summaries and notes)")
     line = request.max_line_length or 42
     lines = request.max_lines_per_caption or 2
-    d = request.max_caption_duration  # seconds + nanos, not ToTimedelta: that overflows on 2^62 s
-    max_dur = (d.seconds + d.nanos / 1e9 if request.HasField("max_caption_duration") else 0.0) or 6.0
+    max_dur = (_seconds(request.max_caption_duration) if request.HasField("max_caption_duration") else 0.0) or 6.0
     if not 10 <= line <= 200:
         raise invalid(f"max_line_length={line} is out of range; use 10..200 (0 = 42)")
     if not 1 <= lines <= 3:

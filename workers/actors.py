@@ -97,13 +97,18 @@ def whisper_model(s: Settings) -> dict[str, Any]:
     return loaded
 
 
+def _added_warnings(job: Any, *warnings: str) -> dict[str, Any]:
+    """The job's ``warnings`` column with ``warnings`` added (each once), or nothing to save."""
+    return {"warnings": list(dict.fromkeys([*(job.warnings or []), *warnings]))} if warnings else {}
+
+
 def _warnings(result: Any, s: Settings, job: Any) -> dict[str, Any]:
     if not result.language_uncertain:
         return {}
-    warning = (f"the spoken language was detected as {result.language!r} with only "
-               f"{result.language_probability:.0%} confidence (below {s.language_min_probability:.0%}); if the "
-               "transcript looks wrong, transcribe again with config.language_code or expected_language_codes")
-    return {"warnings": list(dict.fromkeys([*(job.warnings or []), warning]))}
+    return _added_warnings(job, f"the spoken language was detected as {result.language!r} with only "
+                           f"{result.language_probability:.0%} confidence (below {s.language_min_probability:.0%}); "
+                           "if the transcript looks wrong, transcribe again with config.language_code or "
+                           "expected_language_codes")
 
 
 def run_transcription(run: StageRun) -> Output:
@@ -163,8 +168,7 @@ def run_diarization(run: StageRun) -> Output:
         identified = sum(sp.identified for sp in result.speakers)
         span.set_attributes({"mp4t.speaker_count": result.speaker_count, "mp4t.speakers_identified": identified,
                              "mp4t.rtf": round((time.monotonic() - started) / max(run.audio_s or 0.0, 1e-6), 4)})
-    fields = {"warnings": list(dict.fromkeys([*(run.job.warnings or []), *problems]))} if problems else {}
-    return Output(result, run.audio_s or 0.0, fields=fields,
+    return Output(result, run.audio_s or 0.0, fields=_added_warnings(run.job, *problems),
                   log={"speakers": result.speaker_count, "identified": identified})
 
 

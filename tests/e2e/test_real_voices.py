@@ -53,27 +53,16 @@ def whisper() -> Any:
 
 
 def scored(pipeline: Any, whisper: Any, cond: realvoices.Condition) -> dict[str, Any]:
-    from pyannote.core import Annotation, Segment as Seg
     from pyannote.metrics.diarization import DiarizationErrorRate
 
-    from mp4totext.contracts import Segment, TranscriptResult, Word
     from workers.stages.diarize import assign_speakers, diarize
 
     conv = realvoices.conversation(cond)
     realvoices.words_for(conv, realvoices.whisper_words(whisper))
     turns = diarize(pipeline, conv.audio)
-    ref, hyp = Annotation(), Annotation()
-    for i, (a, b, s) in enumerate(conv.turns):
-        ref[Seg(a, b), i] = s
-    for i, t in enumerate(turns):
-        hyp[Seg(t.start, t.end), i] = t.speaker
+    ref, hyp = realvoices.annotation(conv.turns), realvoices.annotation([(t.start, t.end, t.speaker) for t in turns])
     metric = DiarizationErrorRate(collar=0.0)
-    segments, _ = whisper.transcribe(conv.audio, language="en", word_timestamps=True, vad_filter=True)
-    result = TranscriptResult(language="en", duration=conv.seconds, segments=[
-        Segment(id=i, start=s.start, end=s.end, text=s.text.strip(),
-                words=[Word(word=w.word, start=w.start, end=w.end) for w in s.words or []])
-        for i, s in enumerate(segments)])
-    merged = assign_speakers(result, turns)
+    merged = assign_speakers(realvoices.transcript(whisper, conv.audio), turns)
     words = [(w.start, w.end, w.speaker) for s in merged.segments for w in s.words]
     return {"der": float(metric(ref, hyp)), "speakers": len({t.speaker for t in turns}), "truth": len(conv.speakers),
             "words_right": realvoices.words_on_right_speaker(conv, words, metric.optimal_mapping(ref, hyp)),

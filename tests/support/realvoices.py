@@ -369,6 +369,28 @@ def whisper_words(model: Any) -> WordsOf:
 # ---------------------------------------------------------------- scores
 
 
+def annotation(turns: Iterable[tuple[float, float, str]]) -> Any:
+    """(start, end, speaker) turns as a pyannote Annotation (each turn its own track)."""
+    from pyannote.core import Annotation, Segment
+
+    ann = Annotation()
+    for i, (a, b, s) in enumerate(turns):
+        ann[Segment(a, b), i] = s
+    return ann
+
+
+def transcript(model: Any, audio: np.ndarray) -> Any:
+    """tiny.en's transcript of the whole mix with word timings, as the speaker stage gets it."""
+    from mp4totext.contracts import Segment, TranscriptResult, Word
+
+    segments, _info = model.transcribe(audio, language="en", word_timestamps=True, vad_filter=True, beam_size=5)
+    segs = [Segment(id=i, start=s.start, end=s.end, text=s.text.strip(),
+                    words=[Word(word=w.word, start=w.start, end=w.end) for w in s.words or []])
+            for i, s in enumerate(segments)]
+    return TranscriptResult(language="en", duration=len(audio) / RATE, segments=segs,
+                            text=" ".join(s.text for s in segs))
+
+
 def words_on_right_speaker(conv: Conversation, hyp: Iterable[tuple[float, float, str | None]],
                            mapping: dict[str, str]) -> float:
     """Share of recognised words (start, end, hypothesis speaker) whose speaker, mapped to the

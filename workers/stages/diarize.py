@@ -182,15 +182,21 @@ def diarize_voices(pipeline: Any, audio: np.ndarray, min_speakers: int = 0, max_
         for label, row in zip(annotation.labels(), np.asarray(centroids)):
             if str(label) in names and np.all(np.isfinite(row)) and np.any(row):
                 voices[names[str(label)]] = row
-    turns = [Turn(t.start, t.end, names[t.speaker]) for t in turns]
-    if centroids is not None:
-        # pyannote pads a zero centroid for a speaker that speaker counting found but clustering
-        # did not (seen on real voices): that speaker's voice is embedded from its own turns.
-        for label in set(names.values()) - set(voices):
-            voice = known_speakers.voice_of(pipeline, turn_audio(audio, [t for t in turns if t.speaker == label]))
-            if voice is not None:
-                voices[label] = voice
-    return turns, voices
+    return [Turn(t.start, t.end, names[t.speaker]) for t in turns], voices
+
+
+def fill_voices(pipeline: Any, audio: np.ndarray, turns: list[Turn],
+                voices: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``voices`` plus a voice for each speaker without one, embedded from its own turns: pyannote
+    pads a zero centroid for a speaker that speaker counting found but clustering did not (seen on
+    real voices), and some pipelines give no centroids at all. Only worth its embedding work when
+    voices are compared (known speakers)."""
+    filled = dict(voices)
+    for label in sorted({t.speaker for t in turns} - set(voices)):
+        voice = known_speakers.voice_of(pipeline, turn_audio(audio, [t for t in turns if t.speaker == label]))
+        if voice is not None:
+            filled[label] = voice
+    return filled
 
 
 def turn_audio(audio: np.ndarray, turns: list[Turn], limit_s: float = 30.0) -> np.ndarray:
@@ -340,7 +346,8 @@ def run_stage(pipeline: Any, audio: np.ndarray, result: TranscriptResult, min_sp
     """
     started = time.monotonic()
     turns, voices = diarize_voices(pipeline, audio, min_speakers, max_speakers, on_progress)
-    matches = known_speakers.match(voices, references or {}, threshold)
+    matches = known_speakers.match(fill_voices(pipeline, audio, turns, voices), references, threshold) \
+        if references else {}
     turns = name_known(turns, matches)
     merged = assign_speakers(result, turns)
     by_name = {m.name: m for m in matches.values()}
