@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mp4totext.enhancements import EnhancementKind, LectureNotes, Summary
+from typing import Callable
+
+from mp4totext.enhancements import KINDS, EnhancementKind, LectureNotes, Summary
 
 # kind -> formats it exports to (core.export.FORMATS names, plus "md")
-ITEM_FORMATS = {
-    EnhancementKind.CLEANUP: ("txt", "srt", "vtt", "json", "tsv"),
-    EnhancementKind.TRANSLATION: ("txt", "srt", "vtt", "json", "tsv"),
-    EnhancementKind.SUMMARY: ("md", "txt", "json"),
-    EnhancementKind.LECTURE_NOTES: ("md", "json"),
-}
+ITEM_FORMATS = {kind: spec.formats for kind, spec in KINDS.items()}
 MARKDOWN = ("text/markdown; charset=utf-8", "md")
 
 
@@ -70,11 +67,17 @@ def notes_markdown(notes: LectureNotes) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+# document kind -> format -> renderer of its validated model ("json" is the result itself, for every kind)
+RENDERERS: dict[EnhancementKind, dict[str, Callable[[Any], str]]] = {
+    EnhancementKind.SUMMARY: {"md": summary_markdown, "txt": summary_text},
+    EnhancementKind.LECTURE_NOTES: {"md": notes_markdown},
+}
+
+
 def document(kind: EnhancementKind, fmt: str, result: dict[str, Any]) -> str:
-    """A summary or lecture notes in ``fmt`` ("md", "txt", "json")."""
+    """A document item (summary, lecture notes) in ``fmt`` (one of its ``KindSpec.formats``)."""
     if fmt == "json":
         return json.dumps(result, ensure_ascii=False, indent=2) + "\n"
-    if kind == EnhancementKind.SUMMARY:
-        summary = Summary.model_validate(result)
-        return summary_markdown(summary) if fmt == "md" else summary_text(summary)
-    return notes_markdown(LectureNotes.model_validate(result))
+    model = KINDS[kind].model
+    assert model is not None, f"{kind} is not a document kind"
+    return RENDERERS[kind][fmt](model.model_validate(result))

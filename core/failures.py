@@ -6,25 +6,34 @@ own budget (``MP4T_OUTAGE_BUDGET_S``), apart from the attempt counter that stops
 """
 from __future__ import annotations
 
-import pika.exceptions
-import urllib3.exceptions
-from dramatiq.errors import BrokerError
-from minio.error import S3Error
-from peewee import InterfaceError, OperationalError
+from typing import Callable
 
-from storage.objects import StorageError
+from storage import db, objects
 
-_INFRASTRUCTURE = (ConnectionError, TimeoutError, urllib3.exceptions.HTTPError, OperationalError, InterfaceError,
-                   pika.exceptions.AMQPError, BrokerError, StorageError)
-# S3 answers that mean "the service is struggling", not "your request is wrong".
-_S3_TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServerBusy"}
+# Each adapter says which of its own errors mean "unreachable or overloaded right now":
+# storage.db for the database, storage.objects for the object store (which raises StorageError
+# with ``transient`` set), core.queue for the broker. Nothing here knows a backend's types.
+_CLASSIFIERS: list[Callable[[BaseException], bool]] = []
+
+
+def register(classifier: Callable[[BaseException], bool]) -> None:
+    """Add a test for an adapter's outage errors (idempotent for the same function)."""
+    if classifier not in _CLASSIFIERS:
+        _CLASSIFIERS.append(classifier)
 
 
 def is_infrastructure(exc: BaseException) -> bool:
     """True when ``exc`` says a service we depend on is unreachable or overloaded right now."""
-    if isinstance(exc, S3Error):
-        return exc.code in _S3_TRANSIENT
-    return isinstance(exc, _INFRASTRUCTURE)
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    transient = getattr(exc, "transient", None)
+    if isinstance(transient, bool):
+        return transient
+    return any(classify(exc) for classify in _CLASSIFIERS)
+
+
+register(db.is_outage)
+register(objects.is_outage)
 
 
 def outage_retries(budget_s: float, min_backoff_ms: int, max_backoff_ms: int) -> int:

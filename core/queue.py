@@ -8,10 +8,13 @@ from __future__ import annotations
 from typing import Mapping
 
 import dramatiq
+import pika.exceptions
 import structlog
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.stub import StubBroker
+from dramatiq.errors import BrokerError
 
+from core import failures
 from core.plan import QUEUES, ROUTES, message_priority
 from mp4totext.config import Settings
 from mp4totext.contracts import BROKER_MAX_PRIORITY
@@ -21,6 +24,12 @@ from storage.db import database
 _broker: dramatiq.Broker | None = None
 log = structlog.get_logger(__name__)
 
+
+def _broker_outage(exc: BaseException) -> bool:
+    return isinstance(exc, (pika.exceptions.AMQPError, BrokerError))
+
+
+failures.register(_broker_outage)
 
 def make_broker(settings: Settings) -> dramatiq.Broker:
     """Create the broker (RabbitMQ, or in-process for embedded mode) and make it the global one."""

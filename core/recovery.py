@@ -39,7 +39,7 @@ def stuck(older_than: dt.timedelta) -> Stuck:
     """
     cutoff = utcnow() - older_than
     fields = (Transcription.id, Transcription.priority, Transcription.stage, Transcription.trace_context)
-    queued = (Transcription.state == JobState.QUEUED) & Transcription.stage.in_([Stage.WAITING, Stage.DIARIZING])
+    queued = (Transcription.state == JobState.QUEUED) & Transcription.stage.in_(plan.WAITING_STAGES)
     with connection():
         media = list(Media.select(Media.id, Media.trace_context)
                      .where(Media.state == MediaState.PROCESSING, Media.update_time < cutoff)

@@ -43,14 +43,12 @@ from core import outbox, quotas, runtime, usage
 from mp4totext.contracts import Priority, broker_priority
 from observability import tracing
 from storage.db import Media, connection, locked, new_id, utcnow
-from storage.objects import StorageError, original_key
+from storage.objects import ObjectStore, StorageError, original_key
 from storage.tenancy import UploadPart, UploadSession
 
 log = structlog.get_logger(__name__)
 
 ACTIVE, COMPLETED, FAILED = "ACTIVE", "COMPLETED", "FAILED"
-MIN_PART = 5 * 1024 * 1024  # S3's smallest part (but the last)
-MAX_PARTS = 10000  # S3's most parts
 
 
 class SessionError(Exception):
@@ -87,10 +85,10 @@ class Declared:
     request_id: str
 
 
-def part_size_for(size: int, configured: int) -> int:
-    """The part size of a ``size``-byte file: the configured one, at least S3's minimum, and large
-    enough that the file fits in S3's 10,000 parts."""
-    return max(configured, MIN_PART, -(-size // MAX_PARTS))
+def part_size_for(size: int, configured: int, store: ObjectStore) -> int:
+    """The part size of a ``size``-byte file: the configured one, at least the store's smallest
+    part, and large enough that the file fits in the store's most parts."""
+    return max(configured, store.min_part_size, -(-size // store.max_parts))
 
 
 def create(tenant: str, owner: str, declared: Declared) -> UploadSession:
@@ -109,7 +107,7 @@ def create(tenant: str, owner: str, declared: Declared) -> UploadSession:
             return UploadSession.create(
                 tenant=tenant, owner=owner, request_id=declared.request_id or None, filename=declared.filename,
                 content_type=declared.content_type, size_bytes=declared.size_bytes, sha256=declared.sha256,
-                part_size=part_size_for(declared.size_bytes, rt.settings.upload_part_size), media_id=media_id,
+                part_size=part_size_for(declared.size_bytes, rt.settings.upload_part_size, rt.store), media_id=media_id,
                 object_key=key, upload_id=upload_id, create_time=now, update_time=now,
                 expire_time=now + dt.timedelta(seconds=rt.settings.upload_session_ttl_s))
     except Exception as exc:

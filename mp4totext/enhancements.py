@@ -7,6 +7,7 @@ never changed by it.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from typing import Any
@@ -131,7 +132,43 @@ class TokenUsage(_Model):
                           cost=round(self.cost + other.cost, 8))
 
 
-DOCUMENTED = {"lecture-notes": LectureNotes, "summary": Summary}  # docs/schemas/<name>.schema.json
+@dataclasses.dataclass(frozen=True)
+class KindSpec:
+    """What the product knows of one AI kind; every layer reads it from ``KINDS`` (server validation,
+    conversion and export, the worker's item runner). The worker's prompts and the proto
+    converters are keyed by kind next to their code; tests/unit/test_registries.py checks that
+    every kind has each of them.
+
+    ``segments``: the result is a rewritten transcript (a TranscriptResult: segment formats);
+    otherwise a document validated by ``model`` and published as docs/schemas/<schema>.schema.json.
+    ``target_language``: "required" (a translation), "forbidden" (a clean-up keeps the transcript's
+    language), "optional" (documents: the transcript's language when empty)."""
+
+    kind: EnhancementKind
+    segments: bool
+    target_language: str
+    formats: tuple[str, ...]  # export formats, the first the default
+    model: type[BaseModel] | None = None
+    schema: str = ""
+    expansion: float = 1.3  # answer tokens per input token, at most (segment kinds)
+
+    @property
+    def keeps_language(self) -> bool:
+        return self.target_language == "forbidden"
+
+
+_SEGMENT_FORMATS = ("txt", "srt", "vtt", "json", "tsv")
+KINDS: dict[EnhancementKind, KindSpec] = {spec.kind: spec for spec in (
+    KindSpec(EnhancementKind.CLEANUP, segments=True, target_language="forbidden", formats=_SEGMENT_FORMATS),
+    KindSpec(EnhancementKind.TRANSLATION, segments=True, target_language="required", formats=_SEGMENT_FORMATS,
+             expansion=2.0),
+    KindSpec(EnhancementKind.SUMMARY, segments=False, target_language="optional", formats=("md", "txt", "json"),
+             model=Summary, schema="summary"),
+    KindSpec(EnhancementKind.LECTURE_NOTES, segments=False, target_language="optional", formats=("md", "json"),
+             model=LectureNotes, schema="lecture-notes"),
+)}
+
+DOCUMENTED = {spec.schema: spec.model for spec in KINDS.values() if spec.model}  # docs/schemas/<name>.schema.json
 
 
 def documented_schema(name: str) -> dict[str, Any]:

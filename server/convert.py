@@ -3,13 +3,13 @@ transcription that has some: read with it)."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Callable
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from core import enhancements
 from mp4totext.contracts import ItemStatus, JobConfig, JobState, ProgressEvent, Stage, TranscriptResult, api_priority
-from mp4totext.enhancements import EnhancementKind, EnhancementState, LectureNotes, Summary, TokenUsage
+from mp4totext.enhancements import KINDS, EnhancementKind, EnhancementState, LectureNotes, Summary, TokenUsage
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
 from storage.db import Enhancement, Media, Transcription
@@ -140,22 +140,34 @@ def usage_to_proto(u: TokenUsage) -> tpb.TokenUsage:
     return tpb.TokenUsage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cost=u.cost)
 
 
+def _summary(sm: Summary) -> tpb.Summary:
+    return tpb.Summary(abstract=sm.abstract, key_points=sm.key_points, decisions=sm.decisions,
+                       action_items=[tpb.ActionItem(description=a.description, owner=a.owner) for a in sm.action_items])
+
+
+def _notes(n: LectureNotes) -> tpb.LectureNotes:
+    return tpb.LectureNotes(
+        title=n.title, examples=n.examples,
+        outline=[_set(tpb.OutlineItem(title=o.title, points=o.points), start_offset=dur(o.start_s)) for o in n.outline],
+        key_terms=[tpb.KeyTerm(term=t.term, definition=t.definition) for t in n.key_terms],
+        review_questions=[tpb.ReviewQuestion(question=q.question, answer=q.answer) for q in n.review_questions])
+
+
+# document kind -> (the Enhancement field that carries it, converter of its validated model)
+DOCUMENT_FIELDS: dict[EnhancementKind, tuple[str, Callable[[Any], Any]]] = {
+    EnhancementKind.SUMMARY: ("summary", _summary),
+    EnhancementKind.LECTURE_NOTES: ("lecture_notes", _notes),
+}
+
+
 def _item_result(msg: tpb.Enhancement, kind: str, result: dict) -> None:
-    if kind in (EnhancementKind.CLEANUP, EnhancementKind.TRANSLATION):
+    spec = KINDS[EnhancementKind(kind)]
+    if spec.segments:
         msg.segments.extend(segments_to_proto(TranscriptResult.from_json(result)))
-    elif kind == EnhancementKind.SUMMARY:
-        sm = Summary.model_validate(result)
-        msg.summary.CopyFrom(tpb.Summary(abstract=sm.abstract, key_points=sm.key_points, decisions=sm.decisions,
-                                         action_items=[tpb.ActionItem(description=a.description, owner=a.owner)
-                                                       for a in sm.action_items]))
-    else:
-        n = LectureNotes.model_validate(result)
-        msg.lecture_notes.CopyFrom(tpb.LectureNotes(
-            title=n.title, examples=n.examples,
-            outline=[_set(tpb.OutlineItem(title=o.title, points=o.points), start_offset=dur(o.start_s))
-                     for o in n.outline],
-            key_terms=[tpb.KeyTerm(term=t.term, definition=t.definition) for t in n.key_terms],
-            review_questions=[tpb.ReviewQuestion(question=q.question, answer=q.answer) for q in n.review_questions]))
+        return
+    assert spec.model is not None
+    field, to_proto = DOCUMENT_FIELDS[spec.kind]
+    getattr(msg, field).CopyFrom(to_proto(spec.model.model_validate(result)))
 
 
 def enhancement_to_proto(e: Enhancement, full: bool = True) -> tpb.Enhancement:

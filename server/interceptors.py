@@ -13,8 +13,7 @@ waited for a handler thread is logged (CANCELLED, ``queued_ms``) though it never
 that gets a thread after its deadline is answered DEADLINE_EXCEEDED without running.
 
 ``AuthInterceptor`` resolves the API key or end-user token to a tenant (``current_tenant``) and
-user (``current_user``, "" for the API key) or answers UNAUTHENTICATED. Health and reflection are
-public.
+user (``current_user``, "" for the API key) or answers UNAUTHENTICATED; scopes: server/scopes.py.
 """
 from __future__ import annotations
 
@@ -25,27 +24,25 @@ import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
-import peewee as pw
 import structlog
 from grpc import aio
 
-from core.failures import is_infrastructure
 from core.identity import Identity, TokenError
 from mp4totext.contracts import TERMINAL_STATES
 from mp4totext.v1 import transcription_pb2 as tpb
 from observability import metrics, tracing
-from server.auth import Authenticator, current_tenant, current_user, tenant_gone
+from server.auth import Authenticator, current_tenant, current_user
 from server.errors import ApiError, unavailable
 from server.load import HandlerLoad
 from server.requests import check_request, checked_stream, safe_deserializer
+from server.scopes import scope_for
+from server.status_map import status_for
 from server.watch import in_thread
 from storage.db import call_scope
 
 log = structlog.get_logger(__name__)
 
 PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
-# RPCs an end-user token with only the "read" scope may call (by name); every other one needs "write".
-READ_PREFIXES = ("Get", "List", "Watch", "Export", "Query")
 _TERMINAL = {tpb.TranscriptionState.Value(f"TRANSCRIPTION_STATE_{s}") for s in TERMINAL_STATES}
 # Server streams whose last message ends the call: the client may close the call as soon as
 # it has that message, which is a normal end (OK), not a cancellation.
@@ -178,7 +175,9 @@ class AuthInterceptor(aio.ServerInterceptor):
                            "missing or invalid API key: send metadata 'authorization: Bearer <key>' "
                            "(create keys with `mp4totext create-key`, or an end-user token from "
                            "IdentityService.CreateUserToken)")
-        needed = "read" if method.rpartition("/")[2].startswith(READ_PREFIXES) else "write"
+        needed = scope_for(method)
+        if needed is None:  # default-deny: an RPC missing from server/scopes.py is a server bug, not a door
+            raise ApiError(grpc.StatusCode.PERMISSION_DENIED, f"{method} has no scope on this server; refused")
         if caller.user and needed not in caller.scopes:
             raise ApiError(grpc.StatusCode.PERMISSION_DENIED,
                            f"this end-user token lacks the {needed!r} scope this call needs; mint one with it")
@@ -223,15 +222,7 @@ class _Call:
             return exc
         if self.context.recorded_code is not None:  # context.abort raised after setting the code
             return None
-        if isinstance(exc, (pw.IntegrityError, pw.DoesNotExist)) and tenant_gone():
-            return ApiError(grpc.StatusCode.UNAUTHENTICATED, "the tenant of this API key no longer exists")
-        if isinstance(exc, pw.DoesNotExist):  # deleted while the call ran
-            return ApiError(grpc.StatusCode.NOT_FOUND, "the resource was deleted while this call ran")
-        if is_infrastructure(exc):  # a dependency failed, not the request: the client retries
-            log.warning("rpc_dependency_unavailable", error=f"{type(exc).__name__}: {exc}")
-            return unavailable(f"a service this call needs is unreachable ({type(exc).__name__}); retry shortly")
-        log.error("rpc_internal_error", exc_info=exc)
-        return ApiError(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); it has been logged")
+        return status_for(exc)
 
     def fail(self, exc: BaseException) -> None:
         """Abort with the status ``exc`` stands for (raises). Handler threads only."""

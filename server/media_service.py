@@ -21,7 +21,6 @@ from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_media, media_by_request_id, owner
 from server.upload import ClientGone, UploadReader, UploadRejected
 from server.uploads import Slot, UploadSlots
-from server.usage_service import quota_error
 from server.validation import UploadSpec, enum_filter, upload_metadata
 from storage.db import Media, Transcription, connection, locked, new_id
 from storage.objects import original_key
@@ -127,10 +126,7 @@ def _record(spec: UploadSpec, media_id: str, key: str, reader: UploadReader) -> 
 def _upload_quota(size_bytes: int) -> int:
     """Refuse an upload over the tenant's upload-size or storage quota before any byte is stored;
     the most bytes it may have (0 = no tenant limit)."""
-    try:
-        return quotas.check_upload(current_tenant.get(), size_bytes)
-    except quotas.QuotaExceeded as exc:
-        raise quota_error(exc.violation) from None
+    return quotas.check_upload(current_tenant.get(), size_bytes)
 
 
 def _backpressure(tenant: str) -> None:

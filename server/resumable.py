@@ -7,9 +7,6 @@ from typing import Any, Iterator
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from core import quotas, runtime
 from core import upload_sessions as sessions
@@ -21,7 +18,6 @@ from server.auth import current_tenant, current_user
 from server.errors import ApiError, failed_precondition, invalid, not_found, unavailable
 from server.upload import MAX_CHUNK
 from server.uploads import Slot
-from server.usage_service import quota_error
 from server.validation import content_type, parse_name, request_id
 from storage.tenancy import UploadSession
 
@@ -31,22 +27,6 @@ COLLECTION = "uploadSessions"
 STATES = {sessions.ACTIVE: media_pb2.UPLOAD_SESSION_STATE_ACTIVE,
           sessions.COMPLETED: media_pb2.UPLOAD_SESSION_STATE_COMPLETED,
           sessions.FAILED: media_pb2.UPLOAD_SESSION_STATE_FAILED}
-
-
-class WrongOffsetError(ApiError):
-    """FAILED_PRECONDITION with a google.rpc.ErrorInfo (reason WRONG_WRITE_OFFSET) that carries the
-    committed size, so a client resumes without parsing the message."""
-
-    def __init__(self, message: str, committed: int) -> None:
-        super().__init__(grpc.StatusCode.FAILED_PRECONDITION, message, retry_after_s=0.0)
-        self.committed = committed
-
-    def status(self) -> grpc.Status:
-        detail = any_pb2.Any()
-        detail.Pack(error_details_pb2.ErrorInfo(reason="WRONG_WRITE_OFFSET", domain="mp4totext.v1",
-                                                metadata={"committed_size": str(self.committed)}))
-        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message,
-                                                      details=[detail]))
 
 
 def to_proto(s: UploadSession) -> media_pb2.UploadSession:
@@ -111,17 +91,6 @@ def delete(request: media_pb2.DeleteUploadSessionRequest) -> media_pb2.DeleteUpl
     return media_pb2.DeleteUploadSessionResponse()
 
 
-def _status(exc: sessions.SessionError) -> ApiError:
-    if isinstance(exc, sessions.WrongOffset):
-        return WrongOffsetError(str(exc), exc.committed)
-    if isinstance(exc, sessions.Rejected):
-        metrics.UPLOADS.labels("rejected").inc()
-        return invalid(str(exc))
-    if isinstance(exc, sessions.Superseded):
-        return ApiError(grpc.StatusCode.ABORTED, str(exc))
-    return failed_precondition(str(exc))
-
-
 def _response(s: UploadSession, committed: int, media: Any = None) -> media_pb2.WriteUploadResponse:
     resp = media_pb2.WriteUploadResponse(committed_size=committed, upload_session=to_proto(s))
     if media is not None:
@@ -172,12 +141,8 @@ def _call(fn: Any, *args: Any) -> Any:
     """``fn(*args)`` with core's refusals as statuses and a failing object store as UNAVAILABLE."""
     try:
         return fn(*args)
-    except sessions.SessionError as exc:
-        raise _status(exc) from None
-    except quotas.QuotaExceeded as exc:  # completing it would go over the storage quota: it FAILED
-        raise quota_error(exc.violation) from None
-    except (ApiError, grpc.RpcError):
-        raise
+    except (ApiError, grpc.RpcError, sessions.SessionError, quotas.QuotaExceeded):
+        raise  # refusals: server/status_map.py (over the storage quota on completing: it FAILED)
     except Exception as exc:
         if getattr(exc, "code", None) == "NoSuchUpload":  # S3: the parts were aborted (session expired)
             raise failed_precondition("the upload session's stored parts are gone (it expired or was deleted); "

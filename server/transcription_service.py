@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from core import ai_export, enhancements, export, jobs, outbox, quotas, registry, runtime
 from core.models import ModelSet
 from mp4totext.contracts import TERMINAL_STATES, JobConfig, JobState, MediaState, TranscriptResult
-from mp4totext.enhancements import EnhancementKind, EnhancementState
+from mp4totext.enhancements import KINDS, EnhancementState
 from mp4totext.v1 import transcription_pb2 as tpb
 from mp4totext.v1 import transcription_pb2_grpc
 from observability import tracing
@@ -20,7 +20,6 @@ from server.auth import current_tenant
 from server.errors import failed_precondition, invalid, not_found
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_job, get_media, job_by_request_id, owner
-from server.usage_service import quota_error
 from server.validation import (
     EXPORT_FORMATS,
     KIND_NAMES,
@@ -87,9 +86,7 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
                 for item in config.ai:
                     Enhancement.create(tenant=tenant, transcription=job.id, kind=item["kind"],
                                        language=item.get("language", ""), request_id=rid or None)
-        except quotas.QuotaExceeded as exc:  # nothing was written, nothing queued
-            raise quota_error(exc.violation) from None
-        except pw.IntegrityError:
+        except pw.IntegrityError:  # (over quota: nothing was written, nothing queued; server/status_map.py)
             existing = job_by_request_id(tenant, rid)
             if existing is None:
                 raise
@@ -132,14 +129,9 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
         rid = request_id(request.request_id)
         job = get_job(request.name)
         check_ai(registry.ai_status)
-        try:
-            quotas.check_ai(job.tenant_id)  # a prepaid tenant needs credits left
-        except quotas.QuotaExceeded as exc:
-            raise quota_error(exc.violation) from None
+        quotas.check_ai(job.tenant_id)  # a prepaid tenant needs credits left
         try:
             enhancements.request(job.id, job.tenant_id, wanted, rid or None)
-        except enhancements.NotAllowed as exc:
-            raise failed_precondition(str(exc)) from None
         except jobs.LostClaim:
             raise not_found(f"transcriptions/{job.id}") from None
         log.info("enhancements_requested", job_id=job.id, items=[w.key for w in wanted])
@@ -196,7 +188,7 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
             why = f": {item.error_message}" if item.error_message else ""
             raise failed_precondition(f"the {kind} of transcriptions/{job.id} is {item.state}{why}")
         name = f"{job.id}.{kind.lower()}{'.' + lang if lang else ''}"
-        if kind in (EnhancementKind.CLEANUP, EnhancementKind.TRANSLATION):
+        if KINDS[kind].segments:
             content_type, ext = export.FORMATS[fmt]
             document = (json_format.MessageToDict(convert.enhancement_to_proto(item), preserving_proto_field_name=True)
                         if fmt == "json" else None)

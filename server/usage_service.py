@@ -1,8 +1,6 @@
 """mp4totext.v1.UsageService: a tenant's (or end user's) usage per day, and its quotas.
 
-Also the one place a ``core.quotas.QuotaExceeded`` becomes the client's status:
-RESOURCE_EXHAUSTED with a google.rpc.QuotaFailure (which limit, usage, limit, reset time) and an
-ErrorInfo (the same as machine-readable metadata) in ``grpc-status-details-bin``.
+An over-quota request's status (RESOURCE_EXHAUSTED with QuotaFailure + ErrorInfo): server/status_map.py.
 """
 from __future__ import annotations
 
@@ -10,7 +8,6 @@ import datetime as dt
 
 import grpc
 from google.protobuf import timestamp_pb2
-from google.rpc import error_details_pb2
 
 from core import quotas, usage
 from mp4totext.v1 import usage_pb2, usage_pb2_grpc
@@ -18,26 +15,6 @@ from server.auth import current_tenant, current_user
 from server.errors import ApiError, invalid
 
 MAX_DAYS = 400  # one request covers at most this many days
-
-
-def _num(value: float) -> str:
-    """6291456 -> "6291456", 12.5 -> "12.5" (never exponent notation in a message a person reads)."""
-    return str(int(value)) if float(value).is_integer() else f"{value:.2f}".rstrip("0").rstrip(".")
-
-
-def quota_error(v: quotas.Violation) -> ApiError:
-    """RESOURCE_EXHAUSTED for an over-quota request, with QuotaFailure + ErrorInfo details."""
-    reset = f"; resets {v.reset_time.isoformat()}Z" if v.reset_time else ""
-    failure = error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
-        subject=f"tenant:{v.tenant_id}", description=v.description, quota_metric=f"mp4totext/{v.limit}",
-        quota_id=v.limit, quota_value=int(v.maximum))])
-    metadata = {"limit": v.limit, "used": _num(v.used), "maximum": _num(v.maximum)}
-    if v.reset_time:
-        metadata["reset_time"] = v.reset_time.isoformat() + "Z"
-    info = error_details_pb2.ErrorInfo(reason="QUOTA_EXCEEDED", domain="mp4totext", metadata=metadata)
-    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"quota exceeded ({v.limit}): {v.description} [used {_num(v.used)}, limit {_num(v.maximum)}{reset}]",
-                    v.retry_after_s, details=(failure, info))
 
 
 def _day(text: str, field: str, default: dt.date) -> dt.date:

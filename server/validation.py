@@ -14,7 +14,7 @@ from core.export import FORMATS, SubtitleOptions
 from core.languages import whisper_language
 from core.models import ModelSet
 from mp4totext.contracts import DiarizationOptions, JobConfig, KnownSpeakerRef, broker_priority
-from mp4totext.enhancements import BCP47, EnhancementKind, EnhancementRequest
+from mp4totext.enhancements import BCP47, KINDS, EnhancementRequest
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
 from server.errors import clip, failed_precondition, invalid
@@ -212,7 +212,7 @@ def check_reference(ref: KnownSpeakerRef, index: int, state: str, duration_s: fl
     return ref.model_copy(update={"end_s": round(min(end, duration), 3)})
 
 
-KIND_NAMES = {tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{k}"): k for k in EnhancementKind}
+KIND_NAMES = {tpb.EnhancementKind.Value(f"ENHANCEMENT_KIND_{k}"): k for k in KINDS}
 
 
 def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[bool, str, str]] | None,
@@ -222,7 +222,7 @@ def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[b
     items = list(items)
     if not items:
         if required:
-            raise invalid(f"{field} is required: at least one of CLEANUP, TRANSLATION, SUMMARY, LECTURE_NOTES")
+            raise invalid(f"{field} is required: at least one of {', '.join(KINDS)}")
         return []
     if len(items) > MAX_ITEMS:
         raise invalid(f"{field} has {len(items)} items; at most {MAX_ITEMS}")
@@ -230,16 +230,16 @@ def enhancement_requests(items: Any, field: str, ai_status: Callable[[], tuple[b
     for i, item in enumerate(items):
         kind = KIND_NAMES.get(item.kind)
         if kind is None:
-            raise invalid(f"{field}[{i}].kind={item.kind} is not a known EnhancementKind; use CLEANUP, TRANSLATION, "
-                          "SUMMARY or LECTURE_NOTES")
+            raise invalid(f"{field}[{i}].kind={item.kind} is not a known EnhancementKind; use {', '.join(KINDS)}")
         lang = item.target_language_code.strip()
         if lang and not BCP47.match(lang):
             raise invalid(f"{field}[{i}].target_language_code={clip(lang)!r} is not a BCP-47 language tag "
                           "(e.g. en, tr, pt-BR)")
-        if kind == EnhancementKind.TRANSLATION and not lang:
-            raise invalid(f"{field}[{i}].target_language_code is required for TRANSLATION (e.g. en)")
-        if kind == EnhancementKind.CLEANUP and lang:
-            raise invalid(f"{field}[{i}].target_language_code must be empty for CLEANUP (it keeps the transcript's "
+        rule = KINDS[kind].target_language
+        if rule == "required" and not lang:
+            raise invalid(f"{field}[{i}].target_language_code is required for {kind} (e.g. en)")
+        if rule == "forbidden" and lang:
+            raise invalid(f"{field}[{i}].target_language_code must be empty for {kind} (it keeps the transcript's "
                           "language); ask for a TRANSLATION instead")
         req = EnhancementRequest(kind=kind, language=lang.lower())
         out.setdefault(req.key, req)

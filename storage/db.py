@@ -283,6 +283,11 @@ def connection() -> Iterator[None]:
         yield
 
 
+def is_outage(exc: BaseException) -> bool:
+    """The database is unreachable or dropped the connection (core.failures asks this)."""
+    return isinstance(exc, (pw.OperationalError, pw.InterfaceError))
+
+
 def drop_broken_connection() -> None:
     """After an error: let go of this thread's connection if the server closed it, so the next
     statement gets a fresh one from the pool (psycopg2 marks a connection the server dropped)."""

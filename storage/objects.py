@@ -14,15 +14,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime as dt
+import functools
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Collection, Protocol
+from typing import Any, Callable, Collection, Protocol
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 
 from storage.parts import LocalParts, S3Parts
 
@@ -32,10 +33,61 @@ class Reader(Protocol):
 
 
 class StorageError(Exception):
-    """The object store is unreachable or failed (transient)."""
+    """The object store failed. ``transient``: it is unreachable or overloaded right now (wait and
+    retry, core.failures); otherwise it refused this request. ``code`` names a refusal in S3's
+    words, whichever backend raised it ("NoSuchUpload", "InvalidPart", "NoSuchKey")."""
+
+    def __init__(self, message: str, transient: bool = True, code: str = "") -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.code = code
+
+
+# S3 answers that mean "the service is struggling", not "your request is wrong".
+_S3_TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "ServerBusy"}
+
+
+def _as_storage_error(exc: BaseException, what: str) -> StorageError | None:
+    """The StorageError a backend error means (None: not the store's error, let it through)."""
+    if isinstance(exc, S3Error):
+        return StorageError(f"object storage refused {what}: {exc.code}: {exc.message}",
+                            transient=exc.code in _S3_TRANSIENT, code=exc.code or "")
+    if isinstance(exc, ServerError):
+        return StorageError(f"object storage failed {what} (HTTP {exc.status_code}): {exc}")
+    if isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
+        return StorageError(f"object storage unreachable during {what}: {exc}")
+    return None
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The object store is unreachable or overloaded (core.failures asks this): a StorageError that
+    says so, or a backend error that has not been through ``_mapped`` yet."""
+    if isinstance(exc, StorageError):
+        return exc.transient
+    mapped = _as_storage_error(exc, "a call")
+    return mapped is not None and mapped.transient
+
+
+def _mapped(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except StorageError:
+            raise
+        except Exception as exc:
+            mapped = _as_storage_error(exc, method.__name__)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    return wrapper
 
 
 class ObjectStore(abc.ABC):
+    min_part_size: int  # the smallest part of a resumable upload (but the last)
+    max_parts: int  # the most parts one upload may have
+
     @abc.abstractmethod
     def put_stream(self, key: str, reader: Reader, content_type: str = "application/octet-stream") -> int:
         """Store everything ``reader`` yields under ``key``; return the byte count.
@@ -73,7 +125,7 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def put_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
-        """Store part ``number`` (1-based; all but the last at least 5 MiB); return its etag."""
+        """Store part ``number`` (1-based; all but the last at least ``min_part_size``); return its etag."""
 
     @abc.abstractmethod
     def complete_parts(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> None:
@@ -307,6 +359,13 @@ class S3Store(S3Parts, ObjectStore):
             if len(out) >= limit:
                 break
         return out
+
+
+# Every call of the S3 backend raises StorageError for the store's own failures (minio's S3Error,
+# ServerError, urllib3's errors): nothing above storage/ knows minio.
+for _name in ("put_stream", "put_file", "get_file", "delete", "exists", "abort_stale_uploads", "start_parts",
+              "put_part", "complete_parts", "abort_parts", "sha256_of", "size_of", "list_objects"):
+    setattr(S3Store, _name, _mapped(getattr(S3Store, _name)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,9 @@ class PartMismatch(ValueError):
 
 
 class LocalParts:
+    # No limit of its own: it keeps S3's, so embedded mode hands clients the part sizes production does.
+    min_part_size = 5 * 1024 * 1024
+    max_parts = 10_000
     root: pathlib.Path
     incoming: pathlib.Path
     _path: Any
@@ -106,6 +109,8 @@ class LocalParts:
 
 
 class S3Parts:
+    min_part_size = 5 * 1024 * 1024  # S3's smallest part (but the last)
+    max_parts = 10_000  # S3's most parts of one upload
     client: Any
     bucket: str
     ensure_bucket: Any

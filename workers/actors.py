@@ -18,7 +18,7 @@ import dramatiq
 
 from core.failures import outage_retries
 from core.models import ModelSet, ModelSpec
-from core.plan import ROUTES
+from core.plan import ROUTES, time_limits_s
 from mp4totext.config import Settings
 from mp4totext.contracts import Stage, TranscriptResult
 from observability import tracing
@@ -213,9 +213,8 @@ def register(broker: dramatiq.Broker, s: Settings) -> dict[str, dramatiq.Actor]:
     max_retries = outage_retries(s.outage_budget_s, s.retry_min_backoff_ms, s.retry_max_backoff_ms) + s.max_attempts + 2
     retry = {"max_retries": max_retries, "min_backoff": s.retry_min_backoff_ms, "max_backoff": s.retry_max_backoff_ms,
              "throws": (JobFailed,)}
-    limits_s = {"prepare_media": s.prepare_time_limit_s, "transcribe": s.job_time_limit_s + 60,
-                "diarize": s.diarization_time_limit_s + 60, "finalize": 60, "maintenance": 600,
-                "enhance": s.ai_time_limit_s + 60, "deliver_webhook": int(2 * s.webhook_timeout_s) + 60}
+    limits_s = {**time_limits_s(s), "maintenance": 600, "enhance": s.ai_time_limit_s + 60,
+                "deliver_webhook": int(2 * s.webhook_timeout_s) + 60}
     functions: dict[str, Callable[[str], None]] = {
         "prepare_media": _prepare_media, "transcribe": _job_actor(TRANSCRIBE), "diarize": _job_actor(DIARIZE),
         "finalize": finalize, "maintenance": maintenance.sweep, "enhance": ai_runner.run_enhancement,
@@ -227,5 +226,5 @@ def register(broker: dramatiq.Broker, s: Settings) -> dict[str, dramatiq.Actor]:
     retries[usage_reports.ACTOR] = retry  # idempotent: a retry after an outage writes it once
     retries["enhance"] = {**retry, "max_retries": max_retries + max(0, s.llm_max_attempts - s.max_attempts)}
     return {name: dramatiq.actor(fn, actor_name=name, queue_name=ROUTES[name], broker=broker,
-                                 time_limit=limits_s[name] * 1000, **retries[name])
+                                 time_limit=int(limits_s[name] * 1000), **retries[name])
             for name, fn in functions.items()}

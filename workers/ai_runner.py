@@ -37,7 +37,7 @@ from core.failures import is_infrastructure
 from core.jobs import LostClaim
 from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, TranscriptResult
-from mp4totext.enhancements import EnhancementKind, EnhancementState, TokenUsage
+from mp4totext.enhancements import KINDS, EnhancementKind, EnhancementState, TokenUsage
 from observability import tracing
 from storage.db import Enhancement, EnhancementChunk, connection, drop_broken_connection, utcnow
 from workers.pipeline import Cancelled, JobTimeout, finished, message_id
@@ -183,7 +183,7 @@ def run_enhancement(item_id: str) -> None:
             exc = JobTimeout(f"last error: {type(exc).__name__}: {exc}")
         _failed(item_id, msg_id, exc, item.attempts, s, started)
         return
-    written_in = result.language if kind == EnhancementKind.CLEANUP else language  # a clean-up keeps the language
+    written_in = result.language if KINDS[kind].keeps_language else language  # e.g. a clean-up
     enhancements.finish(item_id, msg_id, EnhancementState.SUCCEEDED, result=out, output_language=written_in)
     finished("enhance", "succeeded", started, kind=kind.value, language=language, model=llm.model)
 

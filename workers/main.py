@@ -10,7 +10,7 @@ import dramatiq
 import structlog
 
 from core import outbox, registry, runtime
-from core.plan import QUEUES
+from core.plan import QUEUES, queues_needing
 from core.queue import make_broker
 from mp4totext.config import Settings
 from observability import metrics, tracing
@@ -38,19 +38,20 @@ def _capabilities(settings: Settings, queues: list[str],
     """
     capabilities: dict[str, Any] = {}
     unavailable = ""
-    if "high" in queues:
+    if queues_needing("transcription") & set(queues):
         seconds = _timed(actors.whisper_model, settings)
         metrics.MODEL_LOAD.labels("whisper", settings.model_label).set(seconds)
         log.info("model_loaded", model=settings.model_label, seconds=round(seconds, 3))
         capabilities["transcription"] = settings.model_label
-    if "diarize" in queues:
+    speaker_queues = queues_needing("diarization")
+    if speaker_queues & set(queues):
         try:
             seconds = _timed(actors.diarization_pipeline, settings)
         except DiarizationUnavailable as exc:
             if not optional_diarization:
                 raise SystemExit(f"diarize worker cannot start: {exc}") from None
             log.warning("diarization_unavailable", reason=str(exc))
-            queues = [q for q in queues if q != "diarize"]
+            queues = [q for q in queues if q not in speaker_queues]
             unavailable = str(exc)
         else:
             label = pipeline_label(settings.diarization_pipeline)

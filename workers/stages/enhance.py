@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 from pydantic import BaseModel
 
 from mp4totext.contracts import TranscriptResult
-from mp4totext.enhancements import EnhancementKind, LectureNotes, Summary, TokenUsage, schema_of, segment_texts_schema
+from mp4totext.enhancements import KINDS, EnhancementKind, TokenUsage, schema_of, segment_texts_schema
 from workers.stages.llm import LLM, LLMConfigError, LLMOutputError
 
 SYSTEM = (
@@ -123,15 +123,18 @@ def _key(prefix: str, group: list[Line]) -> str:
 # ---------------------------------------------------------------- clean-up and translation
 
 
-def _segment_task(kind: EnhancementKind, language: str) -> str:
-    if kind == EnhancementKind.TRANSLATION:
-        return (f"Translate each segment of the transcript below into {language_name(language)}. Keep every "
-                "segment separate (do not merge, split, drop or summarise segments); keep names and numbers. "
-                "Answer with a JSON object mapping every segment id to its translation.")
-    return ("Clean up each segment of the transcript below: fix punctuation and capitalisation, remove filler "
-            "words (um, uh, er, you know), and fix words that were obviously misheard, judging by the context. "
-            "Keep the language, the meaning and the speaker's wording otherwise; do not merge, split, drop or "
-            "summarise segments. Answer with a JSON object mapping every segment id to its cleaned text.")
+# segment kind -> its task, given the target language (KINDS[kind].segments)
+SEGMENT_TASKS: dict[EnhancementKind, Callable[[str], str]] = {
+    EnhancementKind.TRANSLATION: lambda language: (
+        f"Translate each segment of the transcript below into {language_name(language)}. Keep every "
+        "segment separate (do not merge, split, drop or summarise segments); keep names and numbers. "
+        "Answer with a JSON object mapping every segment id to its translation."),
+    EnhancementKind.CLEANUP: lambda language: (
+        "Clean up each segment of the transcript below: fix punctuation and capitalisation, remove filler "
+        "words (um, uh, er, you know), and fix words that were obviously misheard, judging by the context. "
+        "Keep the language, the meaning and the speaker's wording otherwise; do not merge, split, drop or "
+        "summarise segments. Answer with a JSON object mapping every segment id to its cleaned text."),
+}
 
 
 def _checker(ids: list[int], blank_ok: bool) -> Callable[[Any], dict[int, str]]:
@@ -157,12 +160,13 @@ def _checker(ids: list[int], blank_ok: bool) -> Callable[[Any], dict[int, str]]:
 
 def _segments(kind: EnhancementKind, result: TranscriptResult, language: str, llm: LLM, chunks: Chunks,
               budget: Budget) -> dict[int, str]:
-    task = _segment_task(kind, language)
+    spec = KINDS[kind]
+    task = SEGMENT_TASKS[kind](language)
     # With JSON mode or the prompt alone the schema (a property per id) rides in the system prompt.
     no_ids = llm.schema_tokens(segment_texts_schema([]))
     per_id = llm.schema_tokens(segment_texts_schema([10 ** 6])) - no_ids
     overhead = llm.prompt_tokens(SYSTEM, task + "\n<segments>\n</segments>") + no_ids
-    expansion = 2.0 if kind == EnhancementKind.TRANSLATION else 1.3  # answer tokens per input token, at most
+    expansion = spec.expansion  # answer tokens per input token, at most
     limit = max(16, min(int((budget.usable() - overhead) / (1 + expansion)), int(budget.max_output / expansion)))
     texts: dict[int, str] = {}
     for key, value in chunks.stored.items():
@@ -189,11 +193,11 @@ def _segments(kind: EnhancementKind, result: TranscriptResult, language: str, ll
                                  "small for it: raise it (or MP4T_LLM_MAX_OUTPUT_TOKENS)")
         try:
             answer = llm.ask_json(SYSTEM, user, "segments", segment_texts_schema(ids),
-                                  _checker(ids, blank_ok=kind == EnhancementKind.CLEANUP),
+                                  _checker(ids, blank_ok=spec.keeps_language),
                                   budget.output_for(prompt), on_request=chunks.request, shorten=False,
                                   on_usage=chunks.spent)
         except LLMOutputError as exc:
-            if len(group) == 1 and kind == EnhancementKind.TRANSLATION and "are empty" in str(exc):
+            if len(group) == 1 and not spec.keeps_language and "are empty" in str(exc):
                 # a sound or a filler the model will not translate: the segment keeps its own text
                 # (one segment left as it was beats failing the whole translation)
                 done += 1
@@ -226,12 +230,13 @@ def rewritten(result: TranscriptResult, texts: dict[int, str], language: str | N
 # ---------------------------------------------------------------- summary and lecture notes
 
 
-_DOC = {
-    EnhancementKind.SUMMARY: (Summary, "summary", (
+# document kind -> (the name its chunks are stored under, its task); the model is KINDS[kind].model
+DOCUMENT_TASKS: dict[EnhancementKind, tuple[str, str]] = {
+    EnhancementKind.SUMMARY: ("summary", (
         "Summarise the transcript below: a short abstract and the key points; if it is a meeting, also the "
         "decisions made and the action items with their owners when someone is named (else leave those lists "
         "empty).")),
-    EnhancementKind.LECTURE_NOTES: (LectureNotes, "lecture_notes", (
+    EnhancementKind.LECTURE_NOTES: ("lecture_notes", (
         "Write structured lecture notes for the transcript below: a title; an outline of its parts in order, "
         "each with the time in seconds where it starts (the [mm:ss] marks give the times) and its points; key "
         "terms with definitions; examples and formulas as given; review questions with their answers.")),
@@ -263,7 +268,9 @@ def _document(kind: EnhancementKind, result: TranscriptResult, language: str, ll
     """One call when the transcript fits; else map (a partial per part) and reduce (merge as many
     partials as fit, round after round). Each answer is held to ``part_out`` tokens, a quarter
     of what is left after the prompt, so at least three partials always fit one merge."""
-    model, name, task = _DOC[kind]
+    name, task = DOCUMENT_TASKS[kind]
+    model = KINDS[kind].model
+    assert model is not None, f"{kind} is not a document kind"
     task = f"{task} Write in {language_name(language)}."
     schema = schema_of(model)
     check = _doc_checker(model, [seg.start for seg in result.segments], result.duration)
@@ -364,8 +371,7 @@ def _plan_parts(lines: list[Line], stored: dict[str, Any], limit: int) -> list[l
 def run(kind: EnhancementKind, result: TranscriptResult, language: str, llm: LLM, chunks: Chunks,
         budget: Budget) -> dict[str, Any]:
     """The item's result: a rewritten transcript (clean-up, translation), or a document."""
-    if kind in (EnhancementKind.CLEANUP, EnhancementKind.TRANSLATION):
+    if KINDS[kind].segments:
         texts = _segments(kind, result, language, llm, chunks, budget)
-        keep = kind == EnhancementKind.CLEANUP
-        return rewritten(result, texts, None if keep else language).to_json()
+        return rewritten(result, texts, None if KINDS[kind].keeps_language else language).to_json()
     return _document(kind, result, language, llm, chunks, budget)
