@@ -64,7 +64,6 @@ STAGES: tuple[StageSpec, ...] = (
               runs=wants_speakers, waits_in=Stage.DIARIZING, capability="diarization"),
     StageSpec(Stage.FINALIZING, "finalize", "critical", lambda s: 60, 5.0, finishing=True),
 )
-SPEC = {spec.stage: spec for spec in STAGES}
 
 # Actor name -> queue. Servers enqueue by name without loading worker code. The stages' actors,
 # then the work that is not a job stage.
@@ -76,26 +75,30 @@ ROUTES = {spec.actor: spec.queue for spec in STAGES} | {
     "usage_report": "low",  # core.usage: the weekly usage report of a tenant
 }
 
+def _steps(spec: StageSpec) -> tuple[Stage, ...]:
+    """The stages a job is in for ``spec``: the one it waits in for the message, then the stage."""
+    return tuple(dict.fromkeys((spec.waits_in or spec.stage, spec.stage)))
+
+
 # The actor that moves a job on from each stage it can wait or run in (also how the
 # maintenance sweep re-enqueues a job whose message was lost).
-ACTOR_FOR_STAGE = {stage: spec.actor for spec in STAGES if not spec.on_media
-                   for stage in dict.fromkeys((spec.waits_in or spec.stage, spec.stage))}
+ACTOR_FOR_STAGE = {stage: spec.actor for spec in STAGES if not spec.on_media for stage in _steps(spec)}
 
 # The stages a QUEUED job waits in for its stage's message (what recovery looks for).
 WAITING_STAGES = tuple(dict.fromkeys(spec.waits_in for spec in STAGES if spec.waits_in))
 
-STAGE_ORDER = [s for spec in STAGES for s in dict.fromkeys((spec.waits_in or spec.stage, spec.stage))] + [Stage.DONE]
+STAGE_ORDER = [s for spec in STAGES for s in _steps(spec)] + [Stage.DONE]
 
 
 def stages(config: Config) -> list[Stage]:
     """The stages a job with this config goes through, in order."""
-    return [s for spec in STAGES if spec.runs(config)
-            for s in dict.fromkeys((spec.waits_in or spec.stage, spec.stage))] + [Stage.DONE]
+    return [s for spec in STAGES if spec.runs(config) for s in _steps(spec)] + [Stage.DONE]
 
 
-def _starts(config: Config) -> dict[Stage, float]:
-    """Overall percent at the start of each stage of this job (its waiting stage starts with it)."""
-    specs = [spec for spec in STAGES if config is _ALL or spec.runs(config)]
+def _starts(config: Config, every: bool = False) -> dict[Stage, float]:
+    """Overall percent at the start of each stage of this job (its waiting stage starts with it);
+    ``every``: as if every optional stage ran."""
+    specs = [spec for spec in STAGES if every or spec.runs(config)]
     fixed = sum(spec.weight for spec in specs if spec.weight is not None)
     at, out = 0.0, {}
     for spec in specs:
@@ -107,11 +110,9 @@ def _starts(config: Config) -> dict[Stage, float]:
     return out
 
 
-_ALL: Config = {"*": "every stage"}  # the plan with every optional stage in (STAGE_PERCENT)
-
 # Overall percent at the start of each stage when every stage runs: a floor the job's progress
 # is raised to as it enters a stage (transcribing starts at 5; finalizing at 95).
-STAGE_PERCENT = _starts(_ALL)
+STAGE_PERCENT = _starts(None, every=True)
 
 
 def next_stage(config: Config, stage: Stage) -> Stage:

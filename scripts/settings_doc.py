@@ -95,7 +95,8 @@ def table() -> str:
             section = row.section
             title, _, rest = section.partition(":")
             note = " ".join(x for x in (rest.strip(), notes.get(section, "")) if x)
-            out += ["", f"**{title if title[1:2].isupper() else title[0].upper() + title[1:]}**" + (f": {note}" if note else ""), "",
+            heading = title if title[1:2].isupper() else title[0].upper() + title[1:]  # "gRPC server" stays
+            out += ["", f"**{heading}**" + (f": {note}" if note else ""), "",
                     "| Variable | Default | What it does |", "|---|---|---|"]
         doc = row.doc.replace("|", "\\|")
         out.append(f"| `MP4T_{row.name.upper()}` | `{row.default}` | {doc} |")
