@@ -280,10 +280,11 @@ class Phone:
         """What a running transcription costs each second: its progress write (and live event)
         and the watchdog's cancel/claim read (MP4T_PROGRESS_INTERVAL_S, MP4T_CANCEL_POLL_S = 1 s)."""
         from core import jobs
+        from storage.db import Transcription
         from workers import pipeline
 
         jobs.report_progress(job_id, msg, done_s, AUDIO_S, span=(5.0, 95.0))
-        assert pipeline._stop_reason(job_id, msg) is None
+        assert pipeline.stop_reason(Transcription, job_id, msg) is None
 
     def finish(self, job_id: str, msg: str) -> None:
         """stage_done with the transcript, finalize, and the phone reading the result."""

@@ -13,7 +13,7 @@ import dataclasses
 import datetime as dt
 from typing import Any
 
-from core import jobs, outbox, quotas, webhooks
+from core import jobs, leases, outbox, quotas, webhooks
 from core.jobs import LostClaim
 from mp4totext.contracts import ClaimOutcome, JobState
 from mp4totext.enhancements import ITEM_TERMINAL, EnhancementRequest, EnhancementState, TokenUsage
@@ -121,7 +121,7 @@ def claim(item_id: str, message_id: str, max_attempts: int, lease_s: float) -> I
         if item.cancel_requested:
             _end(item, job, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
             outcome = ClaimOutcome.CANCELLED
-        elif item.claim_message_id not in (None, message_id) and jobs._fresh(item.heartbeat_time, lease_s):
+        elif leases.held_elsewhere(item, message_id, lease_s):
             return ItemClaim(ClaimOutcome.SKIP, item, job)
         else:
             item.attempts += 1
@@ -132,8 +132,8 @@ def claim(item_id: str, message_id: str, max_attempts: int, lease_s: float) -> I
                      f"time){last}")
                 outcome = ClaimOutcome.EXHAUSTED
             else:
-                item.state, item.claim_message_id = EnhancementState.RUNNING, message_id
-                item.heartbeat_time = item.update_time = utcnow()
+                item.state = EnhancementState.RUNNING
+                leases.take(item, message_id)
                 item.start_time = item.start_time or utcnow()
                 item.save()
                 jobs._bump(job, f"{item.kind} attempt {item.attempts}")
@@ -258,20 +258,8 @@ def finish(item_id: str, message_id: str | None, state: str, reason: str = "", m
 def release_for_retry(item_id: str, message_id: str, error: str, outage: bool = False, ran_s: float = 0.0) -> None:
     """A transient failure: give the item back for the next delivery (an outage's attempt is not
     counted; the ``ran_s`` seconds this delivery ran are, toward the item's time limit)."""
-    with connection():
-        Enhancement.update(claim_message_id=None, error_message=error, update_time=utcnow(),
-                           run_seconds=Enhancement.run_seconds + max(0.0, ran_s),
-                           attempts=Enhancement.attempts - (1 if outage else 0)).where(
-            Enhancement.id == item_id, Enhancement.claim_message_id == message_id).execute()
-
-
-def heartbeat(item_id: str, message_id: str, older_than_s: float) -> None:
-    """Keep the claim fresh while one long request runs (the watchdog calls this)."""
-    now = utcnow()
-    with connection():
-        Enhancement.update(heartbeat_time=now).where(
-            Enhancement.id == item_id, Enhancement.claim_message_id == message_id,
-            Enhancement.heartbeat_time < now - dt.timedelta(seconds=older_than_s)).execute()
+    leases.release(Enhancement, item_id, message_id, uncount=outage, error_message=error,
+                   run_seconds=Enhancement.run_seconds + max(0.0, ran_s))
 
 
 def request_cancel(job_id: str) -> int:

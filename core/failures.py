@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from mp4totext.errors import WorkError  # noqa: F401 - the failure policy's error, for core and workers
 from storage import db, objects
 
 # Each adapter says which of its own errors mean "unreachable or overloaded right now":

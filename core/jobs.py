@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import peewee as pw
 
-from core import outbox, plan, quotas, runtime, usage, webhooks
+from core import leases, outbox, plan, quotas, runtime, usage, webhooks
 from core.items import items_of, settle_items
 from core.plan import STAGE_PERCENT
 from mp4totext.contracts import (
@@ -45,10 +45,6 @@ class Claim:
 
 def _for_update(query: pw.ModelSelect) -> pw.ModelSelect:
     return query.for_update() if isinstance(database.obj, pw.PostgresqlDatabase) else query
-
-
-def _fresh(heartbeat: dt.datetime | None, lease_s: float) -> bool:
-    return heartbeat is not None and (utcnow() - heartbeat).total_seconds() < lease_s
 
 
 def event_of(job: Transcription, heartbeat: bool = False, items: list[ItemStatus] | None = None) -> ProgressEvent:
@@ -117,15 +113,13 @@ def claim_media(media_id: str, message_id: str, max_attempts: int, lease_s: floa
             return Claim(ClaimOutcome.DONE, media)
         if media.state == MediaState.READY:
             return Claim(ClaimOutcome.PAST, media)
-        if media.claim_message_id not in (None, message_id) and _fresh(media.heartbeat_time, lease_s):
+        if leases.held_elsewhere(media, message_id, lease_s):
             return Claim(ClaimOutcome.SKIP, media)
         media.attempts += 1
         if media.attempts > max_attempts:
             media.save()
             return Claim(ClaimOutcome.EXHAUSTED, media)
-        media.claim_message_id = message_id
-        media.heartbeat_time = utcnow()
-        media.update_time = utcnow()
+        leases.take(media, message_id)
         media.save()
         return Claim(ClaimOutcome.RUN, media)
 
@@ -226,7 +220,7 @@ def claim_stage(job_id: str, stages: tuple[str, ...], running_stage: str, messag
         elif job.stage not in stages:
             ahead = plan.is_ahead(job.stage, running_stage)
             return Claim(ClaimOutcome.PAST if ahead else ClaimOutcome.SKIP, job)
-        elif job.claim_message_id not in (None, message_id) and _fresh(job.heartbeat_time, lease_s):
+        elif leases.held_elsewhere(job, message_id, lease_s):
             return Claim(ClaimOutcome.SKIP, job)
         else:
             job.attempts += 1
@@ -243,8 +237,7 @@ def claim_stage(job_id: str, stages: tuple[str, ...], running_stage: str, messag
             else:
                 job.state = JobState.RUNNING
                 job.stage = running_stage
-                job.claim_message_id = message_id
-                job.heartbeat_time = utcnow()
+                leases.take(job, message_id)
                 job.start_time = job.start_time or utcnow()
                 job.progress = max(job.progress, STAGE_PERCENT[running_stage])
                 _bump(job, detail=f"attempt {job.attempts}")
@@ -347,11 +340,7 @@ def release_for_retry(job_id: str, message_id: str, waiting_stage: str, error: s
 
 def release_media(media_id: str, message_id: str) -> None:
     """Preparing media met an outage: give it back without counting the attempt."""
-    with locked():
-        # The claim counted an attempt before the work started: take it back.
-        Media.update(attempts=Media.attempts - 1, claim_message_id=None, update_time=utcnow()).where(
-            Media.id == media_id, Media.claim_message_id == message_id, Media.state == MediaState.PROCESSING,
-            Media.attempts > 0).execute()
+    leases.release(Media, media_id, message_id, Media.state == MediaState.PROCESSING, uncount=True)
 
 
 def finish(job_id: str, state: str, reason: str = "", message: str = "", only_stage: str | None = None,

@@ -47,6 +47,15 @@ class BaseModel(pw.Model):
         legacy_table_names = False
 
 
+class Leased(BaseModel):
+    """The lease columns of every table whose rows a worker claims and runs (core.leases): a
+    Dramatiq message holds the row while ``heartbeat_time`` is fresh; ``attempts`` counts claims."""
+
+    attempts = pw.IntegerField(default=0)
+    claim_message_id = pw.CharField(max_length=64, null=True)
+    heartbeat_time = pw.DateTimeField(null=True)
+
+
 # A tenant's resources: idempotent creation (request_id), newest-first paging, listing by state.
 TENANT_INDEXES = ((("tenant", "request_id"), True), (("tenant", "create_time", "id"), False),
                   (("tenant", "state"), False))
@@ -71,7 +80,7 @@ class ApiKey(BaseModel):
     create_time = pw.DateTimeField(default=utcnow)
 
 
-class Media(BaseModel):
+class Media(Leased):
     id = pw.CharField(primary_key=True, max_length=32, default=new_id)
     tenant = pw.ForeignKeyField(Tenant, backref="media", on_delete="CASCADE")
     request_id = pw.CharField(max_length=128, null=True)
@@ -86,9 +95,6 @@ class Media(BaseModel):
     duration_s = pw.DoubleField(null=True)
     format_name = pw.CharField(max_length=255, default="")
     audio_codec = pw.CharField(max_length=64, default="")
-    attempts = pw.IntegerField(default=0)
-    claim_message_id = pw.CharField(max_length=64, null=True)
-    heartbeat_time = pw.DateTimeField(null=True)
     trace_context = JSONField(null=True)  # W3C carrier of the upload RPC (jobs continue its trace)
     owner = pw.CharField(max_length=128, default="")  # end user who created it ("" = the tenant's API key)
     create_time = pw.DateTimeField(default=utcnow)
@@ -98,7 +104,7 @@ class Media(BaseModel):
         indexes = TENANT_INDEXES
 
 
-class Transcription(BaseModel):
+class Transcription(Leased):
     id = pw.CharField(primary_key=True, max_length=32, default=new_id)
     tenant = pw.ForeignKeyField(Tenant, backref="transcriptions", on_delete="CASCADE")
     media = pw.ForeignKeyField(Media, backref="transcriptions", on_delete="CASCADE")
@@ -112,10 +118,7 @@ class Transcription(BaseModel):
     processed_s = pw.DoubleField(default=0.0)
     duration_s = pw.DoubleField(null=True)
     sequence = pw.BigIntegerField(default=1)
-    attempts = pw.IntegerField(default=0)
     total_attempts = pw.IntegerField(default=0)
-    claim_message_id = pw.CharField(max_length=64, null=True)
-    heartbeat_time = pw.DateTimeField(null=True)
     cancel_requested = pw.BooleanField(default=False)
     error_message = pw.TextField(default="")
     error_reason = pw.CharField(max_length=64, default="")
@@ -134,7 +137,7 @@ class Transcription(BaseModel):
         indexes = (*TENANT_INDEXES, (("media", "state"), False))
 
 
-class Enhancement(BaseModel):
+class Enhancement(Leased):
     """One AI item of a transcription (mp4totext.enhancements): a clean-up, a translation into one
     language, a summary or lecture notes, with its own state, usage and result."""
 
@@ -155,9 +158,6 @@ class Enhancement(BaseModel):
     requests = pw.IntegerField(default=0)  # requests sent, repairs and lost answers included
     chunks_done = pw.IntegerField(default=0)
     chunks_total = pw.IntegerField(default=0)
-    attempts = pw.IntegerField(default=0)
-    claim_message_id = pw.CharField(max_length=64, null=True)
-    heartbeat_time = pw.DateTimeField(null=True)
     cancel_requested = pw.BooleanField(default=False)
     run_seconds = pw.DoubleField(default=0.0)  # time its deliveries ran, summed (MP4T_AI_TIME_LIMIT_S bounds it)
     result = JSONField(null=True)
@@ -291,7 +291,7 @@ def is_outage(exc: BaseException) -> bool:
 def drop_broken_connection() -> None:
     """After an error: let go of this thread's connection if the server closed it, so the next
     statement gets a fresh one from the pool (psycopg2 marks a connection the server dropped)."""
-    if not database.is_closed() and getattr(database.connection(), "closed", 0):
+    if database.obj is not None and not database.is_closed() and getattr(database.connection(), "closed", 0):
         database.close()
 
 

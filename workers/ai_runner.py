@@ -1,30 +1,31 @@
 """The runner of AI items (actor ``enhance``, queue ``default``): claims an item for its message,
-runs the pure stage (workers.stages.enhance) with the stored chunks, and ends the item.
+runs the pure stage (workers.stages.enhance) with the stored chunks under the supervisor, and
+ends the item.
 
-Stopping is cooperative: a thread beside the item (``Stop``) renews its claim and notes a
-cancel, a lost claim or the time limit; the item checks before each request and after each
-stored chunk, and every request's timeout ends by the item's deadline. Nothing is raised inside
-the item's thread from outside, so an answer that arrives is always recorded (it was paid for)
-and a concurrency slot is always given back. The time limit is the item's: the time its
-deliveries ran, summed (a redelivery goes on with what is left; time waiting in the queue or
-for an LLM outage to pass does not count).
+Stopping is the supervisor's (workers.watchdog), as for job stages, with one difference: every
+"send a request, store and bill its answer" is a shielded section, so an answer that arrives is
+always recorded (it was paid for) and a concurrency slot is always given back; a cancel, a lost
+claim or the time limit found meanwhile stops the item when the section ends, or before its next
+request. Every request's timeout ends by the item's deadline. The watcher renews the item's
+claim. The time limit is the item's: the time its deliveries ran, summed (a redelivery goes on
+with what is left; time waiting in the queue or for an LLM outage to pass does not count).
 
-Failure policy, as for the optional job stages (workers.pipeline):
-- cancelled by the client (checked between chunks): CANCELLED;
+Failure policy (workers.supervisor.Policy), as for the optional job stages:
+- cancelled by the client: CANCELLED;
 - an outage of our own infrastructure: released uncounted, Dramatiq retries with backoff;
 - the LLM server unreachable, overloaded or failing after the client's own retries: released,
   retried by Dramatiq with backoff (at least the server's Retry-After) until the item's attempts
   reach ``MP4T_LLM_MAX_ATTEMPTS``; an outage shorter than ``MP4T_OUTAGE_BUDGET_S`` since the
   item last made progress counts no attempt;
-- an invalid answer after a repair, a refused request, the time limit: FAILED at once.
+- an invalid answer after a repair, a refused request (``LLMError``: not retryable), the time
+  limit: FAILED at once.
 A failed item never touches the transcript: the job stays SUCCEEDED and gets a warning.
 """
 from __future__ import annotations
 
 import functools
-import threading
 import time
-from typing import Any
+from typing import Any, ContextManager
 
 import dramatiq
 import structlog
@@ -32,18 +33,18 @@ from dramatiq.common import compute_backoff
 from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 
-from core import enhancements, runtime
-from core.failures import is_infrastructure
-from core.jobs import LostClaim
+from core import enhancements, leases, runtime
 from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, TranscriptResult
 from mp4totext.enhancements import KINDS, EnhancementKind, EnhancementState, TokenUsage
 from observability import tracing
-from storage.db import Enhancement, EnhancementChunk, connection, drop_broken_connection, utcnow
-from workers.pipeline import Cancelled, JobTimeout, finished, message_id
+from storage.db import Enhancement, EnhancementChunk, connection, utcnow
+from workers.pipeline import message_id, stop_reason
 from workers.stages import enhance
 from workers.stages import llm as llm_stage
-from workers.stages.llm import LLM, LLMConfigError, LLMDeadline, LLMError, LLMOutputError, transient
+from workers.stages.llm import LLM, LLMDeadline, transient
+from workers.supervisor import Cancelled, JobTimeout, Policy, supervise
+from workers.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -56,77 +57,33 @@ def llm_for(s: Settings) -> LLM:
     return LLM(s)
 
 
-class Stop:
-    """Cooperative stop of one item: a thread renews the claim every ``MP4T_CANCEL_POLL_S`` and
-    notes a cancel or a lost claim; ``check()`` (the item's thread, between steps) raises it, or
-    JobTimeout past the deadline. ``with Stop(...) as stop:`` runs the requests under the deadline."""
-
-    def __init__(self, item_id: str, msg_id: str, deadline: float, s: Settings) -> None:
-        self.item_id, self.msg_id, self.deadline, self.s = item_id, msg_id, deadline, s
-        self.reason: type[BaseException] | None = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="ai-item-stop", daemon=True)
-        self._deadline_cm = llm_stage.deadline(deadline)
-
-    def __enter__(self) -> "Stop":
-        self._thread.start()
-        self._deadline_cm.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._deadline_cm.__exit__(None, None, None)
-        self._done.set()
-        self._thread.join(timeout=10)
-
-    def _watch(self) -> None:
-        while not self._done.wait(self.s.cancel_poll_s):
-            try:  # the latest word: a cancel the client withdrew (asked again) no longer stops it
-                reason = _stop_reason(self.item_id, self.msg_id, self.s.lease_s)
-                self.reason = LostClaim if self.reason is LostClaim else reason
-            except Exception as exc:  # noqa: BLE001 - an outage: the item meets it itself
-                log.warning("ai_stop_check_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def check(self) -> None:
-        if self.reason is not None:
-            raise self.reason()
-        if time.monotonic() >= self.deadline:
-            raise JobTimeout()
-
-
 class StoredChunks:
     """``enhance.Chunks`` on the database: each answer saved with its usage as it arrives."""
 
-    def __init__(self, item_id: str, msg_id: str, model: str, stop: Stop) -> None:
-        self.item_id, self.msg_id, self.model, self.stop = item_id, msg_id, model, stop
+    def __init__(self, item_id: str, msg_id: str, model: str, dog: Watchdog) -> None:
+        self.item_id, self.msg_id, self.model, self.dog = item_id, msg_id, model, dog
         self.stored: dict[str, Any] = enhancements.stored_chunks(item_id)
+
+    def step(self) -> ContextManager[None]:
+        return self.dog.shield()
 
     def put(self, key: str, value: Any, usage: TokenUsage, done: int, total: int) -> None:
         if enhancements.save_chunk(self.item_id, self.msg_id, key, value, usage, self.model, done, total):
             raise Cancelled()
         self.stored[key] = value
-        self.stop.check()
+        self.dog.checkpoint()
 
     def progress(self, done: int, total: int) -> None:
         if enhancements.set_progress(self.item_id, self.msg_id, done, total):
             raise Cancelled()
-        self.stop.check()
+        self.dog.checkpoint()
 
     def request(self) -> None:
-        self.stop.check()
+        self.dog.checkpoint()
         enhancements.count_request(self.item_id, self.msg_id)
 
     def spent(self, usage: TokenUsage) -> None:
         enhancements.spend(self.item_id, self.msg_id, usage, self.model)
-
-
-def _stop_reason(item_id: str, msg_id: str, lease_s: float) -> type[BaseException] | None:
-    enhancements.heartbeat(item_id, msg_id, lease_s / 3)
-    with connection():
-        row = (Enhancement.select(Enhancement.cancel_requested, Enhancement.claim_message_id)
-               .where(Enhancement.id == item_id).first())
-    if row is None or row.claim_message_id != msg_id:
-        return LostClaim
-    return Cancelled if row.cancel_requested else None
 
 
 def _outage_budget_left(item_id: str, s: Settings) -> bool:
@@ -161,73 +118,77 @@ def run_enhancement(item_id: str) -> None:
         return
     item, job = claim.item, claim.job
     assert item is not None and job is not None
-    kind = EnhancementKind(item.kind)
-    result = TranscriptResult.from_json(job.result)
-    language = item.language or result.language or "en"
-    structlog.contextvars.bind_contextvars(job_id=job.id, tenant_id=job.tenant_id, kind=kind.value,
+    unit = _ItemUnit(item, TranscriptResult.from_json(job.result), msg_id, s)
+    structlog.contextvars.bind_contextvars(job_id=job.id, tenant_id=job.tenant_id, kind=unit.kind.value,
                                            attempt=item.attempts)
-    tracing.set_attributes(**{"mp4t.job_id": job.id, "mp4t.item_id": item_id, "mp4t.ai.kind": kind.value,
-                              "mp4t.ai.language": language, "mp4t.attempt": item.attempts, "mp4t.model": s.llm_model})
-    started = time.monotonic()
-    deadline = _deadline(started, item.run_seconds or 0.0, s)
-    try:
-        llm = llm_for(s)
-        budget = enhance.Budget(s.llm_context_tokens, s.llm_max_output_tokens)
-        with Stop(item_id, msg_id, deadline, s) as stop:
-            stop.check()  # a redelivery past the item's time limit does not start again
-            out = enhance.run(kind, result, language, llm, StoredChunks(item_id, msg_id, llm.model, stop), budget)
-    except BaseException as exc:  # noqa: BLE001 - classified below; Dramatiq's own exits re-raised there
-        if isinstance(exc, Exception) and not isinstance(exc, (Cancelled, LostClaim, JobTimeout)) and \
-                time.monotonic() >= deadline:
-            # whatever the last request did (its timeout was cut to the deadline), the item's time is up
-            exc = JobTimeout(f"last error: {type(exc).__name__}: {exc}")
-        _failed(item_id, msg_id, exc, item.attempts, s, started)
-        return
-    written_in = result.language if KINDS[kind].keeps_language else language  # e.g. a clean-up
-    enhancements.finish(item_id, msg_id, EnhancementState.SUCCEEDED, result=out, output_language=written_in)
-    finished("enhance", "succeeded", started, kind=kind.value, language=language, model=llm.model)
+    tracing.set_attributes(**{"mp4t.job_id": job.id, "mp4t.item_id": item_id, "mp4t.ai.kind": unit.kind.value,
+                              "mp4t.ai.language": unit.language, "mp4t.attempt": item.attempts,
+                              "mp4t.model": s.llm_model})
+    supervise(unit, s.cancel_poll_s)
 
 
-def _failed(item_id: str, msg_id: str, exc: BaseException, attempts: int, s: Settings, started: float) -> None:
-    if isinstance(exc, Cancelled):  # only while this message holds it (the client may have asked again since)
-        enhancements.finish(item_id, msg_id, EnhancementState.CANCELLED, "CANCELLED", "cancelled by the client")
-        finished("enhance", "cancelled", started)
-        return
-    if isinstance(exc, LostClaim):
-        finished("enhance", "lost_claim", started)
-        return
-    error = f"{type(exc).__name__}: {exc}"
-    ran = time.monotonic() - started
-    if isinstance(exc, (JobTimeout, LLMDeadline)):
-        final = "TIME_LIMIT", (f"the AI item ran longer than its time limit of {s.ai_time_limit_s} s "
-                               f"(MP4T_AI_TIME_LIMIT_S){'; ' + str(exc) if str(exc) else ''}")
-    elif isinstance(exc, LLMConfigError):
-        final = "CONTEXT_TOO_SMALL", str(exc)
-    elif isinstance(exc, LLMError):
-        final = "LLM_OUTPUT_INVALID" if isinstance(exc, LLMOutputError) else "LLM_REFUSED", str(exc)
-    elif is_infrastructure(exc):
-        drop_broken_connection()
-        enhancements.release_for_retry(item_id, msg_id, error, outage=True, ran_s=ran)
-        finished("enhance", "outage", started, level="warning", error=error, retrying=True)
-        raise exc
-    elif isinstance(exc, Exception) and transient(exc) and _outage_budget_left(item_id, s):
-        # the LLM server is down or overloaded: wait it out uncounted, as an outage of our own services
-        enhancements.release_for_retry(item_id, msg_id, error, outage=True, ran_s=ran)
-        finished("enhance", "llm_unavailable", started, level="warning", error=error, retrying=True)
-        raise _again(exc, s, _retries())
-    elif isinstance(exc, Exception) and attempts < s.llm_max_attempts:
-        enhancements.release_for_retry(item_id, msg_id, error, ran_s=ran)
-        finished("enhance", "error", started, level="warning", error=error, retrying=True)
-        raise _again(exc, s, _retries())
-    elif isinstance(exc, Exception):
-        why = "the LLM server could not be reached or kept failing" if transient(exc) else "it kept failing"
-        final = "ATTEMPTS_EXHAUSTED", f"{why} ({attempts} attempts); last error: {error}"
-    else:
-        raise exc  # Dramatiq's time limit or shutdown: the message is redelivered
-    reason, message = final
-    enhancements.finish(item_id, msg_id, EnhancementState.FAILED, reason, message)
-    tracing.set_attributes(**{"mp4t.error": message})
-    finished("enhance", reason.lower(), started, level="warning", error=message)
+class _ItemUnit:
+    """An AI item as the supervisor runs it (workers.supervisor.Unit)."""
+
+    stage = "enhance"
+
+    def __init__(self, item: Enhancement, result: TranscriptResult, msg_id: str, s: Settings) -> None:
+        self.item_id, self.msg_id, self.result, self.s = item.id, msg_id, result, s
+        self.kind = EnhancementKind(item.kind)
+        self.language = item.language or result.language or "en"
+        self.started = time.monotonic()
+        self.attempts, self.deadline = item.attempts, _deadline(self.started, item.run_seconds or 0.0, s)
+        self.model = s.llm_model
+        self.policy = Policy(
+            what="the AI item", max_attempts=s.llm_max_attempts, timeouts=(JobTimeout, LLMDeadline),
+            time_limit=f"the AI item ran longer than its time limit of {s.ai_time_limit_s} s (MP4T_AI_TIME_LIMIT_S)",
+            wait_out=self._llm_down, exhausted=_exhausted)
+
+    def _llm_down(self, exc: BaseException) -> str | None:
+        """The LLM server is down or overloaded: wait it out uncounted, as an outage of our own services."""
+        return "llm_unavailable" if transient(exc) and _outage_budget_left(self.item_id, self.s) else None
+
+    def stop_reason(self) -> type[BaseException] | None:
+        leases.heartbeat(Enhancement, self.item_id, self.msg_id, self.s.lease_s / 3)
+        return stop_reason(Enhancement, self.item_id, self.msg_id)
+
+    def run(self, dog: Watchdog) -> TranscriptResult:
+        llm = llm_for(self.s)
+        self.model = llm.model
+        budget = enhance.Budget(self.s.llm_context_tokens, self.s.llm_max_output_tokens)
+        with llm_stage.deadline(self.deadline):
+            dog.checkpoint()  # a redelivery past the item's time limit does not start again
+            chunks = StoredChunks(self.item_id, self.msg_id, llm.model, dog)
+            return enhance.run(self.kind, self.result, self.language, llm, chunks, budget)
+
+    def succeeded(self, out: TranscriptResult) -> tuple[str, dict[str, Any]]:
+        written_in = self.result.language if KINDS[self.kind].keeps_language else self.language  # e.g. a clean-up
+        enhancements.finish(self.item_id, self.msg_id, EnhancementState.SUCCEEDED, result=out,
+                            output_language=written_in)
+        return "succeeded", {"kind": self.kind.value, "language": self.language, "model": self.model}
+
+    def cancelled(self) -> None:  # only while this message holds it (the client may have asked again since)
+        enhancements.finish(self.item_id, self.msg_id, EnhancementState.CANCELLED, "CANCELLED",
+                            "cancelled by the client")
+
+    def failed(self, reason: str, message: str) -> bool:
+        enhancements.finish(self.item_id, self.msg_id, EnhancementState.FAILED, reason, message)
+        return False  # recorded on the item; the message is done
+
+    def release(self, error: str, counted: bool) -> None:
+        enhancements.release_for_retry(self.item_id, self.msg_id, error, outage=not counted,
+                                       ran_s=time.monotonic() - self.started)
+
+    def gone(self) -> bool:
+        return False  # a deleted item is a lost claim
+
+    def retry(self, exc: BaseException) -> BaseException:
+        return _again(exc, self.s, _retries()) if isinstance(exc, Exception) else exc
+
+
+def _exhausted(exc: BaseException, attempts: int) -> str:
+    why = "the LLM server could not be reached or kept failing" if transient(exc) else "it kept failing"
+    return f"{why} ({attempts} attempts); last error: {type(exc).__name__}: {exc}"
 
 
 def _again(exc: Exception, s: Settings, retries: int) -> BaseException:

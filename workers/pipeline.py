@@ -1,20 +1,15 @@
-"""The stage runner: the one place that runs a pipeline stage for a Dramatiq message.
+"""The stage runner: runs a pipeline stage for a Dramatiq message, under the supervisor.
 
-For a job stage it claims the job for this message, binds log and trace context, applies the
-deadline, throttled progress and cancellation, runs the stage, classifies a failure, records
-metrics and the canonical log line (``stage_finished``), saves the result and enqueues the
-next stage (``core.plan``). A stage is a short declaration (``workers.actors``) around a
-pure function (``workers.stages``).
+For a job stage it claims the job for this message, binds log and trace context, builds the
+unit (deadline, throttled progress, cancellation, the stage's failure policy) that
+``workers.supervisor`` runs, saves the result and enqueues the next stage (``core.plan``). A
+stage is a short declaration (``workers.actors``) around a pure function (``workers.stages``).
 
-How a failure is classified:
-- cancelled by the client: the job ends CANCELLED;
-- lost claim (deleted, cancelled or taken over while running): nothing more to do;
-- over its time limit, or one of the stage's ``permanent`` errors (bad media, no pipeline):
-  retrying cannot help, the failure is final at once;
-- anything else is transient: the job is released and Dramatiq retries the message with
-  backoff, until the job's attempts reach ``max_attempts`` (then final: ATTEMPTS_EXHAUSTED).
-A final failure fails the job, unless the stage is optional: then the job keeps its work and
-goes on without the stage, with a warning (``Skip``).
+A stage's failures follow ``workers.supervisor.Policy``: errors that say they are not retryable
+(bad media, no pipeline) or the stage's ``permanent`` classes and the time limit are final at
+once; an outage is retried uncounted; anything else is retried until the job's attempts reach
+``max_attempts``. A final failure fails the job, unless the stage is optional: then the job
+keeps its work and goes on without the stage, with a warning (``Skip``).
 """
 from __future__ import annotations
 
@@ -27,31 +22,22 @@ from typing import Any, Callable
 import numpy as np
 import structlog
 from dramatiq.middleware import CurrentMessage
-from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from core import jobs, outbox, plan, runtime
-from core.failures import is_infrastructure
+from core import jobs, leases, outbox, plan, runtime
+from core.leases import Holder
 from mp4totext.config import Settings
 from mp4totext.contracts import ClaimOutcome, JobConfig, JobState, Stage, TranscriptResult
 from observability import metrics, tracing
-from storage.db import Media, Transcription, connection, drop_broken_connection
+from storage.db import Leased, Media, Transcription, connection
 from storage.objects import ObjectStore, audio_key
-from workers.stages.media import SAMPLE_RATE, MediaError, load_wav
+from workers.stages.media import SAMPLE_RATE, load_wav
+from workers.supervisor import Cancelled, JobFailed, JobTimeout, Policy, finished, supervise
 from workers.watchdog import Watchdog
 
+__all__ = ["Cancelled", "JobFailed", "JobTimeout", "Output", "Skip", "StageRun", "JobStage", "run_job_stage",
+           "run_media_stage", "finalize", "finished", "message_id", "processed"]
+
 log = structlog.get_logger(__name__)
-
-
-class JobFailed(Exception):
-    """Permanent failure already recorded on the job or media: not retried, message dead-lettered."""
-
-
-class Cancelled(Exception):
-    """The client cancelled the job while a stage ran it."""
-
-
-class JobTimeout(Exception):
-    """The stage ran past its deadline (checked at every progress report)."""
 
 
 def message_id() -> str:
@@ -76,13 +62,6 @@ def progress_hook(deadline: float, interval_s: float,
             raise Cancelled()
 
     return hook
-
-
-def finished(stage: str, outcome: str, started: float, level: str = "info", **fields: Any) -> None:
-    """Metrics and the canonical log line of one run of a stage."""
-    elapsed = time.monotonic() - started
-    metrics.STAGE_DURATION.labels(stage, outcome).observe(elapsed)
-    getattr(log, level)("stage_finished", outcome=outcome, duration_s=round(elapsed, 3), **fields)
 
 
 def processed(stage: str, model: str, media_s: float, elapsed: float) -> float:
@@ -200,23 +179,62 @@ def run_job_stage(spec: JobStage, job_id: str) -> None:
         job_id, msg_id, done_s, run.audio_s or job.duration_s or 0.0, span=span))
     run.on_fraction = progress_hook(deadline, s.progress_interval_s, lambda fraction: jobs.report_progress(
         job_id, msg_id, job.processed_s, job.duration_s or 0.0, span=span, fraction=fraction))
-    try:
-        with Watchdog(deadline, lambda: _stop_reason(job_id, msg_id), s.cancel_poll_s, timeout=JobTimeout):
-            out = spec.run(run)
-    except (Exception, TimeLimitExceeded) as exc:
-        _failed(spec, run, exc, msg_id, started)
-        return
-    _succeeded(spec, run, out, msg_id, started)
+    supervise(_JobStageUnit(spec, run, msg_id, started, deadline), s.cancel_poll_s)
 
 
-def _stop_reason(job_id: str, msg_id: str) -> type[BaseException] | None:
-    """Why a running stage must stop now (the watchdog asks every cancel_poll_s), or None."""
-    with connection():
-        row = (Transcription.select(Transcription.cancel_requested, Transcription.claim_message_id)
-               .where(Transcription.id == job_id).first())
-    if row is None or row.claim_message_id != msg_id:
+def stop_reason(model: type[Leased], row_id: str, msg_id: str) -> type[BaseException] | None:
+    """Why running work on the row must stop now (the watchdog asks every cancel_poll_s), or None."""
+    holder = leases.holder(model, row_id, msg_id)
+    if holder is Holder.LOST:
         return jobs.LostClaim  # deleted, or taken over after our lease ran out
-    return Cancelled if row.cancel_requested else None
+    return Cancelled if holder is Holder.CANCEL else None
+
+
+class _JobStageUnit:
+    """A job stage as the supervisor runs it (workers.supervisor.Unit)."""
+
+    def __init__(self, spec: JobStage, run: StageRun, msg_id: str, started: float, deadline: float) -> None:
+        s = run.settings
+        self.spec, self.job, self.msg_id, self.started, self.s = spec, run.job, msg_id, started, s
+        self.stage_run, self.stage, self.attempts, self.deadline = run, spec.actor, run.job.attempts, deadline
+        self.policy = Policy(what=spec.what, max_attempts=s.max_attempts, final=spec.permanent,
+                             time_limit=f"{spec.what} exceeded the time limit of {spec.time_limit_s(s)} s")
+
+    def stop_reason(self) -> type[BaseException] | None:
+        return stop_reason(Transcription, self.job.id, self.msg_id)
+
+    def run(self, _dog: Watchdog) -> Output:
+        return self.spec.run(self.stage_run)
+
+    def succeeded(self, out: Output) -> tuple[str, dict[str, Any]] | None:
+        nxt = plan.next_stage(self.job.config, self.spec.stage)
+        with outbox.sending():
+            if jobs.stage_done(self.job.id, self.msg_id, nxt, result=out.result.to_json(), **out.fields) is None:
+                return None
+        fields = dict(out.log)
+        model = fields.pop("model", None) or self.spec.model(self.s)  # the model that ran, where the stage chose one
+        rtf = processed(self.spec.actor, model, out.media_s, time.monotonic() - self.started)
+        tracing.set_attributes(**{"mp4t.rtf": round(rtf, 4)})
+        return self.spec.done, dict(media_duration_s=round(out.media_s, 3), rtf=round(rtf, 4), model=model, **fields)
+
+    def cancelled(self) -> None:
+        jobs.finish(self.job.id, JobState.CANCELLED, reason="CANCELLED", message="cancelled by the client")
+
+    def failed(self, reason: str, message: str) -> bool:
+        if self.spec.optional is not None:
+            _skip(self.spec, self.job.id, self.msg_id, message)
+            return False
+        jobs.finish(self.job.id, JobState.FAILED, reason=reason, message=message, message_id=self.msg_id)
+        return True
+
+    def release(self, error: str, counted: bool) -> None:
+        jobs.release_for_retry(self.job.id, self.msg_id, self.spec.accepts[0], error, outage=not counted)
+
+    def gone(self) -> bool:
+        return False  # a deleted job is a lost claim
+
+    def retry(self, exc: BaseException) -> BaseException:
+        return exc
 
 
 def _claimed(spec: JobStage, claim: jobs.Claim, job_id: str, s: Settings) -> Transcription | None:
@@ -235,71 +253,12 @@ def _claimed(spec: JobStage, claim: jobs.Claim, job_id: str, s: Settings) -> Tra
     return None
 
 
-def _permanent(spec: JobStage, exc: BaseException, s: Settings) -> tuple[str, str] | None:
-    """(reason, message) of a failure retrying cannot fix, or None for a transient one."""
-    if isinstance(exc, (JobTimeout, TimeLimitExceeded)):
-        return "TIME_LIMIT", f"{spec.what} exceeded the time limit of {spec.time_limit_s(s)} s"
-    for cls, reason in spec.permanent:
-        if isinstance(exc, cls):
-            return reason, str(exc)
-    return None
-
-
-def _failed(spec: JobStage, run: StageRun, exc: BaseException, msg_id: str, started: float) -> None:
-    job, s = run.job, run.settings
-    if isinstance(exc, Cancelled):
-        jobs.finish(job.id, JobState.CANCELLED, reason="CANCELLED", message="cancelled by the client")
-        finished(spec.actor, "cancelled", started)
-        return
-    if isinstance(exc, jobs.LostClaim):
-        finished(spec.actor, "lost_claim", started)
-        return
-    error = f"{type(exc).__name__}: {exc}"
-    if is_infrastructure(exc):
-        drop_broken_connection()
-        jobs.release_for_retry(job.id, msg_id, spec.accepts[0], error, outage=True)
-        finished(spec.actor, "outage", started, level="warning", error=error, retrying=True)
-        raise exc  # Dramatiq retries it with backoff; the attempt was not counted
-    final = _permanent(spec, exc, s)
-    if final is None:
-        if job.attempts < s.max_attempts:
-            jobs.release_for_retry(job.id, msg_id, spec.accepts[0], error)
-            finished(spec.actor, "error", started, level="warning", error=error, retrying=True)
-            raise exc
-        final = "ATTEMPTS_EXHAUSTED", f"{spec.what} failed {job.attempts} times; last error: {error}"
-    reason, message = final
-    tracing.set_attributes(**{"mp4t.error": message})
-    if spec.optional is not None:
-        _skip(spec, job.id, msg_id, message)
-        finished(spec.actor, reason.lower(), started, level="warning", error=message)
-        return
-    jobs.finish(job.id, JobState.FAILED, reason=reason, message=message, message_id=msg_id)
-    finished(spec.actor, reason.lower(), started, level="warning", error=message)
-    raise JobFailed(message) from exc
-
-
 def _skip(spec: JobStage, job_id: str, msg_id: str | None, error: str) -> None:
     """An optional stage failed for good: the job keeps its work and goes on to the next stage."""
     assert spec.optional is not None
     with outbox.sending():
         jobs.skip_stage(job_id, msg_id, spec.stage, mark=lambda r: spec.optional.mark(r, error),
                         warning=f"{spec.optional.warning}: {error}", detail=spec.optional.detail)
-
-
-def _succeeded(spec: JobStage, run: StageRun, out: Output, msg_id: str, started: float) -> None:
-    job, s = run.job, run.settings
-    nxt = plan.next_stage(job.config, spec.stage)
-    with outbox.sending():
-        done = jobs.stage_done(job.id, msg_id, nxt, result=out.result.to_json(), **out.fields)
-    if done is None:
-        finished(spec.actor, "lost_claim", started)
-        return
-    log = dict(out.log)
-    model = log.pop("model", None) or spec.model(s)  # the model that ran, where the stage chose one
-    rtf = processed(spec.actor, model, out.media_s, time.monotonic() - started)
-    tracing.set_attributes(**{"mp4t.rtf": round(rtf, 4)})
-    finished(spec.actor, spec.done, started, media_duration_s=round(out.media_s, 3), rtf=round(rtf, 4),
-             model=model, **log)
 
 
 # ---------------------------------------------------------------- media preparation
@@ -320,18 +279,11 @@ def start_waiting_jobs(media_id: str) -> None:
         jobs.jobs_to_start(media_id)
 
 
-def _deleted(media_id: str) -> bool:
-    try:
-        return not jobs.media_exists(media_id)
-    except Exception:  # noqa: BLE001 - the database is out: the caller handles its own error
-        return False
-
-
 def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMedia], media_id: str) -> None:
     """Run ``prepare`` for ``media_id`` as the current message, then start the jobs waiting for it.
 
-    ``MediaError`` is permanent (the media and its jobs FAIL); anything else is retried by
-    Dramatiq until the media's attempts reach ``max_attempts``.
+    ``MediaError`` is final (the media and its jobs FAIL); anything else is retried by Dramatiq
+    until the media's attempts reach ``max_attempts`` (an outage uncounted).
     """
     rt = runtime.get()
     s = rt.settings
@@ -353,35 +305,67 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
     log.info("stage_started")
     tracing.set_attributes(**{"mp4t.media_id": media_id, "mp4t.tenant_id": media.tenant_id,
                               "mp4t.attempt": media.attempts, "mp4t.media.size_bytes": media.size_bytes})
-    started = time.monotonic()
-    try:
-        out = prepare(media, s, rt.store)
-    except MediaError as exc:
-        jobs.media_failed(media_id, str(exc))
-        tracing.set_attributes(**{"mp4t.error": str(exc)})
-        finished("prepare_media", "media_invalid", started, error=str(exc))
-        raise JobFailed(str(exc)) from exc
-    except Exception as exc:
-        if _deleted(media_id):  # deleted under us (its original is gone): nothing to retry
-            rt.store.delete(audio_key(media.tenant_id, media_id))
-            finished("prepare_media", "deleted", started, error=f"{type(exc).__name__}: {exc}")
-            return
-        if not is_infrastructure(exc):
-            raise  # retried by Dramatiq; the attempt counts
-        drop_broken_connection()
-        jobs.release_media(media_id, msg_id)
-        finished("prepare_media", "outage", started, level="warning", error=f"{type(exc).__name__}: {exc}")
-        raise  # Dramatiq retries it with backoff; the attempt was not counted
-    if jobs.media_ready(media_id, msg_id, duration_s=out.duration_s, format_name=out.format_name,
-                        audio_codec=out.audio_codec, audio_key=out.audio_key):
-        start_waiting_jobs(media_id)
-    elif not jobs.media_exists(media_id):  # deleted while we prepared it: deleted means gone
-        rt.store.delete(out.audio_key)
-        finished("prepare_media", "deleted", started)
-        return
-    rtf = processed("prepare_media", "ffmpeg", out.duration_s, time.monotonic() - started)
-    tracing.set_attributes(**{"mp4t.media.duration_s": round(out.duration_s, 3), "mp4t.rtf": round(rtf, 4)})
-    finished("prepare_media", "ready", started, media_duration_s=round(out.duration_s, 3))
+    supervise(_MediaUnit(prepare, media, msg_id, rt.store, s), s.cancel_poll_s)
+
+
+class _MediaUnit:
+    """Preparing an uploaded file as the supervisor runs it (workers.supervisor.Unit)."""
+
+    stage = "prepare_media"
+    MARGIN_S = 60  # ffmpeg's own timeout (MP4T_PREPARE_TIME_LIMIT_S) comes first, with its own message
+
+    def __init__(self, prepare: Callable[[Media, Settings, ObjectStore], PreparedMedia], media: Media, msg_id: str,
+                 store: ObjectStore, s: Settings) -> None:
+        self.prepare, self.media, self.msg_id, self.store, self.s = prepare, media, msg_id, store, s
+        self.started = time.monotonic()
+        self.attempts, self.deadline = media.attempts, self.started + s.prepare_time_limit_s + self.MARGIN_S
+        self.policy = Policy(
+            what="preparing the media", max_attempts=s.max_attempts,
+            time_limit=f"preparing the media exceeded the time limit of {s.prepare_time_limit_s} s",
+            exhausted=lambda exc, n: f"processing this file was attempted {n} times and never finished; "
+                                     f"last error: {type(exc).__name__}: {exc}")
+
+    def stop_reason(self) -> type[BaseException] | None:
+        leases.heartbeat(Media, self.media.id, self.msg_id, self.s.lease_s / 3)
+        return stop_reason(Media, self.media.id, self.msg_id)
+
+    def run(self, _dog: Watchdog) -> PreparedMedia:
+        return self.prepare(self.media, self.s, self.store)
+
+    def succeeded(self, out: PreparedMedia) -> tuple[str, dict[str, Any]] | None:
+        if jobs.media_ready(self.media.id, self.msg_id, duration_s=out.duration_s, format_name=out.format_name,
+                            audio_codec=out.audio_codec, audio_key=out.audio_key):
+            start_waiting_jobs(self.media.id)
+        elif not jobs.media_exists(self.media.id):  # deleted while we prepared it: deleted means gone
+            self.store.delete(out.audio_key)
+            return "deleted", {}
+        rtf = processed("prepare_media", "ffmpeg", out.duration_s, time.monotonic() - self.started)
+        tracing.set_attributes(**{"mp4t.media.duration_s": round(out.duration_s, 3), "mp4t.rtf": round(rtf, 4)})
+        return "ready", {"media_duration_s": round(out.duration_s, 3)}
+
+    def cancelled(self) -> None:  # media is not cancelled; its jobs are
+        pass
+
+    def failed(self, reason: str, message: str) -> bool:
+        jobs.media_failed(self.media.id, message)
+        return True
+
+    def release(self, error: str, counted: bool) -> None:
+        if not counted:  # a counted retry keeps the claim: Dramatiq redelivers the same message id
+            jobs.release_media(self.media.id, self.msg_id)
+
+    def gone(self) -> bool:
+        """Deleted under us (its original is gone): nothing to retry."""
+        try:
+            deleted = not jobs.media_exists(self.media.id)
+        except Exception:  # noqa: BLE001 - the database is out: the outage is handled as one
+            return False
+        if deleted:
+            self.store.delete(audio_key(self.media.tenant_id, self.media.id))
+        return deleted
+
+    def retry(self, exc: BaseException) -> BaseException:
+        return exc
 
 
 # ---------------------------------------------------------------- the last step

@@ -1,20 +1,26 @@
-"""Hold a running stage to its time limit and to the client's cancel, whatever the audio.
+"""Hold running work to its time limit, to the client's cancel and to its lease, whatever it does.
 
-The stage's own progress callback only runs when the model emits something: six minutes of
-noise with VAD off emitted nothing for over a minute, and Dramatiq's time-limit watchdog only
-runs under its in-memory broker. This watchdog is a thread beside the stage: every
-``poll_s`` it checks the deadline and the job's row (cancel requested, deleted) and, when the
-stage must stop, raises the matching exception inside the stage's thread (as Dramatiq's
-TimeLimit does), which happens at the next Python bytecode the stage runs: within one model
-window (seconds). It is armed only while the stage's own code runs, and a pending exception
-is never left behind for the code after it.
+A stage's own progress callback only runs when the model emits something: six minutes of noise
+with VAD off emitted nothing for over a minute, and Dramatiq's time-limit watchdog only runs
+under its in-memory broker. This watchdog is a thread beside the work: every ``poll_s`` it checks
+the deadline and the work's row (cancel requested, lease lost; the check may renew the lease) and,
+when the work must stop, raises the matching exception inside the work's thread (as Dramatiq's
+TimeLimit does), which happens at the next Python bytecode it runs: within one model window.
+
+Work that must not be cut in the middle runs in a shielded section (``with dog.shield():``, e.g.
+"send this request, store and bill its answer": an answer that arrives was paid for and is
+recorded, a concurrency slot is always given back). Inside it nothing is raised from outside: the
+reason waits (the latest word of the check: a cancel withdrawn meanwhile no longer stops it) and
+is raised when the section ends, or at a ``checkpoint()`` the section calls between its own steps.
+It is armed only while the work's own code runs, and a pending exception is never left behind.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import structlog
 
@@ -27,17 +33,20 @@ def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
 
 
 class Watchdog:
-    """``with Watchdog(deadline, check, poll_s, timeout=JobTimeout): run()``.
+    """``with Watchdog(deadline, check, poll_s, timeout=JobTimeout) as dog: run()``.
 
-    ``check()`` returns the exception class to stop the stage with (cancelled, claim lost), or
+    ``check()`` returns the exception class to stop the work with (cancelled, claim lost), or
     None; it runs on the watchdog thread (its own database connection); its errors are logged
-    and ignored (the stage meets an outage itself).
+    and ignored (the work meets an outage itself).
     """
 
     def __init__(self, deadline: float, check: Callable[[], type[BaseException] | None], poll_s: float,
-                 timeout: type[BaseException]) -> None:
+                 timeout: type[BaseException], sticky: tuple[type[BaseException], ...] = ()) -> None:
         self.deadline, self.check, self.poll_s, self.timeout = deadline, check, poll_s, timeout
+        self.sticky = sticky  # reasons a later check cannot take back (a lost lease stays lost)
         self.fired: type[BaseException] | None = None
+        self._pending: type[BaseException] | None = None  # found while shielded
+        self._shielded = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._target = threading.get_ident()
@@ -47,21 +56,54 @@ class Watchdog:
         self._thread.start()
         return self
 
+    def _reason(self) -> type[BaseException] | None:
+        if time.monotonic() >= self.deadline:
+            return self.timeout
+        try:
+            return self.check()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("watchdog_check_failed", error=f"{type(exc).__name__}: {exc}")
+            return self._pending  # nothing new learnt
+
     def _watch(self) -> None:
         while not self._stop.wait(min(self.poll_s, max(0.0, self.deadline - time.monotonic()))):
-            reason: type[BaseException] | None = self.timeout if time.monotonic() >= self.deadline else None
-            if reason is None:
-                try:
-                    reason = self.check()
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("watchdog_check_failed", error=f"{type(exc).__name__}: {exc}")
-            if reason is not None:
-                with self._lock:
-                    if self._stop.is_set():
-                        return
+            reason = self._reason()
+            with self._lock:
+                if self._stop.is_set() or self.fired is not None:
+                    return
+                if self._shielded:  # held until the section ends; the latest word counts
+                    if not (self._pending is not None and issubclass(self._pending, self.sticky)):
+                        self._pending = reason
+                    continue
+                reason = self._pending or reason
+                if reason is not None:
                     self.fired = reason
                     _raise_in(self._target, reason)
+                    return
+
+    @contextlib.contextmanager
+    def shield(self) -> Iterator[None]:
+        """Run the body with nothing raised into it from outside; a stop found meanwhile is raised
+        when it ends (unless the body raised already)."""
+        with self._lock:
+            self._shielded += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._shielded -= 1
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Raise, here and now, a stop that was found while shielded, or the timeout past the deadline."""
+        with self._lock:
+            reason = self._pending
+            if reason is None and time.monotonic() >= self.deadline:
+                reason = self.timeout
+            if reason is None or self.fired is not None:
                 return
+            self.fired, self._pending = reason, None
+        raise reason()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         with self._lock:

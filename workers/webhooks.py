@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import ipaddress
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -22,6 +23,8 @@ from core import runtime, webhooks
 from core.queue import enqueue
 from mp4totext.config import Settings
 from observability import tracing
+from workers.supervisor import Policy, supervise
+from workers.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
 
@@ -83,19 +86,62 @@ def _send(attempt: webhooks.Attempt, target: webhooks.Target, s: Settings) -> tu
 def deliver(delivery_id: str) -> None:
     """The actor: claim the delivery if it is due, POST once, record the answer, schedule the next."""
     s = runtime.get().settings
-    structlog.contextvars.bind_contextvars(delivery_id=delivery_id)
-    attempt = webhooks.claim(delivery_id, lease_s=2 * s.webhook_timeout_s + 30)
+    structlog.contextvars.bind_contextvars(delivery_id=delivery_id, stage=webhooks.ACTOR)
+    lease_s = 2 * s.webhook_timeout_s + 30
+    attempt = webhooks.claim(delivery_id, lease_s=lease_s)
     if attempt is None:
         return
-    with tracing.stage_span("webhook POST", **{"mp4t.webhook.attempt": attempt.attempt}):
-        started = time.monotonic()
-        status, error = post(attempt, s)
-    outcome = webhooks.complete(attempt, status, error, webhooks.retry_schedule(s.webhook_retry_schedule_s))
-    log.info("webhook_attempt", endpoint_id=attempt.endpoint_id, webhook_id=attempt.msg_id, attempt=attempt.attempt,
-             status=status, error=error or None, seconds=round(time.monotonic() - started, 3),
-             state=outcome.state if outcome else None, retry_in_s=outcome.retry_in_s if outcome else None)
-    if outcome is not None and outcome.retry_in_s is not None and outcome.retry_in_s <= MAX_MESSAGE_DELAY_S:
-        enqueue(webhooks.ACTOR, delivery_id, webhooks.PRIORITY, delay_ms=int(outcome.retry_in_s * 1000) + 50)
+    supervise(_DeliveryUnit(attempt, lease_s, s), s.cancel_poll_s)
+
+
+class _DeliveryUnit:
+    """One HTTP attempt as the supervisor runs it (workers.supervisor.Unit). The delivery's own
+    schedule (core.webhooks) decides its retries; the supervisor handles what goes wrong around
+    the POST (the database out while the answer is recorded: retried uncounted)."""
+
+    stage = webhooks.ACTOR
+
+    def __init__(self, attempt: webhooks.Attempt, lease_s: float, s: Settings) -> None:
+        self.attempt, self.s = attempt, s
+        self.attempts, self.deadline = attempt.attempt, time.monotonic() + lease_s  # its claim runs out then
+        self.policy = Policy(what="the webhook attempt", max_attempts=s.max_attempts,
+                             time_limit=f"the webhook attempt ran longer than its lease of {lease_s:g} s")
+
+    def stop_reason(self) -> None:
+        return None  # nothing cancels one attempt; the deadline bounds it
+
+    def run(self, _dog: Watchdog) -> tuple[int, str, webhooks.Outcome | None, float]:
+        with tracing.stage_span("webhook POST", **{"mp4t.webhook.attempt": self.attempt.attempt}):
+            started = time.monotonic()
+            status, error = post(self.attempt, self.s)
+        outcome = webhooks.complete(self.attempt, status, error,
+                                    webhooks.retry_schedule(self.s.webhook_retry_schedule_s))
+        if outcome is not None and outcome.retry_in_s is not None and outcome.retry_in_s <= MAX_MESSAGE_DELAY_S:
+            enqueue(webhooks.ACTOR, self.attempt.delivery_id, webhooks.PRIORITY,
+                    delay_ms=int(outcome.retry_in_s * 1000) + 50)
+        return status, error, outcome, time.monotonic() - started
+
+    def succeeded(self, out: tuple[int, str, webhooks.Outcome | None, float]) -> tuple[str, dict[str, Any]]:
+        status, error, outcome, seconds = out
+        return (outcome.state.lower() if outcome else "superseded"), {
+            "endpoint_id": self.attempt.endpoint_id, "webhook_id": self.attempt.msg_id,
+            "attempt": self.attempt.attempt, "status": status, "error": error or None, "seconds": round(seconds, 3),
+            "retry_in_s": outcome.retry_in_s if outcome else None}
+
+    def cancelled(self) -> None:
+        pass
+
+    def failed(self, reason: str, message: str) -> bool:
+        return False  # its claim runs out; the maintenance sweep sends it again (requeue_due)
+
+    def release(self, error: str, counted: bool) -> None:
+        pass  # the same message claims it again (core.webhooks.claim)
+
+    def gone(self) -> bool:
+        return False
+
+    def retry(self, exc: BaseException) -> BaseException:
+        return exc
 
 
 def requeue_due() -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from core.registry import DIARIZATION_HOW_TO as HOW_TO
 from mp4totext.contracts import DiarizationInfo, DiarizationState, Segment, SpeakerSummary, TranscriptResult, Word
+from mp4totext.errors import WorkError
 from workers.stages import known_speakers
 from workers.stages.media import SAMPLE_RATE
 
@@ -29,8 +30,11 @@ class Turn:
     speaker: str
 
 
-class DiarizationUnavailable(RuntimeError):
-    """No pipeline can be loaded here (an operator problem; the message says how to fix it)."""
+class DiarizationUnavailable(WorkError, RuntimeError):
+    """No pipeline can be loaded here (an operator problem; the message says how to fix it):
+    retrying on this worker will not help."""
+
+    reason, retryable = "UNAVAILABLE", False
 
 
 # The built-in pretrained pipeline (pyannote segmentation-3.0 + CAM++ embeddings), no network needed.

@@ -19,11 +19,12 @@ message and the system prompt says so.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import json
 import re
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 from pydantic import BaseModel
 
@@ -73,6 +74,14 @@ class Chunks(Protocol):
     def request(self) -> None: ...
 
     def spent(self, usage: TokenUsage) -> None: ...
+
+    # Optional: ``step()``, a context manager around "send a request, store and bill its answer"
+    # (the runner's shielded section: nothing stops the item in the middle of it).
+
+
+def _step(chunks: Chunks) -> ContextManager[Any]:
+    step = getattr(chunks, "step", None)
+    return step() if step is not None else contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,36 +192,37 @@ def _segments(kind: EnhancementKind, result: TranscriptResult, language: str, ll
     chunks.progress(done, total)
     while queue:
         group = queue.pop(0)
-        ids = [line.id for line in group]
-        block = json.dumps({str(line.id): line.text for line in group}, ensure_ascii=False, indent=0)
-        user = f"{task}\n<segments>\n{block}\n</segments>"
-        prompt = overhead + sum(line.tokens for line in group)
-        if len(group) == 1 and budget.output_for(prompt) < group[0].tokens:
-            raise LLMConfigError(f"segment {group[0].id} alone needs about {2 * group[0].tokens} tokens with its "
-                                 f"answer; the context window (MP4T_LLM_CONTEXT_TOKENS={budget.context}) is too "
-                                 "small for it: raise it (or MP4T_LLM_MAX_OUTPUT_TOKENS)")
-        try:
-            answer = llm.ask_json(SYSTEM, user, "segments", segment_texts_schema(ids),
-                                  _checker(ids, blank_ok=spec.keeps_language),
-                                  budget.output_for(prompt), on_request=chunks.request, shorten=False,
-                                  on_usage=chunks.spent)
-        except LLMOutputError as exc:
-            if len(group) == 1 and not spec.keeps_language and "are empty" in str(exc):
-                # a sound or a filler the model will not translate: the segment keeps its own text
-                # (one segment left as it was beats failing the whole translation)
-                done += 1
-                chunks.put(_key("seg", group), {str(group[0].id): group[0].text}, TokenUsage(), done, total)
-                texts[group[0].id] = group[0].text
+        with _step(chunks):  # the request, the answer stored with its usage
+            ids = [line.id for line in group]
+            block = json.dumps({str(line.id): line.text for line in group}, ensure_ascii=False, indent=0)
+            user = f"{task}\n<segments>\n{block}\n</segments>"
+            prompt = overhead + sum(line.tokens for line in group)
+            if len(group) == 1 and budget.output_for(prompt) < group[0].tokens:
+                raise LLMConfigError(f"segment {group[0].id} alone needs about {2 * group[0].tokens} tokens with its "
+                                     f"answer; the context window (MP4T_LLM_CONTEXT_TOKENS={budget.context}) is too "
+                                     "small for it: raise it (or MP4T_LLM_MAX_OUTPUT_TOKENS)")
+            try:
+                answer = llm.ask_json(SYSTEM, user, "segments", segment_texts_schema(ids),
+                                      _checker(ids, blank_ok=spec.keeps_language),
+                                      budget.output_for(prompt), on_request=chunks.request, shorten=False,
+                                      on_usage=chunks.spent)
+            except LLMOutputError as exc:
+                if len(group) == 1 and not spec.keeps_language and "are empty" in str(exc):
+                    # a sound or a filler the model will not translate: the segment keeps its own text
+                    # (one segment left as it was beats failing the whole translation)
+                    done += 1
+                    chunks.put(_key("seg", group), {str(group[0].id): group[0].text}, TokenUsage(), done, total)
+                    texts[group[0].id] = group[0].text
+                    continue
+                if len(group) == 1:
+                    raise
+                half = len(group) // 2
+                queue[:0] = [group[:half], group[half:]]
+                total += 1
                 continue
-            if len(group) == 1:
-                raise
-            half = len(group) // 2
-            queue[:0] = [group[:half], group[half:]]
-            total += 1
-            continue
-        texts.update(answer.value)
-        done += 1
-        chunks.put(_key("seg", group), {str(k): v for k, v in answer.value.items()}, answer.usage, done, total)
+            texts.update(answer.value)
+            done += 1
+            chunks.put(_key("seg", group), {str(k): v for k, v in answer.value.items()}, answer.usage, done, total)
     return texts
 
 
@@ -335,11 +345,13 @@ class _Asker:
             self.done += 1
             self.total = max(self.total, self.done)
             return self.chunks.stored[key]
-        answer = self.llm.ask_json(SYSTEM, f"{prompt}\n<transcript>\n{body}\n</transcript>", self.name, self.schema,
-                                   self.check, max_tokens, on_request=self.chunks.request, on_usage=self.chunks.spent)
-        self.done += 1
-        self.total = max(self.total, self.done)
-        self.chunks.put(key, answer.value, answer.usage, self.done, self.total)
+        with _step(self.chunks):  # the request, the answer stored with its usage
+            answer = self.llm.ask_json(SYSTEM, f"{prompt}\n<transcript>\n{body}\n</transcript>", self.name,
+                                       self.schema, self.check, max_tokens, on_request=self.chunks.request,
+                                       on_usage=self.chunks.spent)
+            self.done += 1
+            self.total = max(self.total, self.done)
+            self.chunks.put(key, answer.value, answer.usage, self.done, self.total)
         return answer.value
 
 

@@ -32,6 +32,7 @@ import structlog
 
 from mp4totext.config import Settings
 from mp4totext.enhancements import TokenUsage, strict_schema
+from mp4totext.errors import WorkError
 from observability import metrics, tracing
 
 log = structlog.get_logger(__name__)
@@ -44,16 +45,22 @@ MODES = ("json_schema", "json_object", "none")
 LOOP_PENALTY = 0.5
 
 
-class LLMError(Exception):
+class LLMError(WorkError):
     """The AI layer cannot do this; retrying will not help (the message says why)."""
+
+    reason, retryable = "LLM_REFUSED", False
 
 
 class LLMOutputError(LLMError):
     """The model's answer did not match the schema, even after one repair."""
 
+    reason = "LLM_OUTPUT_INVALID"
+
 
 class LLMConfigError(LLMError):
     """The configuration cannot work for this item (a context window too small for the prompt)."""
+
+    reason = "CONTEXT_TOO_SMALL"
 
 
 class LLMDeadline(Exception):

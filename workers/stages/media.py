@@ -10,11 +10,15 @@ import wave
 
 import numpy as np
 
+from mp4totext.errors import WorkError
+
 SAMPLE_RATE = 16000
 
 
-class MediaError(Exception):
+class MediaError(WorkError):
     """The input is not usable media. The message is written for the uploader."""
+
+    reason, retryable = "MEDIA_INVALID", False
 
 
 class ToolMissing(RuntimeError):
