@@ -213,10 +213,48 @@ class Settings:
     def ai_enabled(self) -> bool:
         return bool(self.llm_model)
 
+    # Sections: what one component reads, passed to it instead of the whole Settings (the
+    # environment stays flat: MP4T_LLM_MODEL is ``settings.llm.model``).
+    @property
+    def llm(self) -> "LLMSettings":
+        return section(self, LLMSettings)
+
+    @property
+    def s3(self) -> "S3Settings":
+        return section(self, S3Settings)
+
+    @property
+    def webhook(self) -> "WebhookSettings":
+        return section(self, WebhookSettings)
+
     @property
     def model_label(self) -> str:
         """Names of the model set for capabilities, logs and metrics, e.g. "base,tiny.en"."""
         return ",".join(dict.fromkeys(model_name(s.strip()) for s in self.model_sources.split(",") if s.strip()))
+
+
+def _section_type(name: str, prefix: str) -> type:
+    """A frozen dataclass of the Settings fields named ``prefix*``, the prefix dropped (declared
+    once, in Settings; the section cannot drift from it)."""
+    fields = [(f.name[len(prefix):], f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                                 repr=f.repr))
+              for f in dataclasses.fields(Settings) if f.name.startswith(prefix)]
+    cls = dataclasses.make_dataclass(name, fields, frozen=True)
+    cls.prefix = prefix  # type: ignore[attr-defined]
+    cls.__doc__ = f"The {prefix.rstrip('_')} settings (MP4T_{prefix.upper()}*), as their component reads them."
+    return cls
+
+
+LLMSettings = _section_type("LLMSettings", "llm_")  # workers.stages.llm.LLM
+S3Settings = _section_type("S3Settings", "s3_")  # storage.objects.S3Store
+WebhookSettings = _section_type("WebhookSettings", "webhook_")  # core.webhooks and workers.webhooks
+
+
+def section(s: Any, cls: type) -> Any:
+    """``cls``'s section of ``s`` (a Settings); a section already is one and is returned as is."""
+    if isinstance(s, cls):
+        return s
+    return cls(**{f.name: getattr(s, cls.prefix + f.name) for f in dataclasses.fields(cls)})
 
 
 # Environment variable -> field. Every variable is MP4T_<FIELD upper>.

@@ -19,8 +19,8 @@ from server.auth import current_tenant
 from server.errors import ApiError, exhausted, failed_precondition, invalid, unavailable
 from server.paging import page_size, paged, tenant_listing
 from server.resources import delete_transcription, get_media, media_by_request_id, owner
-from server.upload import ClientGone, UploadReader, UploadRejected
-from server.uploads import Slot, UploadSlots
+from server.upload_reader import ClientGone, UploadReader, UploadRejected
+from server.upload_slots import Slot, UploadSlots
 from server.validation import UploadSpec, enum_filter, upload_metadata
 from storage.db import Media, Transcription, connection, locked, new_id
 from storage.objects import original_key

@@ -16,8 +16,8 @@ from observability import metrics
 from server import convert
 from server.auth import current_tenant, current_user
 from server.errors import ApiError, failed_precondition, invalid, not_found, unavailable
-from server.upload import MAX_CHUNK
-from server.uploads import Slot
+from server.upload_reader import MAX_CHUNK
+from server.upload_slots import Slot
 from server.validation import content_type, parse_name, request_id
 from storage.tenancy import UploadSession
 

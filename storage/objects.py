@@ -396,16 +396,7 @@ def audio_key(tenant: str, media_id: str) -> str:
 
 def make_store(settings) -> ObjectStore:  # type: ignore[no-untyped-def]
     if settings.storage_backend == "s3":
-        return S3Store(
-            settings.s3_endpoint,
-            settings.s3_access_key,
-            settings.s3_secret_key,
-            settings.s3_bucket,
-            secure=settings.s3_secure,
-            region=settings.s3_region,
-            part_size=settings.s3_part_size,
-            parallel_uploads=settings.s3_parallel_uploads,
-        )
+        return S3Store(**dataclasses.asdict(settings.s3))  # its section: MP4T_S3_*
     if settings.storage_backend == "local":
         return LocalStore(settings.resolved_storage_dir)
     raise SystemExit(

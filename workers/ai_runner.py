@@ -34,7 +34,7 @@ from dramatiq.middleware import CurrentMessage
 from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF
 
 from core import enhancements, leases, runtime
-from mp4totext.config import Settings
+from mp4totext.config import LLMSettings, Settings
 from mp4totext.contracts import ClaimOutcome, TranscriptResult
 from mp4totext.enhancements import KINDS, EnhancementKind, EnhancementState, TokenUsage
 from observability import tracing
@@ -52,7 +52,7 @@ MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is waited this long (the stuck
 
 
 @functools.lru_cache(maxsize=4)
-def llm_for(s: Settings) -> LLM:
+def llm_for(s: LLMSettings) -> LLM:
     """One client per process and configuration (it learns what JSON mode the server takes once)."""
     return LLM(s)
 
@@ -153,7 +153,7 @@ class _ItemUnit:
         return stop_reason(Enhancement, self.item_id, self.msg_id)
 
     def run(self, dog: Watchdog) -> TranscriptResult:
-        llm = llm_for(self.s)
+        llm = llm_for(self.s.llm)
         self.model = llm.model
         budget = enhance.Budget(self.s.llm_context_tokens, self.s.llm_max_output_tokens)
         with llm_stage.deadline(self.deadline):

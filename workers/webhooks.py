@@ -21,7 +21,7 @@ import structlog
 
 from core import runtime, webhooks
 from core.queue import enqueue
-from mp4totext.config import Settings
+from mp4totext.config import Settings, WebhookSettings, section
 from observability import tracing
 from workers.supervisor import Policy, supervise
 from workers.watchdog import Watchdog
@@ -47,11 +47,12 @@ def _connect_url(target: webhooks.Target, address: str) -> str:
     return f"{target.scheme}://{host}:{target.port}{path}"
 
 
-def post(attempt: webhooks.Attempt, s: Settings) -> tuple[int, str]:
+def post(attempt: webhooks.Attempt, settings: WebhookSettings | Settings) -> tuple[int, str]:
     """One attempt: (HTTP status, error text); status 0 when there was no answer. Never raises:
     whatever goes wrong is a failed attempt, so the delivery's retry schedule applies."""
+    s: WebhookSettings = section(settings, WebhookSettings)  # MP4T_WEBHOOK_*
     try:
-        target = webhooks.resolve_target(attempt.url, _allow(s.webhook_allow_nets))
+        target = webhooks.resolve_target(attempt.url, _allow(s.allow_nets))
     except webhooks.TargetRefused as exc:
         return 0, f"refused: {exc}"
     try:
@@ -60,7 +61,7 @@ def post(attempt: webhooks.Attempt, s: Settings) -> tuple[int, str]:
         return 0, f"{type(exc).__name__}: {exc}"[:500]
 
 
-def _send(attempt: webhooks.Attempt, target: webhooks.Target, s: Settings) -> tuple[int, str]:
+def _send(attempt: webhooks.Attempt, target: webhooks.Target, s: WebhookSettings) -> tuple[int, str]:
     """POST once to the checked address, with the name (ASCII/IDNA form) in Host and SNI."""
     timestamp = int(time.time())
     headers = webhooks.headers(attempt.secrets, attempt.msg_id, timestamp, attempt.body)
@@ -69,7 +70,7 @@ def _send(attempt: webhooks.Attempt, target: webhooks.Target, s: Settings) -> tu
     if ":" in target.host:  # an IPv6 literal
         headers["host"] = f"[{target.host}]" + ("" if target.port == default_port else f":{target.port}")
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    with httpx.Client(timeout=s.webhook_timeout_s, follow_redirects=False, trust_env=False) as http:
+    with httpx.Client(timeout=s.timeout_s, follow_redirects=False, trust_env=False) as http:
         with http.stream("POST", _connect_url(target, target.addresses[0]), content=attempt.body.encode(),
                          headers=headers, extensions=extensions) as response:
             if 200 <= response.status_code < 300:
@@ -87,7 +88,7 @@ def deliver(delivery_id: str) -> None:
     """The actor: claim the delivery if it is due, POST once, record the answer, schedule the next."""
     s = runtime.get().settings
     structlog.contextvars.bind_contextvars(delivery_id=delivery_id, stage=webhooks.ACTOR)
-    lease_s = 2 * s.webhook_timeout_s + 30
+    lease_s = 2 * s.webhook.timeout_s + 30
     attempt = webhooks.claim(delivery_id, lease_s=lease_s)
     if attempt is None:
         return
@@ -102,7 +103,7 @@ class _DeliveryUnit:
     stage = webhooks.ACTOR
 
     def __init__(self, attempt: webhooks.Attempt, lease_s: float, s: Settings) -> None:
-        self.attempt, self.s = attempt, s
+        self.attempt, self.s = attempt, s.webhook
         self.attempts, self.deadline = attempt.attempt, time.monotonic() + lease_s  # its claim runs out then
         self.policy = Policy(what="the webhook attempt", max_attempts=s.max_attempts,
                              time_limit=f"the webhook attempt ran longer than its lease of {lease_s:g} s")
@@ -115,7 +116,7 @@ class _DeliveryUnit:
             started = time.monotonic()
             status, error = post(self.attempt, self.s)
         outcome = webhooks.complete(self.attempt, status, error,
-                                    webhooks.retry_schedule(self.s.webhook_retry_schedule_s))
+                                    webhooks.retry_schedule(self.s.retry_schedule_s))
         if outcome is not None and outcome.retry_in_s is not None and outcome.retry_in_s <= MAX_MESSAGE_DELAY_S:
             enqueue(webhooks.ACTOR, self.attempt.delivery_id, webhooks.PRIORITY,
                     delay_ms=int(outcome.retry_in_s * 1000) + 50)

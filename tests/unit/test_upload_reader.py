@@ -1,4 +1,4 @@
-"""server/upload.py's UploadReader: a client stream of chunks as a file-like reader that
+"""server/upload_reader.py's UploadReader: a client stream of chunks as a file-like reader that
 validates while bytes arrive (size, declared size, sha256, offsets, chunk limit, cancellation)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from mp4totext.v1 import media_pb2
-from server.upload import MAX_CHUNK, ClientGone, UploadReader, UploadRejected
+from server.upload_reader import MAX_CHUNK, ClientGone, UploadReader, UploadRejected
 
 MiB = 1024 * 1024
 

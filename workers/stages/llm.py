@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import openai
 import structlog
 
-from mp4totext.config import Settings
+from mp4totext.config import LLMSettings, Settings, section
 from mp4totext.enhancements import TokenUsage, strict_schema
 from mp4totext.errors import WorkError
 from observability import metrics, tracing
@@ -216,25 +216,26 @@ class TokenCounter:
 class LLM:
     """One configured model. ``on_request`` runs before each request is sent (accounting)."""
 
-    def __init__(self, s: Settings) -> None:
-        if not s.llm_model:
+    def __init__(self, settings: LLMSettings | Settings) -> None:
+        s: LLMSettings = section(settings, LLMSettings)  # its section: MP4T_LLM_*
+        if not s.model:
             raise LLMError("no LLM is configured: set MP4T_LLM_MODEL (and MP4T_LLM_BASE_URL, MP4T_LLM_API_KEY)")
         self.s = s
-        self.model = s.llm_model
+        self.model = s.model
         answered = metrics.LLM_RESPONSES.labels  # every HTTP answer, the client's own retries included
 
         def count(resp: Any) -> None:  # the client's httpx Response
             answered(self.model, str(resp.status_code)).inc()
 
-        self.client = openai.OpenAI(base_url=s.llm_base_url or None, api_key=s.llm_api_key or "not-needed",
-                                    timeout=s.llm_timeout_s, max_retries=s.llm_max_retries,
+        self.client = openai.OpenAI(base_url=s.base_url or None, api_key=s.api_key or "not-needed",
+                                    timeout=s.timeout_s, max_retries=s.max_retries,
                                     http_client=openai.DefaultHttpxClient(event_hooks={"response": [count]}))
-        self.count = TokenCounter(s.llm_base_url, s.llm_model, s.llm_tokenizer)
-        self.mode = s.llm_json_mode if s.llm_json_mode in MODES else "json_schema"
-        self.auto = s.llm_json_mode == "auto"
+        self.count = TokenCounter(s.base_url, s.model, s.tokenizer)
+        self.mode = s.json_mode if s.json_mode in MODES else "json_schema"
+        self.auto = s.json_mode == "auto"
         self.confirmed = False  # the server took a request in this mode
         self.mode_lock = threading.Lock()
-        self.slots = _slots(s.llm_max_concurrency)
+        self.slots = _slots(s.max_concurrency)
         # OpenAI's reasoning models refuse max_tokens (they want max_completion_tokens) and any
         # temperature but their own: learnt from the first refusal, once per process.
         self.token_param = "max_tokens"
@@ -262,8 +263,8 @@ class LLM:
         return True
 
     def cost(self, prompt: int, completion: int) -> float:
-        return round(prompt / 1000 * self.s.llm_price_prompt_per_1k
-                     + completion / 1000 * self.s.llm_price_completion_per_1k, 8)
+        return round(prompt / 1000 * self.s.price_prompt_per_1k
+                     + completion / 1000 * self.s.price_completion_per_1k, 8)
 
     def prompt_tokens(self, *texts: str) -> int:
         return sum(self.count(t) + MESSAGE_OVERHEAD for t in texts)
@@ -308,9 +309,9 @@ class LLM:
         left = end - time.monotonic()
         if left <= 0:
             raise LLMDeadline("the item's time limit was reached")
-        timeout = min(self.s.llm_timeout_s, left)
+        timeout = min(self.s.timeout_s, left)
         fits = int((left - timeout) // (timeout + RETRY_WAIT_S))
-        retries = 0 if probing else max(0, min(self.s.llm_max_retries, fits))
+        retries = 0 if probing else max(0, min(self.s.max_retries, fits))
         return self.client.with_options(timeout=timeout, max_retries=retries)
 
     @contextlib.contextmanager
@@ -385,7 +386,7 @@ class LLM:
         frequency penalty against loops, when ``shorten``; else it fails at once (a batch of
         segments is split instead: every segment must keep its whole text)."""
         turns = [{"role": "user", "content": user}]
-        usage, error, temperature, penalty = TokenUsage(), "", self.s.llm_temperature, 0.0
+        usage, error, temperature, penalty = TokenUsage(), "", self.s.temperature, 0.0
         for attempt in (1, 2):
             on_request()
             resp = self._send(system, turns, name, schema, max_tokens, temperature, penalty)
