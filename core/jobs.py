@@ -21,6 +21,7 @@ from mp4totext.contracts import (
     TERMINAL_STATES,
     ClaimOutcome,
     DeletedEvent,
+    JobConfig,
     ItemStatus,
     JobState,
     MediaState,
@@ -30,7 +31,7 @@ from mp4totext.contracts import (
 )
 from observability import tracing
 from observability.metrics import JOBS_FINISHED
-from storage.db import Media, Transcription, add_event, connection, database, locked, utcnow
+from storage.db import Enhancement, Media, Transcription, add_event, connection, database, locked, utcnow
 
 
 class LostClaim(Exception):
@@ -175,6 +176,23 @@ def jobs_to_start(media_id: str) -> list[Transcription]:
             )
         )
     return [job for job in (to_waiting(c.id) for c in candidates) if job is not None]
+
+
+def create(tenant: str, media: Media, config: JobConfig, priority: int, request_id: str | None,
+           owner: str) -> Transcription:
+    """A transcription of ``media`` with its quota reservation and AI items, in one transaction.
+    Raises QuotaExceeded (nothing written) or IntegrityError (the same request_id, concurrently);
+    the caller then moves it on with ``to_waiting`` (inside ``outbox.sending()``)."""
+    with locked():
+        reservation = quotas.admit(tenant, media.duration_s, config.to_json())  # locks the quota row
+        job = Transcription.create(tenant=tenant, media=media.id, request_id=request_id or None,
+                                   config=config.to_json(), priority=priority, duration_s=media.duration_s,
+                                   trace_context=tracing.inject(), ai_items=len(config.ai), owner=owner)
+        quotas.reserve(job.id, tenant, reservation)
+        for item in config.ai:
+            Enhancement.create(tenant=tenant, transcription=job.id, kind=item["kind"],
+                               language=item.get("language", ""), request_id=request_id or None)
+    return job
 
 
 def to_waiting(job_id: str) -> Transcription | None:

@@ -70,6 +70,12 @@ def on_upload(tenant_id: str, owner: str, size_bytes: int) -> None:
     _add(tenant_id, owner or "", upload_bytes=size_bytes)
 
 
+def on_live(tenant_id: str, owner: str, seconds: float) -> None:
+    """A live session streamed ``seconds`` of audio (inside the transaction that ends it)."""
+    if seconds > 0:
+        _add(tenant_id, owner or "", live_seconds=seconds)
+
+
 # ---------------------------------------------------------------- reading it
 
 

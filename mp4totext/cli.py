@@ -34,6 +34,7 @@ from rich.progress import (
 
 from mp4totext import cli_webhooks, config
 from mp4totext.client import ITEM_TERMINAL, Client, enhancement_requests
+from mp4totext.live_cli import add_live
 from mp4totext.v1 import media_pb2
 from mp4totext.v1 import transcription_pb2 as tpb
 
@@ -347,6 +348,7 @@ def add_commands(sub: Any) -> None:
     sp.set_defaults(fn=cmd_token)
 
     _add_usage(sub, client_args)
+    add_live(sub, client_args, _client)
     cli_webhooks.add(sub, client_args, _client)
     sp = sub.add_parser("list", help="list media or transcriptions")
     sp.add_argument("what", choices=["media", "transcriptions"])

@@ -75,6 +75,14 @@ class Settings:
     max_preparing_per_tenant: int = 50
     max_preparing_total: int = 2000
     backpressure_retry_s: float = 5.0  # the RetryInfo delay of a backpressure refusal
+    # Live captions (LiveService): streams one replica decodes at once (more are refused with
+    # RESOURCE_EXHAUSTED + RetryInfo: bench/live.py measures what a replica holds in real time;
+    # 0 = live captions off here); audio is stored and acknowledged every live_flush_s; a session
+    # not ended by its client is ended (its recording kept) this long after it started.
+    live_max_streams: int = 2
+    live_flush_s: float = 1.0
+    live_session_ttl_s: float = 6 * 3600.0
+    live_model_threads: int = 2  # CTranslate2 threads per live decoding
     watch_heartbeat_s: float = 10.0  # Watch re-reads the job and sends a heartbeat this often
     # -- workers
     worker_queues: str = "critical,high,default,low"  # the queues this worker consumes (core.plan.QUEUES)

@@ -16,12 +16,20 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core import jobs, outbox, runtime
-from mp4totext.v1 import identity_pb2_grpc, media_pb2_grpc, transcription_pb2_grpc, usage_pb2_grpc, webhooks_pb2_grpc
+from mp4totext.v1 import (
+    identity_pb2_grpc,
+    live_pb2_grpc,
+    media_pb2_grpc,
+    transcription_pb2_grpc,
+    usage_pb2_grpc,
+    webhooks_pb2_grpc,
+)
 from observability import metrics, tracing
 from server.auth import Authenticator
 from server.health import SERVICE_NAMES, HealthMonitor
 from server.identity_service import IdentityService
 from server.interceptors import AuthInterceptor, ObservabilityInterceptor
+from server.live_service import DecoderFactory, LiveService
 from server.load import HandlerLoad
 from server.media_service import MediaService
 from server.resources import trace_parent_for
@@ -57,10 +65,11 @@ class Server:
     HAProxy agent report. ``start``/``stop``/``wait`` are called from ordinary threads.
     """
 
-    def __init__(self, settings: Any | None = None) -> None:
+    def __init__(self, settings: Any | None = None, live_decoders: DecoderFactory | None = None) -> None:
         release_large_buffers()
         rt = runtime.get()
         self.settings = settings or rt.settings
+        self.live_decoders = live_decoders  # from the composition root (launch): live captions decode here
         self.load = HandlerLoad(self.settings.grpc_max_workers)
         self.auth = Authenticator()
         self.loop = asyncio.new_event_loop()
@@ -104,6 +113,7 @@ class Server:
         webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(), server)
         identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityService(), server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(), server)
+        live_pb2_grpc.add_LiveServiceServicer_to_server(LiveService(s, self.live_decoders), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

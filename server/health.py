@@ -8,7 +8,7 @@ import structlog
 from grpc_health.v1 import health_pb2
 
 from core import runtime
-from mp4totext.v1 import identity_pb2, media_pb2, transcription_pb2, usage_pb2, webhooks_pb2
+from mp4totext.v1 import identity_pb2, live_pb2, media_pb2, transcription_pb2, usage_pb2, webhooks_pb2
 from storage.db import connection, database
 
 log = structlog.get_logger(__name__)
@@ -19,6 +19,7 @@ SERVICE_NAMES = (
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    live_pb2.DESCRIPTOR.services_by_name["LiveService"].full_name,
 )
 
 

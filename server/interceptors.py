@@ -122,6 +122,8 @@ def _wrap(handler: Any, plain: Wrapper, stream: Wrapper, async_stream: Wrapper) 
         behavior = handler.unary_stream
         wrap = async_stream if inspect.isasyncgenfunction(behavior) else stream
         return grpc.unary_stream_rpc_method_handler(wrap(behavior), decode, handler.response_serializer)
+    if handler.stream_stream:  # live captions: a plain generator over the request stream
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), decode, handler.response_serializer)
     return handler
 
 
@@ -321,13 +323,15 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
         return wrapper
 
     def _stream(self, behavior: Callable, method: str, kind: str, pending: "_Pending") -> Callable:
-        """A plain server stream (Export): each message is computed on a handler thread."""
+        """A plain server stream (Export) or bidi stream (StreamLive): each message is computed on a
+        handler thread."""
         final = FINAL_MESSAGE.get(method, lambda _m: False)
 
         def wrapper(request: Any, context: Any) -> Iterator[Any]:
             if not pending.start():
                 return
-            call = _Call(method, kind, context, self._parent(method, request, context), pending)
+            bidi = kind == "bidi_stream"
+            call = _Call(method, kind, context, self._parent(method, None if bidi else request, context), pending)
             if not self._started(pending.arrived, call):
                 return
             sent, ended, closed = 0, False, False
@@ -336,7 +340,7 @@ class ObservabilityInterceptor(aio.ServerInterceptor):
                 # The span is current only while the handler computes a message, never across
                 # a yield: the generator may be resumed or closed from another thread.
                 with tracing.activated(call.span):
-                    items = iter(behavior(check_request(request), call.context))
+                    items = iter(behavior(checked_stream(request) if bidi else check_request(request), call.context))
                 while not ended:
                     with tracing.activated(call.span), self.load.held():
                         item = next(items, _END)

@@ -30,6 +30,8 @@ SCOPES: dict[str, str] = {
     _V1 + "TranscriptionService/GetCapabilities": READ,
     _V1 + "TranscriptionService/EnhanceTranscription": WRITE,
     _V1 + "UsageService/GetUsage": READ,
+    _V1 + "LiveService/StreamLive": WRITE,
+    _V1 + "LiveService/GetLiveSession": READ,
     # Tenant administration: the handlers refuse end-user tokens outright; the scope is a second line.
     _V1 + "IdentityService/CreateUserToken": WRITE,
     _V1 + "IdentityService/RotateTokenKey": WRITE,

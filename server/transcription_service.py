@@ -33,7 +33,7 @@ from server.validation import (
     request_id,
 )
 from server.watch import BatchReader, in_thread, watch_events
-from storage.db import Enhancement, Media, Transcription, locked
+from storage.db import Media, Transcription
 
 log = structlog.get_logger(__name__)
 
@@ -76,16 +76,8 @@ class TranscriptionService(transcription_pb2_grpc.TranscriptionServiceServicer):
             raise failed_precondition(f"media/{media.id} cannot be transcribed: {media.error_message}")
         config = _with_references(config)
         try:
-            with locked():  # the job, its quota reservation and its AI items, together
-                reservation = quotas.admit(tenant, media.duration_s, config.to_json())  # locks the quota row
-                job = Transcription.create(tenant=tenant, media=media.id, request_id=rid or None,
-                                           config=config.to_json(), priority=priority, duration_s=media.duration_s,
-                                           trace_context=tracing.inject(), ai_items=len(config.ai),
-                                           owner=owner() or media.owner)  # the key acting for a user: theirs
-                quotas.reserve(job.id, tenant, reservation)
-                for item in config.ai:
-                    Enhancement.create(tenant=tenant, transcription=job.id, kind=item["kind"],
-                                       language=item.get("language", ""), request_id=rid or None)
+            job = jobs.create(tenant, media, config, priority, rid or None,
+                              owner() or media.owner)  # the key acting for a user: theirs
         except pw.IntegrityError:  # (over quota: nothing was written, nothing queued; server/status_map.py)
             existing = job_by_request_id(tenant, rid)
             if existing is None:

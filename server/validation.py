@@ -116,6 +116,9 @@ def _language(code: str, field: str = "config.language_code") -> str | None:
                       "such as 'en' or 'tr-TR'" + (", or 'auto'" if field == "config.language_code" else "")) from None
 
 
+language_of = _language  # for other request types (live captions)
+
+
 def _expected(codes: list[str], language: str | None) -> list[str]:
     if len(codes) > MAX_EXPECTED_LANGUAGES:
         raise invalid(f"config.expected_language_codes has {len(codes)} entries; at most {MAX_EXPECTED_LANGUAGES}")

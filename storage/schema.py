@@ -11,7 +11,7 @@ import peewee as pw
 from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
 from playhouse.pool import PooledPostgresqlDatabase
 
-from storage import tenancy
+from storage import live, tenancy
 from storage.db import (
     ApiKey,
     Enhancement,
@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 SCHEMA_LOCK_KEY = 0x6D70347474  # pg advisory lock held while the schema is created/migrated
 
 MODELS = [Tenant, ApiKey, Media, Transcription, Enhancement, EnhancementChunk, LlmUsage, TranscriptionEvent,
-          WorkerInfo, OutboxMessage, MaintenanceState, *tenancy.MODELS, SchemaInfo]
+          WorkerInfo, OutboxMessage, MaintenanceState, *tenancy.MODELS, *live.MODELS, SchemaInfo]
 
 
 class _Pool(PooledPostgresqlDatabase):

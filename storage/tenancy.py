@@ -118,6 +118,7 @@ class UsageDaily(BaseModel):
     transcriptions = pw.IntegerField(default=0)
     upload_bytes = pw.BigIntegerField(default=0)
     cost = pw.DoubleField(default=0.0)  # credits charged for transcription + speaker recognition
+    live_seconds = pw.DoubleField(default=0.0)  # audio streamed for live captions (core.live)
 
     class Meta:
         indexes = ((("tenant", "owner", "day"), True),)

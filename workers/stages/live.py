@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -73,6 +73,27 @@ class Policy:
     beam_size: int = 1  # greedy: latency first (the full job after the stream uses the batch settings)
 
 
+def factory(s: Any) -> Callable[[str, str, float], "LiveDecoder"]:
+    """What the composition root gives the live service: (model name, language, start) -> a
+    decoder on that model of the configured set, loaded once per process (warm for the next stream)."""
+    from core.models import ModelSet
+    from workers.stages.model_files import locate
+    from workers.stages.transcribe import load_model
+
+    models = ModelSet.of(s.model_sources)
+    paths: dict[str, str] = {}
+
+    def make(name: str, language: str, start_s: float) -> LiveDecoder:
+        if name not in paths:  # the files are checked once per process
+            paths[name] = locate(models.by_name[name].source, s.resolved_models_dir)
+        # one instance per process, decoding up to MP4T_LIVE_MAX_STREAMS streams at once
+        model = load_model(paths[name], s.whisper_device, s.whisper_compute_type, s.live_model_threads,
+                           s.whisper_download_root, s.whisper_local_files_only, max(1, s.live_max_streams))
+        return LiveDecoder(model, language, start_s=start_s)
+
+    return make
+
+
 def speech_frames(audio: np.ndarray, threshold: float) -> np.ndarray:
     """One flag per FRAME_S frame: speech (louder than ``threshold``) or not."""
     n = int(FRAME_S * SAMPLE_RATE)
@@ -90,12 +111,12 @@ class LiveDecoder:
     caller chose for it by the batch routing rules, core.models).
     """
 
-    def __init__(self, model: Any, language: str, policy: Policy = Policy()) -> None:
+    def __init__(self, model: Any, language: str, policy: Policy = Policy(), start_s: float = 0.0) -> None:
         self.model, self.language, self.p = model, language, policy
         self.buffer = np.zeros(0, dtype=np.float32)
-        self.offset = 0.0  # stream time of buffer[0]
-        self.received = 0.0  # seconds fed
-        self.decoded_at = 0.0  # stream time up to which the last decode saw audio
+        self.offset = start_s  # stream time of buffer[0] (a resumed stream starts after its last final)
+        self.received = start_s  # stream time fed so far
+        self.decoded_at = start_s  # stream time up to which the last decode saw audio
         self.stable: list[Word] = []  # agreed, not final yet
         self.tentative: list[Word] = []  # the latest hypothesis after the stable words
         self.context = ""  # final text so far (the prompt)
