@@ -83,6 +83,7 @@ class Settings:
     live_flush_s: float = 1.0
     live_session_ttl_s: float = 6 * 3600.0
     live_model_threads: int = 2  # CTranslate2 threads per live decoding
+    live_compute_type: str = "int8"  # CTranslate2 compute type of live decoding (int8: ~2x float32 on a CPU)
     watch_heartbeat_s: float = 10.0  # Watch re-reads the job and sends a heartbeat this often
     # -- workers
     worker_queues: str = "critical,high,default,low"  # the queues this worker consumes (core.plan.QUEUES)

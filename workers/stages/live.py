@@ -65,7 +65,8 @@ class Update:
 @dataclasses.dataclass(frozen=True)
 class Policy:
     min_chunk_s: float = 1.0  # decode again once this much new audio arrived (0.5: WER x2, CPU x1.5)
-    max_buffer_s: float = 12.0  # cut the buffer after its stable words beyond this
+    first_chunk_s: float = 0.5  # the stream's first words are previewed after this much speech (shown, not agreed)
+    max_buffer_s: float = 8.0  # cut the buffer after its stable words beyond this (decode time stays bounded)
     pause_s: float = 0.5  # no speech this long after the last stable word: the segment is final
     silence_rms: float = 0.006  # frames quieter than this (full scale 1.0) are silence
     edge_s: float = 0.3  # words ending this close to the buffer's end are not stable yet (cut mid-word)
@@ -87,7 +88,7 @@ def factory(s: Any) -> Callable[[str, str, float], "LiveDecoder"]:
         if name not in paths:  # the files are checked once per process
             paths[name] = locate(models.by_name[name].source, s.resolved_models_dir)
         # one instance per process, decoding up to MP4T_LIVE_MAX_STREAMS streams at once
-        model = load_model(paths[name], s.whisper_device, s.whisper_compute_type, s.live_model_threads,
+        model = load_model(paths[name], s.whisper_device, s.live_compute_type, s.live_model_threads,
                            s.whisper_download_root, s.whisper_local_files_only, max(1, s.live_max_streams))
         return LiveDecoder(model, language, start_s=start_s)
 
@@ -120,24 +121,32 @@ class LiveDecoder:
         self.stable: list[Word] = []  # agreed, not final yet
         self.tentative: list[Word] = []  # the latest hypothesis after the stable words
         self.context = ""  # final text so far (the prompt)
+        self.previewed = False  # the stream's first words were shown early (a preview, not a hypothesis)
 
     def feed(self, pcm: np.ndarray) -> None:
         self.buffer = np.concatenate([self.buffer, pcm.astype(np.float32, copy=False)])
         self.received += len(pcm) / SAMPLE_RATE
 
     def ready(self) -> bool:
-        return self.received - self.decoded_at >= self.p.min_chunk_s
+        new = self.received - self.decoded_at
+        return new >= self.p.min_chunk_s or (not self.previewed and new >= self.p.first_chunk_s)
 
     def step(self) -> Update:
         """Decode the buffer if it holds speech; agree, endpoint, cut."""
-        self.decoded_at = self.received
+        preview = not self.previewed and self.received - self.decoded_at < self.p.min_chunk_s
         speech = speech_frames(self.buffer, self.p.silence_rms)
         update = Update(audio_end=self.received)
+        if not preview:
+            self.decoded_at = self.received
         if not speech.any():  # nothing said since the last final: drop the silence, keep 0.2 s
             self._drop_silence()
             update.interim = self._interim()
             return update
         hypothesis = self._decode()
+        if preview:  # the stream's first words, shown at once; agreement starts with the next decode
+            self.previewed = True
+            update.decoded, update.interim = True, "".join(w.text for w in hypothesis).strip()
+            return update
         update.decoded = True
         agreed = [w for w in _common_prefix(self.tentative, hypothesis) if w.end <= self.received - self.p.edge_s]
         agreed = agreed[:next((i for i, w in enumerate(agreed) if w.end > self.received - self.p.edge_s), len(agreed))]
