@@ -79,7 +79,7 @@ class Settings:
     # RESOURCE_EXHAUSTED + RetryInfo: bench/live.py measures what a replica holds in real time;
     # 0 = live captions off here); audio is stored and acknowledged every live_flush_s; a session
     # not ended by its client is ended (its recording kept) this long after it started.
-    live_max_streams: int = 2
+    live_max_streams: int = 1
     live_flush_s: float = 1.0
     live_session_ttl_s: float = 6 * 3600.0
     live_model_threads: int = 2  # CTranslate2 threads per live decoding

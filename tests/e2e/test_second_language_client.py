@@ -68,3 +68,30 @@ def test_node_client_with_a_bad_key_is_unauthenticated(node: str, stack: Stack, 
     error = json.loads(proc.stderr.strip().splitlines()[-1])["error"]
     assert error["status"] == "UNAUTHENTICATED" and error["code"] == 16, error
     assert error["message"], error
+
+
+def test_node_live_client_streams_captions_and_the_recording_becomes_media(node: str, stack: Stack, key_a: str,
+                                                                          media_dir: pathlib.Path,
+                                                                          client: Any) -> None:
+    """clients/node/live.js: StreamLive at 1x from Node; final segments as JSON lines; the media."""
+    from mp4totext.v1 import media_pb2
+
+    wav = media_dir / "node-live.wav"
+    samples.speech_wav(samples.DEMO_TEXT, str(media_dir / "node-live-22k.wav"))
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(media_dir / "node-live-22k.wav"), "-ac", "1",
+                    "-ar", "16000", str(wav)], check=True)
+    proc = subprocess.run([node, str(NODE_CLIENT / "live.js"), "--target", stack.target, "--key", key_a, "--realtime",
+                           str(wav)], capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines()]
+    segments = [ln["segment"] for ln in lines if "segment" in ln]
+    ended = lines[-1]["ended"]
+    assert [s["id"] for s in segments] == list(range(len(segments))) and segments
+    assert samples.word_error_rate(samples.DEMO_TEXT, " ".join(s["text"] for s in segments)) < 0.3, segments
+    media = client.wait_media(ended["media"])
+    assert media.state == media_pb2.MEDIA_STATE_READY
+    import wave
+
+    with wave.open(str(wav)) as w:
+        sent = w.getnframes() * 2
+    assert media.size_bytes == sent + 44  # every sample sent, in a WAV

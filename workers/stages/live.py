@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from typing import Any, Callable
 
 import numpy as np
+import structlog
+
+log = structlog.get_logger(__name__)
 
 SAMPLE_RATE = 16000
 FRAME_S = 0.03
@@ -92,6 +96,14 @@ def factory(s: Any) -> Callable[[str, str, float], "LiveDecoder"]:
                            s.whisper_download_root, s.whisper_local_files_only, max(1, s.live_max_streams))
         return LiveDecoder(model, language, start_s=start_s)
 
+    def warm() -> None:  # in the background at start: the first stream does not wait for a model load
+        for spec in models.specs:
+            try:
+                make(spec.name, "en", 0.0)
+            except Exception as exc:  # noqa: BLE001 - the first stream on it reports the problem
+                log.warning("live_model_not_loaded", model=spec.name, error=f"{type(exc).__name__}: {exc}")
+
+    threading.Thread(target=warm, name="live-warm", daemon=True).start()
     return make
 
 
@@ -173,6 +185,8 @@ class LiveDecoder:
         segments, _info = self.model.transcribe(
             self.buffer, language=self.language, beam_size=self.p.beam_size, word_timestamps=True,
             condition_on_previous_text=False, vad_filter=False, temperature=0.0,
+            # a loop ("the the the ...") would run to 448 tokens: bounded by what the buffer can hold
+            max_new_tokens=int(8 * len(self.buffer) / SAMPLE_RATE) + 16,
             # only text cut out of the buffer (whisper_streaming): words still in it would be skipped
             initial_prompt=self.context[-self.p.prompt_chars:] or None)
         words = [Word(self.offset + w.start, self.offset + w.end, w.word, w.probability)
@@ -181,13 +195,19 @@ class LiveDecoder:
         fresh = [w for w in words if w.end > done + 0.05]
         return _without_repeat(self.stable, fresh)
 
+    def _quiet_after(self, word: Word, speech: np.ndarray) -> float:
+        after = int((word.end - self.offset) / FRAME_S)
+        return FRAME_S * (len(speech) - after) if not speech[after:].any() else 0.0
+
     def _endpoint(self, speech: np.ndarray) -> list[Final]:
+        if self.tentative and self._quiet_after(self.tentative[-1], speech) >= self.p.pause_s:
+            # the speaker stopped after the whole hypothesis: nothing more will change it (VAD
+            # endpointing, whisper_streaming's VAC): all of it is stable now, one decode sooner
+            self.stable += self.tentative
+            self.tentative = []
         if not self.stable:
             return []
-        last = self.stable[-1]
-        after = int((last.end - self.offset) / FRAME_S)
-        quiet_s = FRAME_S * (len(speech) - after) if not speech[after:].any() else 0.0
-        paused = quiet_s >= self.p.pause_s and not self.tentative
+        paused = self._quiet_after(self.stable[-1], speech) >= self.p.pause_s and not self.tentative
         sentence = next((i + 1 for i in range(len(self.stable) - 1, -1, -1)
                          if self.stable[i].text.rstrip().endswith((".", "?", "!"))), 0)
         if paused:
