@@ -121,6 +121,11 @@ class Deployment:
         self.procs.append(p)
         target = f"127.0.0.1:{port}"
         _wait_serving(target)
+        end = time.monotonic() + 300  # the live models load in the background: measure warm replicas
+        while "live_models_loaded" not in (self.tmp / f"server-{len(self.procs) - 1}.log").read_text():
+            if time.monotonic() > end:
+                raise TimeoutError("the live models did not load")
+            time.sleep(0.2)
         return p, target
 
     def worker(self) -> None:
@@ -196,6 +201,9 @@ def stream(target: str, key: str, pcm: bytes, ends: list[float], first_end: floa
         end_s = seg.end_offset.ToTimedelta().total_seconds()
         utterance_end = min((e for e in ends if e >= end_s - 0.6), default=end_s)
         final_lat.append(arrived - (start + utterance_end))
+        if os.environ.get("BENCH_LIVE_DEBUG"):
+            print(f"  final end={end_s:.2f} utterance_end={utterance_end:.2f} arrived={arrived - start:.2f} "
+                  f"latency={final_lat[-1]:.2f} {seg.text[:40]!r}", flush=True)
     first = (interims[0][0] - (start + first_end)) if interims else float("nan")
     lag = max((now - start - heard for now, heard in interims), default=0.0)
     return {"first_interim_s": first, "final_latency_s": final_lat, "lag_max_s": lag,

@@ -201,8 +201,8 @@ def end(session_id: str, why: str = "finished", live_seconds: float | None = Non
         raise NotActive(f"live session is {s.state}: {s.error_message}")
     if s.committed_size == 0:
         with connection():
-            LiveSession.update(state=FAILED, error_message=f"{why} before any audio was stored",
-                               update_time=utcnow()).where(LiveSession.id == s.id, LiveSession.state == ACTIVE).execute()
+            LiveSession.update(state=FAILED, error_message=f"{why} before any audio was stored", update_time=utcnow(),
+                               ).where(LiveSession.id == s.id, LiveSession.state == ACTIVE).execute()
         return None, None
     key = original_key(s.tenant_id, s.media_id)
     _assemble(s, key)
@@ -304,3 +304,20 @@ def expire(limit: int = 50) -> int:
         except NotActive:
             continue
     return len(due)
+
+
+def forget(limit: int = 200) -> int:
+    """Delete sessions with nothing left to serve: FAILED ones past their expire time, and ENDED
+    ones whose media was deleted (DeleteMedia, retention): their live transcript goes with it
+    (deleted means gone), and any chunk objects left by a crash."""
+    with connection():
+        failed = list(LiveSession.select().where(LiveSession.state == FAILED, LiveSession.expire_time < utcnow())
+                      .limit(limit))
+        ended = list(LiveSession.select().where(
+            LiveSession.state == ENDED, ~pw.fn.EXISTS(Media.select(Media.id).where(Media.id == LiveSession.media_id)))
+            .limit(limit))
+    for s in failed + ended:
+        _drop_chunks(s)
+        with connection():
+            LiveSession.delete().where(LiveSession.id == s.id).execute()
+    return len(failed) + len(ended)

@@ -75,13 +75,10 @@ class Settings:
     max_preparing_per_tenant: int = 50
     max_preparing_total: int = 2000
     backpressure_retry_s: float = 5.0  # the RetryInfo delay of a backpressure refusal
-    # Live captions (LiveService): streams one replica decodes at once (more are refused with
-    # RESOURCE_EXHAUSTED + RetryInfo: bench/live.py measures what a replica holds in real time;
-    # 0 = live captions off here); audio is stored and acknowledged every live_flush_s; a session
-    # not ended by its client is ended (its recording kept) this long after it started.
-    live_max_streams: int = 1
-    live_flush_s: float = 1.0
-    live_session_ttl_s: float = 6 * 3600.0
+    # -- live captions (LiveService; docs/api-clients.md, docs/capacity.md)
+    live_max_streams: int = 1  # streams one replica decodes at once; more get RESOURCE_EXHAUSTED + RetryInfo; 0 = off
+    live_flush_s: float = 1.0  # live audio is stored and acknowledged this often
+    live_session_ttl_s: float = 6 * 3600.0  # a session its app never ended is ended then (the recording kept)
     live_model_threads: int = 2  # CTranslate2 threads per live decoding
     live_compute_type: str = "int8"  # CTranslate2 compute type of live decoding (int8: ~2x float32 on a CPU)
     watch_heartbeat_s: float = 10.0  # Watch re-reads the job and sends a heartbeat this often

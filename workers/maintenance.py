@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 
-from core import enhancements, plan, recovery, registry, runtime, upload_sessions
+from core import enhancements, live, plan, recovery, registry, runtime, upload_sessions
 from core.plan import ROUTES
 from core.queue import enqueue, queue_depths
 from mp4totext.contracts import Priority, broker_priority
@@ -23,6 +23,8 @@ def sweep(_unused: str = "") -> None:
     s = rt.settings
     structlog.contextvars.bind_contextvars(stage="maintenance")
     expired_sessions = upload_sessions.expire()  # abandoned resumable uploads: parts aborted, row gone
+    ended_live = live.expire()  # live sessions their app never ended: the recording becomes media
+    forgotten_live = live.forget()  # failed ones, and those whose media was deleted
     aborted = rt.store.abort_stale_uploads(dt.timedelta(seconds=s.stale_upload_s),
                                            keep=upload_sessions.live_upload_ids())
     stuck = recovery.stuck(dt.timedelta(seconds=s.stuck_after_s))
@@ -53,7 +55,8 @@ def sweep(_unused: str = "") -> None:
     usage_reports.enqueue_due()  # last week's usage report of each tenant still without one
     log.info("stage_finished", outcome="maintenance", aborted_uploads=aborted, expired_upload_sessions=expired_sessions,
              requeued=len(media) + len(waiting) + len(stuck.held) + len(items), requeued_webhooks=requeued_webhooks,
-             stale_waiting=len(stuck.media) + len(stuck.waiting) + len(stale_items), queue_depths=depth)
+             stale_waiting=len(stuck.media) + len(stuck.waiting) + len(stale_items), queue_depths=depth,
+             ended_live_sessions=ended_live, forgotten_live_sessions=forgotten_live)
 
 
 def _missing(stale: list[Any], waiting_total: int, held: int | None) -> list[Any]:

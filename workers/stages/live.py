@@ -102,6 +102,7 @@ def factory(s: Any) -> Callable[[str, str, float], "LiveDecoder"]:
                 make(spec.name, "en", 0.0)
             except Exception as exc:  # noqa: BLE001 - the first stream on it reports the problem
                 log.warning("live_model_not_loaded", model=spec.name, error=f"{type(exc).__name__}: {exc}")
+        log.info("live_models_loaded", models=models.label)
 
     threading.Thread(target=warm, name="live-warm", daemon=True).start()
     return make
@@ -191,6 +192,7 @@ class LiveDecoder:
             initial_prompt=self.context[-self.p.prompt_chars:] or None)
         words = [Word(self.offset + w.start, self.offset + w.end, w.word, w.probability)
                  for seg in segments for w in (seg.words or [])]
+        words = [w for w in words if w.key]  # "..." alone is not a word
         done = self.stable[-1].end if self.stable else self.offset
         fresh = [w for w in words if w.end > done + 0.05]
         return _without_repeat(self.stable, fresh)
