@@ -21,10 +21,10 @@ import argparse
 import gc
 import json
 import sys
-from typing import Any
 
 from core import runtime
 from core.queue import make_broker
+from launch import live
 from mp4totext import cli, config
 from observability.logging import setup_logging
 from observability.tracing import setup_tracing
@@ -142,16 +142,6 @@ def cmd_set_quota(args: argparse.Namespace) -> int:
     return 0
 
 
-def live_decoders(s: config.Settings) -> Any:
-    """Live captions decode in the server replica (server.live_service): the stage's decoder
-    factory, or None where MP4T_LIVE_MAX_STREAMS=0 (no model is ever loaded then)."""
-    if s.live_max_streams <= 0:
-        return None
-    from workers.stages import live
-
-    return live.factory(s)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import Server, install_signal_handlers  # the server side only (see above)
 
@@ -160,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_tracing("mp4totext-server")
     runtime.init(s)
     make_broker(s)  # for enqueueing; no worker code is loaded here
-    server = Server(live_decoders=live_decoders(s)).start()
+    server = Server(live_decoders=live.decoders(s)).start()
     install_signal_handlers(server.stop)
     # What start-up allocated stays (modules, descriptors, settings): out of the collector's
     # scans; and collect the youngest generation less often. Every call allocates thousands of

@@ -9,7 +9,7 @@ import tempfile
 import threading
 
 from core import runtime
-from launch.cli import live_decoders
+from launch import live
 from core.plan import QUEUES
 from core.queue import make_broker
 from mp4totext import config
@@ -84,7 +84,7 @@ def run_embedded(args: argparse.Namespace) -> int:
     worker = Worker(broker, s, _queues(args), threads=max(2, s.worker_threads), optional_diarization=True)
     if worker.diarization_unavailable:
         print(f"mp4totext embedded: speaker recognition is off: {worker.diarization_unavailable}", file=sys.stderr)
-    server = Server(live_decoders=live_decoders(s)).start()
+    server = Server(live_decoders=live.decoders(s)).start()
     key = _key(data_dir)
     stopped = threading.Event()
 

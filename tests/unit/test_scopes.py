@@ -3,15 +3,20 @@ an RPC added to protos/ without a scope is refused for every caller (default-den
 is what makes the omission visible before a user hits it."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import grpc
 import pytest
 
-from mp4totext.v1 import identity_pb2, media_pb2, transcription_pb2, usage_pb2, webhooks_pb2
+import mp4totext.v1
 from server.errors import ApiError
 from server.interceptors import AuthInterceptor
 from server.scopes import READ, SCOPES, WRITE, scope_for
 
-MODULES = (identity_pb2, media_pb2, transcription_pb2, usage_pb2, webhooks_pb2)
+# every generated module, so a new .proto file's services are checked too
+MODULES = tuple(importlib.import_module(f"mp4totext.v1.{m.name}") for m in pkgutil.iter_modules(mp4totext.v1.__path__)
+                if m.name.endswith("_pb2"))
 
 
 def _methods() -> dict[str, object]:
