@@ -137,3 +137,22 @@ def test_the_end_makes_a_wav_media_of_every_byte_and_drops_the_chunks(rt: Any, t
         assert Media.get_by_id(media.id).size_bytes == len(sent) + 44
         assert LiveChunk.select().where(LiveChunk.session == s.id).count() == 0
     assert live.reload(s.id).state == live.ENDED
+
+
+def test_ogg_opus_chunks_cut_anywhere_decode_to_the_whole_recording(tmp_path: pathlib.Path) -> None:
+    from server.live_service import Pcm
+
+    samples.speech_wav(samples.DEMO_TEXT, str(tmp_path / "s.wav"))
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(tmp_path / "s.wav"), "-ac", "1", "-ar", "16000",
+                    "-c:a", "libopus", str(tmp_path / "s.ogg")], check=True)
+    with wave.open(str(tmp_path / "s.wav")) as wf:
+        seconds = wf.getnframes() / wf.getframerate()
+    data = (tmp_path / "s.ogg").read_bytes()
+    pcm = Pcm(live.OGG_OPUS, "ffmpeg")
+    parts = [pcm.decode(data[i:i + 777]) for i in range(0, len(data), 777)]  # not at page boundaries
+    audio = np.concatenate([*parts, pcm.close()])
+    assert abs(len(audio) / 16000 - seconds) < 0.05 and np.abs(audio).max() > 0.05
+    odd = Pcm(live.PCM16, "ffmpeg")  # PCM16 split inside a sample
+    raw = (np.arange(100, dtype="<i2") * 300).tobytes()
+    assert np.array_equal(np.concatenate([odd.decode(raw[:51]), odd.decode(raw[51:])]) * 32768,
+                          np.arange(100) * 300.0)
