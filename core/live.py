@@ -49,6 +49,7 @@ PCM16, OGG_OPUS = "pcm16", "ogg_opus"
 SAMPLE_RATE = 16000
 PCM_BYTES_PER_S = 2 * SAMPLE_RATE
 CONTENT_TYPE = {PCM16: "audio/wav", OGG_OPUS: "audio/ogg"}
+IDLE_BEFORE_EXPIRY_S = 120.0
 
 __all__ = ["NotActive", "Rejected", "Superseded", "WrongOffset", "Start", "start", "get", "Recorder", "end",
            "expire", "audio_from", "seconds_of"]
@@ -76,7 +77,7 @@ def start(tenant: str, owner: str, spec: Start) -> LiveSession:
     if spec.request_id:
         existing = _by_request_id(tenant, spec.request_id)
         if existing is not None:
-            return existing
+            return owned(existing, owner)
     ttl = runtime.get().settings.live_session_ttl_s
     now = utcnow()
     try:
@@ -94,7 +95,7 @@ def start(tenant: str, owner: str, spec: Start) -> LiveSession:
         existing = _by_request_id(tenant, spec.request_id) if spec.request_id else None
         if existing is None:
             raise
-        return existing
+        return owned(existing, owner)
 
 
 def _by_request_id(tenant: str, request_id: str) -> LiveSession | None:
@@ -116,8 +117,10 @@ def reload(session_id: str) -> LiveSession:
         return LiveSession.get_by_id(session_id)
 
 
-def _chunk_key(session: LiveSession, offset: int) -> str:
-    return f"live/{session.tenant_id}/{session.id}/{offset:014d}"
+def _chunk_key(session: LiveSession, offset: int, generation: int) -> str:
+    """One object per stored chunk; a stale stream's write (another generation) never lands on a
+    newer stream's object at the same offset."""
+    return f"live/{session.tenant_id}/{session.id}/{offset:014d}-{generation}"
 
 
 def audio_from(session: LiveSession, offset: int) -> bytes:
@@ -134,8 +137,20 @@ def audio_from(session: LiveSession, offset: int) -> bytes:
             store.get_file(c.key, path)
             with open(path, "rb") as fh:
                 data = fh.read()
-            out += data[max(0, offset - c.offset):]
+            out += data[max(0, offset - c.offset):c.size]
     return bytes(out)
+
+
+def owned(s: LiveSession, owner: str) -> LiveSession:
+    """``s`` if ``owner`` made it: a start with another caller's request_id gets nothing of it."""
+    if s.owner != owner:
+        raise RequestIdTaken("start.request_id was already used by another caller of this tenant; use a new "
+                             "unique request_id (a UUID)")
+    return s
+
+
+class RequestIdTaken(Exception):
+    """A request_id of another caller (ALREADY_EXISTS)."""
 
 
 class Recorder:
@@ -166,15 +181,18 @@ class Recorder:
         if not self.buf:
             return self.committed
         data = bytes(self.buf)
-        key = _chunk_key(self.s, self.committed)
-        runtime.get().store.put_stream(key, io.BytesIO(data))
+        key = _chunk_key(self.s, self.committed, self.generation)
+        store = runtime.get().store
+        store.put_stream(key, io.BytesIO(data))
         with locked():
             moved = (LiveSession.update(committed_size=self.committed + len(data), update_time=utcnow())
                      .where(LiveSession.id == self.s.id, LiveSession.generation == self.generation,
                             LiveSession.committed_size == self.committed, LiveSession.state == ACTIVE).execute())
-            if moved != 1:
-                raise Superseded("another stream took over this live session; only the newest one writes")
-            LiveChunk.create(session=self.s.id, offset=self.committed, size=len(data), key=key)
+            if moved == 1:
+                LiveChunk.create(session=self.s.id, offset=self.committed, size=len(data), key=key)
+        if moved != 1:
+            store.delete(key)  # nothing refers to it
+            raise Superseded("another stream took over this live session; only the newest one writes")
         self.committed += len(data)
         del self.buf[:len(data)]
         return self.committed
@@ -209,7 +227,10 @@ def end(session_id: str, why: str = "finished", live_seconds: float | None = Non
     try:
         media = _record(s, key, live_seconds)
     except _AlreadyDone:
-        return _media_and_job(reload(s.id))
+        fresh = reload(s.id)
+        if fresh.state == ACTIVE:  # a stream stored more meanwhile: assemble again
+            return end(session_id, why, live_seconds)
+        return _media_and_job(fresh)
     job = _job(s, media)
     _drop_chunks(s)
     log.info("live_session_ended", live_session=s.id, media_id=media.id, job_id=job.id if job else None,
@@ -241,8 +262,10 @@ def _record(s: LiveSession, key: str, live_seconds: float | None) -> Media:
     """The media row, its preparation message, the session ENDED and the usage, in one transaction."""
     size = s.committed_size + (44 if s.encoding == PCM16 else 0)
     with outbox.sending(), locked():
+        # only if no stream stored more since the recording was assembled from it
         n = (LiveSession.update(state=ENDED, update_time=utcnow())
-             .where(LiveSession.id == s.id, LiveSession.state == ACTIVE).execute())
+             .where(LiveSession.id == s.id, LiveSession.state == ACTIVE,
+                    LiveSession.committed_size == s.committed_size).execute())
         if n != 1:
             raise _AlreadyDone
         media = Media.create(id=s.media_id, tenant=s.tenant_id, filename=s.filename,
@@ -296,8 +319,10 @@ def _drop_chunks(s: LiveSession) -> None:
 def expire(limit: int = 50) -> int:
     """End up to ``limit`` ACTIVE sessions past their expire time (their recordings become media)."""
     with connection():
+        quiet = utcnow() - dt.timedelta(seconds=IDLE_BEFORE_EXPIRY_S)  # a stream still writing is left alone
         due = list(LiveSession.select(LiveSession.id).where(LiveSession.state == ACTIVE,
-                                                            LiveSession.expire_time < utcnow()).limit(limit))
+                                                            LiveSession.expire_time < utcnow(),
+                                                            LiveSession.update_time < quiet).limit(limit))
     for row in due:
         try:
             end(row.id, why="expired")

@@ -74,6 +74,11 @@ class LiveCaptions:
             self.session = event.session.name
             self._acked(event.session.committed_size)
             self.opened = True
+            for seg in event.session.segments:  # stored before a break but never received: delivered now
+                if seg.id > self.seen:
+                    self.seen = seg.id
+                    if on_event is not None:
+                        on_event(lpb.StreamLiveResponse(segment=seg))
         elif which == "ack":
             self._acked(event.ack.committed_size)
         elif which == "segment":
@@ -96,8 +101,11 @@ class LiveCaptions:
         else:
             yield lpb.StreamLiveRequest(start=lpb.StartLive(config=self.config, request_id=self.request_id))
         # The server's session event sets ``acked`` to what it stored; what follows is sent again.
-        waited = time.monotonic() + 10.0
-        while not self.opened and time.monotonic() < waited:
+        # Nothing is sent before it (a resumed Ogg session may take a while to answer).
+        waited = time.monotonic() + 300.0
+        while not self.opened:
+            if time.monotonic() > waited:
+                return  # the call is gone: run() reconnects
             time.sleep(0.005)
         resend = bytes(self.pending)
         for i in range(0, len(resend), 65536):

@@ -83,6 +83,7 @@ class Pcm:
 
     def __init__(self, encoding: str, ffmpeg: str) -> None:
         self.encoding, self.odd = encoding, b""
+        self.skip = 0  # decoded samples still to drop (a resumed Ogg stream: what precedes the last final)
         self.proc: subprocess.Popen | None = None
         self.out = bytearray()
         self.lock = threading.Lock()
@@ -118,11 +119,21 @@ class Pcm:
         time.sleep(0.05)
         return self._take()
 
+    def kill(self) -> None:
+        """End the decoder process whatever happened to the stream (idempotent)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            self.proc.wait(timeout=10)
+
     def _take(self) -> np.ndarray:
         with self.lock:
             n = len(self.out) // 2 * 2
             raw, self.out = bytes(self.out[:n]), self.out[n:]
-        return self._samples(raw)
+        samples = self._samples(raw)
+        drop = min(self.skip, len(samples))
+        self.skip -= drop
+        return samples[drop:]
 
     @staticmethod
     def _samples(raw: bytes) -> np.ndarray:
@@ -164,12 +175,16 @@ class LiveService(live_pb2_grpc.LiveServiceServicer):
         with self._slot():
             session, resumed = self._open(first)
             recorder = live.Recorder(session, session.committed_size)
+            session = recorder.s  # read after this stream took the session over: its segments are final
             pcm = Pcm(session.encoding, self.s.ffmpeg)
-            decoder = self._decoder(session, pcm)
-            log.info("live_stream_started", live_session=session.id, resumed=resumed, model=session.model,
-                     committed_size=session.committed_size)
-            yield lpb.StreamLiveResponse(session=to_proto(session, segments=resumed))
-            yield from _Stream(self.s, session, recorder, pcm, decoder).run(requests)
+            try:
+                decoder = self._decoder(session, pcm)
+                log.info("live_stream_started", live_session=session.id, resumed=resumed, model=session.model,
+                         committed_size=session.committed_size)
+                yield lpb.StreamLiveResponse(session=to_proto(session, segments=resumed))
+                yield from _Stream(self.s, session, recorder, pcm, decoder).run(requests)
+            finally:
+                pcm.kill()
 
     def _open(self, first: lpb.StreamLiveRequest) -> tuple[LiveSession, bool]:
         which = first.WhichOneof("request")
@@ -216,14 +231,16 @@ class LiveService(live_pb2_grpc.LiveServiceServicer):
         """A decoder that continues after the session's last final segment (audio since then re-read)."""
         assert self.decoders is not None
         start_s = s.segments[-1]["end"] if s.segments else 0.0
+        if s.encoding == live.PCM16:  # a segment ends within what was stored (it is flushed first)
+            start_s = min(start_s, live.seconds_of(s.encoding, s.committed_size))
         decoder = self.decoders(s.model, s.language, start_s)
         decoder.context = " ".join(seg["text"] for seg in (s.segments or [])[-3:])
         if s.committed_size:
             if s.encoding == live.PCM16:
-                stored = live.audio_from(s, int(start_s * live.SAMPLE_RATE) * 2)
-                decoder.feed(pcm._samples(stored[:len(stored) // 2 * 2]))
-            else:  # an Ogg stream cannot start in the middle: decode it all, keep what follows start_s
-                decoder.feed(pcm.decode(live.audio_from(s, 0))[int(start_s * live.SAMPLE_RATE):])
+                decoder.feed(pcm.decode(live.audio_from(s, int(start_s * live.SAMPLE_RATE) * 2)))
+            else:  # an Ogg stream cannot start in the middle: decode it all, drop what precedes start_s
+                pcm.skip = int(start_s * live.SAMPLE_RATE)
+                decoder.feed(pcm.decode(live.audio_from(s, 0)))
         return decoder
 
 
@@ -270,6 +287,8 @@ class _Stream:
                                                                                      committed))))
 
     def _update(self, update: Any) -> Iterator[lpb.StreamLiveResponse]:
+        if update.finals and self.rec.buf:  # its audio is stored before the segment is (a resume starts there)
+            yield self._ack()
         for final in update.finals:
             seg = {"id": self.next_id, "start": round(final.start, 3), "end": round(final.end, 3), "text": final.text,
                    "language": self.session.language,

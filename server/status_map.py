@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from core import enhancements, quotas
+from core import enhancements, live, quotas
 from core import upload_sessions as sessions
 from core.failures import is_infrastructure
 from observability import metrics
@@ -69,6 +69,7 @@ def _rejected(exc: sessions.Rejected) -> ApiError:
 # Most specific first: the first class ``exc`` is an instance of decides.
 DOMAIN_ERRORS: list[tuple[type[BaseException], Callable[[Any], ApiError]]] = [
     (quotas.QuotaExceeded, lambda exc: quota_error(exc.violation)),
+    (live.RequestIdTaken, lambda exc: ApiError(grpc.StatusCode.ALREADY_EXISTS, str(exc))),
     (sessions.WrongOffset, lambda exc: WrongOffsetError(str(exc), exc.committed)),
     (sessions.Rejected, _rejected),
     (sessions.Superseded, lambda exc: ApiError(grpc.StatusCode.ABORTED, str(exc))),

@@ -312,16 +312,18 @@ class _MediaUnit:
     """Preparing an uploaded file as the supervisor runs it (workers.supervisor.Unit)."""
 
     stage = "prepare_media"
-    MARGIN_S = 60  # ffmpeg's own timeout (MP4T_PREPARE_TIME_LIMIT_S) comes first, with its own message
+    # ffmpeg's own timeout (MP4T_PREPARE_TIME_LIMIT_S) comes first, with its own message; the rest
+    # covers downloading the upload and storing the audio
+    MARGIN_S = 600
 
     def __init__(self, prepare: Callable[[Media, Settings, ObjectStore], PreparedMedia], media: Media, msg_id: str,
                  store: ObjectStore, s: Settings) -> None:
         self.prepare, self.media, self.msg_id, self.store, self.s = prepare, media, msg_id, store, s
         self.started = time.monotonic()
-        self.attempts, self.deadline = media.attempts, self.started + s.prepare_time_limit_s + self.MARGIN_S
+        self.attempts, self.deadline = media.attempts, self.started + 2 * s.prepare_time_limit_s + self.MARGIN_S
         self.policy = Policy(
             what="preparing the media", max_attempts=s.max_attempts,
-            time_limit=f"preparing the media exceeded the time limit of {s.prepare_time_limit_s} s",
+            time_limit=f"preparing the media exceeded its time limit of {2 * s.prepare_time_limit_s + self.MARGIN_S} s",
             exhausted=lambda exc, n: f"processing this file was attempted {n} times and never finished; "
                                      f"last error: {type(exc).__name__}: {exc}")
 

@@ -160,7 +160,7 @@ def supervise(unit: Unit, poll_s: float) -> None:
 
 
 def _failed(unit: Unit, exc: BaseException, started: float) -> None:
-    if (isinstance(exc, Exception) and time.monotonic() >= unit.deadline
+    if (isinstance(exc, Exception) and time.monotonic() >= unit.deadline and not is_infrastructure(exc)
             and not isinstance(exc, (Cancelled, LostClaim, *unit.policy.timeouts))):
         # whatever the last step did (a request's timeout is cut to the deadline), the time is up
         exc = JobTimeout(f"last error: {describe(exc)}")

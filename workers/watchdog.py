@@ -65,8 +65,13 @@ class Watchdog:
             log.warning("watchdog_check_failed", error=f"{type(exc).__name__}: {exc}")
             return self._pending  # nothing new learnt
 
+    def _wait_s(self) -> float:
+        if self._pending is not None:  # found already, held by a shielded section: no hurry
+            return self.poll_s
+        return min(self.poll_s, max(0.0, self.deadline - time.monotonic()))
+
     def _watch(self) -> None:
-        while not self._stop.wait(min(self.poll_s, max(0.0, self.deadline - time.monotonic()))):
+        while not self._stop.wait(self._wait_s()):
             reason = self._reason()
             with self._lock:
                 if self._stop.is_set() or self.fired is not None:

@@ -136,7 +136,7 @@ class _DeliveryUnit:
         return False  # its claim runs out; the maintenance sweep sends it again (requeue_due)
 
     def release(self, error: str, counted: bool) -> None:
-        pass  # the same message claims it again (core.webhooks.claim)
+        pass  # the claim runs out (claim_until); a retry before that finds it taken, and the sweep sends it
 
     def gone(self) -> bool:
         return False

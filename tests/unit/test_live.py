@@ -156,3 +156,21 @@ def test_ogg_opus_chunks_cut_anywhere_decode_to_the_whole_recording(tmp_path: pa
     raw = (np.arange(100, dtype="<i2") * 300).tobytes()
     assert np.array_equal(np.concatenate([odd.decode(raw[:51]), odd.decode(raw[51:])]) * 32768,
                           np.arange(100) * 300.0)
+
+
+def test_another_callers_request_id_gets_nothing_of_the_session(rt: Any) -> None:
+    s = _session(rt)
+    with pytest.raises(live.RequestIdTaken):
+        live.start(s.tenant_id, "bob", live.Start(live.PCM16, "", "en", "tiny.en", {}, None, 0, "r1"))
+
+
+def test_a_stale_streams_late_write_never_lands_on_the_newer_streams_audio(rt: Any) -> None:
+    s = _session(rt)
+    old = live.Recorder(s, 0)
+    new = live.Recorder(live.reload(s.id), 0)  # resumed elsewhere before the old one stored anything
+    new.add(b"\7\0" * 100)
+    new.flush()
+    old.add(b"\1\0" * 100)  # the old replica notices late and flushes at the same offset
+    with pytest.raises(Superseded):
+        old.flush()
+    assert live.audio_from(live.reload(s.id), 0) == b"\7\0" * 100

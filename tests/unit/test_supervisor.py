@@ -188,3 +188,15 @@ def test_shielded_work_finishes_its_step_before_a_cancel_stops_it() -> None:
     supervise(unit, 0.01)
     assert unit.calls == [("cancelled",)]
     assert steps == [0]  # the first step was found cancelled, finished, and nothing more started
+
+
+def test_an_outage_at_the_deadline_is_still_an_outage() -> None:
+    def late(_dog: Watchdog) -> None:
+        with _dog.shield():
+            time.sleep(0.3)
+            raise OperationalError("server closed the connection unexpectedly")
+
+    unit = Unit(late, limit_s=0.1)
+    with pytest.raises(OperationalError):
+        supervise(unit, 0.02)
+    assert unit.calls == [("release", False)]  # retried uncounted, not failed as TIME_LIMIT
