@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from mp4totext import samples  # noqa: E402
 from mp4totext.client import Client  # noqa: E402
+from mp4totext.live_cli import file_pcm  # noqa: E402
 from mp4totext.live_client import LiveCaptions, pcm_chunks  # noqa: E402
 from mp4totext.v1 import live_pb2 as lpb  # noqa: E402
 from mp4totext.v1 import transcription_pb2 as tpb  # noqa: E402
@@ -74,8 +75,7 @@ def lecture(n: int, tmp: pathlib.Path) -> tuple[bytes, str, list[float]]:
     for i, text in enumerate(texts):
         wav = tmp / f"s{i}.wav"
         samples.speech_wav(text, str(wav))
-        pcm = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(wav), "-ac", "1", "-ar", "16000", "-f",
-                              "s16le", "pipe:1"], check=True, capture_output=True).stdout
+        pcm = file_pcm(str(wav))
         audio = np.frombuffer(pcm, dtype="<i2")
         loud = np.nonzero(np.abs(audio) > 300)[0]
         ends.append(t + (loud[-1] + 1) / 16000 if len(loud) else t)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import structlog
+from google.protobuf import json_format
 
 from core import live
 from core.models import ModelSet
@@ -56,8 +57,6 @@ def segment_to_proto(seg: dict[str, Any]) -> lpb.LiveSegment:
 
 
 def to_proto(s: LiveSession, segments: bool = True) -> lpb.LiveSession:
-    from google.protobuf import json_format
-
     msg = lpb.LiveSession(name=f"{COLLECTION}/{s.id}", state=STATES[s.state], committed_size=s.committed_size,
                           committed_duration=convert.dur(live.seconds_of(s.encoding, s.committed_size)),
                           media=f"media/{s.media_id}" if s.state == live.ENDED else "",
@@ -189,9 +188,7 @@ class LiveService(live_pb2_grpc.LiveServiceServicer):
     def _open(self, first: lpb.StreamLiveRequest) -> tuple[LiveSession, bool]:
         which = first.WhichOneof("request")
         if which == "resume":
-            s = lookup(first.resume.session, "resume.session")
-            if s.state != live.ACTIVE:
-                raise live.NotActive(f"live session is {s.state}" + (f": {s.error_message}" if s.error_message else ""))
+            s = lookup(first.resume.session, "resume.session")  # live.Recorder refuses one not ACTIVE
             if not 0 <= first.resume.write_offset <= s.committed_size:
                 raise live.WrongOffset(first.resume.write_offset, s.committed_size)
             return s, True
@@ -202,8 +199,6 @@ class LiveService(live_pb2_grpc.LiveServiceServicer):
         return s, s.committed_size > 0 or bool(s.segments)
 
     def _start_spec(self, start: lpb.StartLive) -> live.Start:
-        from google.protobuf import json_format
-
         cfg = start.config
         encoding = ENCODINGS.get(cfg.encoding)
         if encoding is None:

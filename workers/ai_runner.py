@@ -43,7 +43,7 @@ from workers.pipeline import message_id, stop_reason
 from workers.stages import enhance
 from workers.stages import llm as llm_stage
 from workers.stages.llm import LLM, LLMDeadline, transient
-from workers.supervisor import Cancelled, JobTimeout, Policy, supervise
+from workers.supervisor import Cancelled, JobTimeout, Policy, Unit, supervise
 from workers.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
@@ -127,7 +127,7 @@ def run_enhancement(item_id: str) -> None:
     supervise(unit, s.cancel_poll_s)
 
 
-class _ItemUnit:
+class _ItemUnit(Unit):
     """An AI item as the supervisor runs it (workers.supervisor.Unit)."""
 
     stage = "enhance"
@@ -178,9 +178,6 @@ class _ItemUnit:
     def release(self, error: str, counted: bool) -> None:
         enhancements.release_for_retry(self.item_id, self.msg_id, error, outage=not counted,
                                        ran_s=time.monotonic() - self.started)
-
-    def gone(self) -> bool:
-        return False  # a deleted item is a lost claim
 
     def retry(self, exc: BaseException) -> BaseException:
         return _again(exc, self.s, _retries()) if isinstance(exc, Exception) else exc

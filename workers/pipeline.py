@@ -31,7 +31,7 @@ from observability import metrics, tracing
 from storage.db import Leased, Media, Transcription, connection
 from storage.objects import ObjectStore, audio_key
 from workers.stages.media import SAMPLE_RATE, load_wav
-from workers.supervisor import Cancelled, JobFailed, JobTimeout, Policy, finished, supervise
+from workers.supervisor import Cancelled, JobFailed, JobTimeout, Policy, Unit, finished, supervise
 from workers.watchdog import Watchdog
 
 __all__ = ["Cancelled", "JobFailed", "JobTimeout", "Output", "Skip", "StageRun", "JobStage", "run_job_stage",
@@ -190,7 +190,7 @@ def stop_reason(model: type[Leased], row_id: str, msg_id: str) -> type[BaseExcep
     return Cancelled if holder is Holder.CANCEL else None
 
 
-class _JobStageUnit:
+class _JobStageUnit(Unit):
     """A job stage as the supervisor runs it (workers.supervisor.Unit)."""
 
     def __init__(self, spec: JobStage, run: StageRun, msg_id: str, started: float, deadline: float) -> None:
@@ -229,12 +229,6 @@ class _JobStageUnit:
 
     def release(self, error: str, counted: bool) -> None:
         jobs.release_for_retry(self.job.id, self.msg_id, self.spec.accepts[0], error, outage=not counted)
-
-    def gone(self) -> bool:
-        return False  # a deleted job is a lost claim
-
-    def retry(self, exc: BaseException) -> BaseException:
-        return exc
 
 
 def _claimed(spec: JobStage, claim: jobs.Claim, job_id: str, s: Settings) -> Transcription | None:
@@ -308,7 +302,7 @@ def run_media_stage(prepare: Callable[[Media, Settings, ObjectStore], PreparedMe
     supervise(_MediaUnit(prepare, media, msg_id, rt.store, s), s.cancel_poll_s)
 
 
-class _MediaUnit:
+class _MediaUnit(Unit):
     """Preparing an uploaded file as the supervisor runs it (workers.supervisor.Unit)."""
 
     stage = "prepare_media"
@@ -345,9 +339,6 @@ class _MediaUnit:
         tracing.set_attributes(**{"mp4t.media.duration_s": round(out.duration_s, 3), "mp4t.rtf": round(rtf, 4)})
         return "ready", {"media_duration_s": round(out.duration_s, 3)}
 
-    def cancelled(self) -> None:  # media is not cancelled; its jobs are
-        pass
-
     def failed(self, reason: str, message: str) -> bool:
         jobs.media_failed(self.media.id, message)
         return True
@@ -365,9 +356,6 @@ class _MediaUnit:
         if deleted:
             self.store.delete(audio_key(self.media.tenant_id, self.media.id))
         return deleted
-
-    def retry(self, exc: BaseException) -> BaseException:
-        return exc
 
 
 # ---------------------------------------------------------------- the last step

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import structlog
 from dramatiq.middleware.time_limit import TimeLimitExceeded
@@ -110,29 +110,39 @@ class Policy:
         return Decision(Outcome.FINAL, "ATTEMPTS_EXHAUSTED", message)
 
 
-class Unit(Protocol):
-    """One claimed unit of work, as the supervisor runs it. Its callbacks write its own row."""
+class Unit:
+    """One claimed unit of work, as the supervisor runs it. Its callbacks write its own row; the
+    defaults here are what a unit without that concern does (nothing cancels it, nothing to give
+    back, never deleted under it, Dramatiq retries the error itself)."""
 
     stage: str  # the metrics label and the log line's stage
     attempts: int  # counted by its claim
     deadline: float  # time.monotonic() by which it must end
     policy: Policy
 
-    def stop_reason(self) -> type[BaseException] | None: ...  # on the watcher thread (may renew the lease)
+    def stop_reason(self) -> type[BaseException] | None:  # on the watcher thread (may renew the lease)
+        return None
 
-    def run(self, dog: Watchdog) -> Any: ...  # the work itself
+    def run(self, dog: Watchdog) -> Any:  # the work itself
+        raise NotImplementedError
 
-    def succeeded(self, out: Any) -> tuple[str, dict[str, Any]] | None: ...  # save; (outcome, log); None: lost
+    def succeeded(self, out: Any) -> tuple[str, dict[str, Any]] | None:  # save; (outcome, log); None: lost
+        raise NotImplementedError
 
-    def cancelled(self) -> None: ...
+    def failed(self, reason: str, message: str) -> bool:  # record it; True: dead-letter the message
+        raise NotImplementedError
 
-    def failed(self, reason: str, message: str) -> bool: ...  # record it; True: dead-letter the message
+    def cancelled(self) -> None:
+        pass
 
-    def release(self, error: str, counted: bool) -> None: ...  # give the row back for the retry
+    def release(self, error: str, counted: bool) -> None:  # give the row back for the retry
+        pass
 
-    def gone(self) -> bool: ...  # deleted meanwhile (nothing to retry; it removes what the run wrote)
+    def gone(self) -> bool:  # deleted meanwhile (nothing to retry; it removes what the run wrote)
+        return False
 
-    def retry(self, exc: BaseException) -> BaseException: ...  # what to raise for Dramatiq's retry
+    def retry(self, exc: BaseException) -> BaseException:  # what to raise for Dramatiq's retry
+        return exc
 
 
 def finished(stage: str, outcome: str, started: float, level: str = "info", **fields: Any) -> None:

@@ -23,7 +23,7 @@ from core import runtime, webhooks
 from core.queue import enqueue
 from mp4totext.config import Settings, WebhookSettings, section
 from observability import tracing
-from workers.supervisor import Policy, supervise
+from workers.supervisor import Policy, Unit, supervise
 from workers.watchdog import Watchdog
 
 log = structlog.get_logger(__name__)
@@ -95,10 +95,12 @@ def deliver(delivery_id: str) -> None:
     supervise(_DeliveryUnit(attempt, lease_s, s), s.cancel_poll_s)
 
 
-class _DeliveryUnit:
-    """One HTTP attempt as the supervisor runs it (workers.supervisor.Unit). The delivery's own
-    schedule (core.webhooks) decides its retries; the supervisor handles what goes wrong around
-    the POST (the database out while the answer is recorded: retried uncounted)."""
+class _DeliveryUnit(Unit):
+    """One HTTP attempt as the supervisor runs it. The delivery's own schedule (core.webhooks)
+    decides its retries; the supervisor handles what goes wrong around the POST (the database out
+    while the answer is recorded: retried uncounted). Nothing cancels one attempt, the deadline
+    bounds it; nothing is given back: the claim runs out (claim_until), and a retry before that
+    finds it taken and the sweep sends it."""
 
     stage = webhooks.ACTOR
 
@@ -107,9 +109,6 @@ class _DeliveryUnit:
         self.attempts, self.deadline = attempt.attempt, time.monotonic() + lease_s  # its claim runs out then
         self.policy = Policy(what="the webhook attempt", max_attempts=s.max_attempts,
                              time_limit=f"the webhook attempt ran longer than its lease of {lease_s:g} s")
-
-    def stop_reason(self) -> None:
-        return None  # nothing cancels one attempt; the deadline bounds it
 
     def run(self, _dog: Watchdog) -> tuple[int, str, webhooks.Outcome | None, float]:
         with tracing.stage_span("webhook POST", **{"mp4t.webhook.attempt": self.attempt.attempt}):
@@ -129,20 +128,8 @@ class _DeliveryUnit:
             "attempt": self.attempt.attempt, "status": status, "error": error or None, "seconds": round(seconds, 3),
             "retry_in_s": outcome.retry_in_s if outcome else None}
 
-    def cancelled(self) -> None:
-        pass
-
     def failed(self, reason: str, message: str) -> bool:
         return False  # its claim runs out; the maintenance sweep sends it again (requeue_due)
-
-    def release(self, error: str, counted: bool) -> None:
-        pass  # the claim runs out (claim_until); a retry before that finds it taken, and the sweep sends it
-
-    def gone(self) -> bool:
-        return False
-
-    def retry(self, exc: BaseException) -> BaseException:
-        return exc
 
 
 def requeue_due() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-import subprocess
 import threading
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from grpc_status import rpc_status
 
 from mp4totext import samples
 from mp4totext.client import Client
+from mp4totext.live_cli import file_pcm
 from mp4totext.live_client import LiveCaptions, pcm_chunks
 from mp4totext.v1 import live_pb2 as lpb
 from mp4totext.v1 import media_pb2
@@ -40,8 +40,7 @@ def lecture(media_dir: pathlib.Path) -> tuple[bytes, str]:
     for i, text in enumerate(SENTENCES):
         wav = media_dir / f"live-{i}.wav"
         samples.speech_wav(text, str(wav))
-        pcm = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(wav), "-ac", "1", "-ar", "16000",
-                              "-f", "s16le", "pipe:1"], check=True, capture_output=True).stdout
+        pcm = file_pcm(str(wav))
         parts.append(pcm + b"\0" * 32000)
     return b"".join(parts), " ".join(SENTENCES)
 

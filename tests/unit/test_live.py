@@ -14,6 +14,7 @@ from core import live, runtime
 from core.upload_sessions import Superseded, WrongOffset
 from mp4totext import samples
 from mp4totext.config import Settings
+from mp4totext.live_cli import file_pcm
 from storage.db import Media, Tenant, database
 from storage.live import LiveChunk
 from workers.stages.live import LiveDecoder, Word, _common_prefix, _without_repeat
@@ -44,8 +45,7 @@ def speech(tmp: pathlib.Path, texts: list[str]) -> np.ndarray:
     parts = []
     for i, text in enumerate(texts):
         samples.speech_wav(text, str(tmp / f"{i}.wav"))
-        pcm = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(tmp / f"{i}.wav"), "-ac", "1", "-ar",
-                              "16000", "-f", "s16le", "pipe:1"], check=True, capture_output=True).stdout
+        pcm = file_pcm(str(tmp / f"{i}.wav"))
         parts.append(np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768)
         parts.append(np.zeros(12800, dtype=np.float32))  # 0.8 s pause
     return np.concatenate(parts)
